@@ -1,0 +1,83 @@
+"""``flatscope info``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ...results import to_jsonable
+from ...training import evaluate_model
+from ..common import analysis_options, pass_run
+
+
+def describe(run) -> dict:
+    ck = run.checkpoint
+    info = {
+        "checkpoint": os.path.abspath(ck.path), "sha256": ck.sha256, "kind": ck.kind,
+        "model": ck.model_spec, "n_params": ck.n_params,
+        "parameters": [{"name": n, "shape": list(p.shape)} for n, p in ck.model.named_parameters()],
+        "data": None, "loss": None, "metrics": {},
+    }
+    try:
+        data_spec = run.data_spec()
+        info["data"], info["loss"] = data_spec, run.loss_name
+        data = run.data
+        info["n_train"] = int(data.X_train.shape[0])
+        info["n_test"] = 0 if data.X_test is None else int(data.X_test.shape[0])
+        model = ck.model.to(run.device, run.dtype)
+        for split in ("train", "test"):
+            if split == "test" and data.X_test is None:
+                continue
+            loss, acc = evaluate_model(model, data, run.loss_name, split)
+            info["metrics"][split] = {"loss": loss, "accuracy": acc}
+    except Exception as exc:  # a bare state_dict without --data: still describe the weights
+        from ...errors import FlatscopeError
+        if not isinstance(exc, FlatscopeError):
+            raise
+        info["note"] = str(exc)
+    t = ck.train or {}
+    if t:
+        info["training"] = {k: t.get(k) for k in ("optimizer", "hparams", "seed", "batch_size", "budget",
+                                                 "grad_evals", "effective_epochs", "wall_time_s", "versions")}
+        info["training"]["history"] = t.get("history")
+    return to_jsonable(info)
+
+
+@click.command("info")
+@analysis_options
+@pass_run(writes=False)
+def command(run):
+    """Describe a checkpoint: model, parameters, data, loss, train/test metrics, training record.
+
+    \b
+    Example:
+      flatscope info sample_checkpoints/mlp-sgd.pt
+      flatscope info sample_checkpoints/mlp-sgd.pt --json
+    """
+    info = describe(run)
+
+    def human(console):
+        from rich.table import Table
+
+        console.print(f"[bold]{info['checkpoint']}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
+        m = info["model"] or {}
+        console.print(f"model   {m.get('name', '(torch.export program)')} {m.get('kwargs', '')}")
+        console.print(f"params  {info['n_params']:,} in {len(info['parameters'])} tensors")
+        if info["data"]:
+            console.print(f"data    {info['data']['name']} {info['data'].get('kwargs') or ''}  "
+                          f"({info.get('n_train')} train / {info.get('n_test')} test), loss {info['loss']}")
+        if info["metrics"]:
+            t = Table("split", "loss", "accuracy")
+            for split, v in info["metrics"].items():
+                t.add_row(split, f"{v['loss']:.5g}", "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}")
+            console.print(t)
+        tr = info.get("training")
+        if tr:
+            console.print(f"trained {tr['optimizer']} {tr['hparams']}, seed {tr['seed']}, batch {tr['batch_size']}: "
+                          f"{tr['grad_evals']} gradient evaluations ({tr['effective_epochs']:.1f} epochs), "
+                          f"{tr['wall_time_s']:.1f} s, torch {tr['versions']['torch']}")
+        if info.get("note"):
+            console.print(f"note: {info['note']}")
+
+    run.emit(info, human)

@@ -1,0 +1,55 @@
+"""``flatscope show``: what a results file holds."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ...results import find_analyses, open_results
+from ..common import Run, common_options
+
+_PROVENANCE = ("checkpoint", "checkpoint_sha256", "command", "flatscope_version", "torch_version", "seed",
+               "device", "dtype", "wall_time_s", "timestamp")
+
+
+def summarize(path: str) -> dict:
+    out = {"file": path, "analyses": {}}
+    with open_results(path) as f:
+        for name, g in find_analyses(f):
+            a = {"kind": str(g.attrs["kind"]), "summary": json.loads(g.attrs.get("summary", "{}")),
+                 "options": json.loads(g.attrs.get("options", "{}"))}
+            a["provenance"] = {k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
+                               for k in _PROVENANCE if k in g.attrs}
+            out["analyses"][name] = a
+    return out
+
+
+@click.command("show")
+@click.argument("results", nargs=-1, required=True, type=click.Path())
+@common_options
+def command(results, **common):
+    """List the analyses in results files with their headline numbers.
+
+    \b
+    Example:
+      flatscope show sample_checkpoints/mlp-sgd.flatscope.h5
+    """
+    run = Run(**common)
+    run.setup()
+    files = [summarize(p) for p in results]
+
+    def human(console):
+        for info in files:
+            console.print(f"[bold]{info['file']}[/bold]")
+            if not info["analyses"]:
+                console.print("  (no analyses)")
+            for name, a in info["analyses"].items():
+                p = a["provenance"]
+                console.print(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  {p.get('wall_time_s', 0):.1f} s  "
+                              f"seed {p.get('seed')}  {p.get('device', '')}")
+                for k, v in a["summary"].items():
+                    txt = f"{v:.6g}" if isinstance(v, float) else str(v)
+                    console.print(f"      {k:<28} {txt}")
+
+    run.emit(files[0] if len(files) == 1 else {"files": files}, human)

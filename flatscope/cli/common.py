@@ -1,0 +1,339 @@
+"""What every command shares: options, the :class:`Run` context, output, progress, errors.
+
+Commands stay thin: parse options, build objectives with :meth:`Run.objective`, call a library
+function, then :meth:`Run.save` (HDF5 with provenance), :meth:`Run.plot` and :meth:`Run.emit`
+(one JSON object with ``--json``, a human summary otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import click
+import numpy as np
+import torch
+
+from .. import __version__
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..data import Dataset, load_data, subsample
+from ..errors import FlatscopeError
+from ..models import is_factory_path
+from ..objective import LOSSES, Objective
+from .. import results as store
+
+STATE = {"verbose": False}
+
+COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
+ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
+                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite")
+
+
+def _json_dict(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+    if not isinstance(out, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"widths\": [64, 64]}'")
+    return out
+
+
+def _set_verbose(ctx, param, value):
+    STATE["verbose"] = STATE["verbose"] or bool(value)
+    return value
+
+
+def common_options(f: Callable) -> Callable:
+    """--device --seed --dtype --threads --json -q -v."""
+    opts = [
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="Where to compute; auto picks CUDA when available."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random draw."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+                     help="Precision of the model and data."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="torch CPU threads (default: torch's choice)."),
+        click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or summary tables."),
+        click.option("-v", "--verbose", is_flag=True, callback=_set_verbose, is_eager=True,
+                     help="More detail, and the traceback on errors."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def analysis_options(f: Callable) -> Callable:
+    """The checkpoint argument and the data/model/output options of every analysis."""
+    opts = [
+        click.argument("checkpoint", type=click.Path(dir_okay=True)),
+        click.option("--model", default=None, metavar="NAME|pkg.module:factory",
+                     help="Architecture for a bare state_dict (or to override the stored one)."),
+        click.option("--model-kwargs", default=None, callback=_json_dict, metavar="JSON",
+                     help="Keyword arguments for --model, as a JSON object."),
+        click.option("--data", default=None, metavar="SPEC",
+                     help="Override the data stored in the checkpoint: digits, teacher, npz:PATH, h5:PATH, pkg.module:factory."),
+        click.option("--data-kwargs", default=None, callback=_json_dict, metavar="JSON",
+                     help="Keyword arguments for --data, as a JSON object."),
+        click.option("--loss", type=click.Choice(LOSSES), default=None, help="Override the checkpoint's loss."),
+        click.option("--split", type=click.Choice(["train", "test", "both"]), default="train", show_default=True,
+                     help="Which data split the loss is taken over."),
+        click.option("--batch-size", type=int, default=2048, show_default=True,
+                     help="Samples per forward pass (results are exact over the whole split regardless)."),
+        click.option("--max-samples", type=int, default=None, metavar="N",
+                     help="Use a seeded random subset of N samples of each split."),
+        click.option("-o", "--out", default=None, metavar="RESULTS.h5",
+                     help="Results file (default: <checkpoint>.flatscope.h5 beside the checkpoint)."),
+        click.option("--plot/--no-plot", default=True, show_default=True, help="Write plots beside the results file."),
+        click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True),
+        click.option("--allow-nonfinite", is_flag=True, help="Analyze weights that hold NaN or Inf."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return common_options(f)
+
+
+def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
+    """Collect the shared options into a :class:`Run` passed as the first argument.
+
+    With ``writes`` (the default) the results path is checked before any work starts, so an
+    unwritable path or a non-HDF5 file fails at once and is left untouched.
+    """
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(**kw):
+            shared = {k: kw.pop(k) for k in COMMON_KEYS + ANALYSIS_KEYS if k in kw}
+            run = Run(**shared)
+            run.setup(check_output=writes)
+            return f(run, **kw)
+        return wrapper
+    return deco(f) if f is not None else deco
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise FlatscopeError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlatscopeError(f"device {spec!r} asked for, but no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FlatscopeError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise FlatscopeError(f"unsupported device {spec!r}; use auto, cpu or cuda[:N]")
+    return dev
+
+
+class Run:
+    def __init__(self, device="auto", seed=0, dtype="float32", threads=None, as_json=False, quiet=False,
+                 verbose=False, checkpoint=None, model=None, model_kwargs=None, data=None, data_kwargs=None,
+                 loss=None, split="train", batch_size=None, max_samples=None, out=None, plot=False,
+                 plot_format="png", allow_nonfinite=False):
+        self.device_spec, self.seed, self.dtype_name = device, seed, dtype
+        self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
+        self.checkpoint_path, self.model_name, self.model_kwargs = checkpoint, model, model_kwargs
+        self.data_name, self.data_kwargs, self.loss_override = data, data_kwargs, loss
+        self.split, self.batch_size, self.max_samples = split, batch_size, max_samples
+        self.out_arg, self.do_plot, self.plot_format = out, plot, plot_format
+        self.allow_nonfinite = allow_nonfinite
+        self.started = time.time()
+        self._ckpt: Checkpoint | None = None
+        self._data: Dataset | None = None
+        self.written: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, check_output: bool = False) -> None:
+        STATE["verbose"] = STATE["verbose"] or self.verbose
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.device = resolve_device(self.device_spec)
+        self.dtype = torch.float64 if self.dtype_name == "float64" else torch.float32
+        self.reseed()
+        if self.max_samples is not None and self.max_samples < 1:
+            raise FlatscopeError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FlatscopeError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if check_output and self.checkpoint_path is not None:
+            store.check_output_path(self.out_path)
+
+    def reseed(self, offset: int = 0) -> None:
+        torch.manual_seed(self.seed + offset)
+        np.random.seed((self.seed + offset) % 2**32)
+        random.seed(self.seed + offset)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from --seed (plus ``offset`` for independent streams)."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def out_path(self) -> str:
+        if self.out_arg:
+            return self.out_arg
+        p = Path(self.checkpoint_path)
+        return str(p.with_name(p.stem + ".flatscope.h5"))
+
+    def model_spec(self) -> dict | None:
+        if self.model_name is None:
+            if self.model_kwargs is not None:
+                raise FlatscopeError("--model-kwargs needs --model")
+            return None
+        return {"name": self.model_name, "kwargs": self.model_kwargs or {}}
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self._ckpt is None:
+            self._ckpt = load_checkpoint(self.checkpoint_path, model_spec=self.model_spec(),
+                                         allow_import=self.model_name is not None and is_factory_path(self.model_name),
+                                         allow_nonfinite=self.allow_nonfinite)
+        return self._ckpt
+
+    def data_spec(self) -> dict:
+        if self.data_name is not None:
+            return {"name": self.data_name, "kwargs": self.data_kwargs or {}}
+        if self.data_kwargs is not None:
+            raise FlatscopeError("--data-kwargs needs --data")
+        spec = self.checkpoint.data_spec
+        if not spec:
+            raise FlatscopeError(f"{self.checkpoint_path} names no data; pass --data SPEC")
+        return spec
+
+    @property
+    def data(self) -> Dataset:
+        if self._data is None:
+            self._data = load_data(self.data_spec(), allow_import=self.data_name is not None and is_factory_path(self.data_name))
+        return self._data
+
+    @property
+    def loss_name(self) -> str:
+        name = self.loss_override or self.checkpoint.loss
+        if not name:
+            raise FlatscopeError(f"{self.checkpoint_path} names no loss; pass --loss ce|mse")
+        return name
+
+    def splits(self) -> list[str]:
+        return ["train", "test"] if self.split == "both" else [self.split]
+
+    def split_data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        X, y = self.data.split(split)
+        return subsample(X, y, self.max_samples, self.seed)
+
+    def objective(self, split: str | None = None, **kwargs) -> Objective:
+        split = split or self.splits()[0]
+        X, y = self.split_data(split)
+        return Objective(self.checkpoint.model, X, y, loss=self.loss_name, batch_size=self.batch_size,
+                         device=self.device, dtype=self.dtype, **kwargs)
+
+    # ------------------------------------------------------------------ output
+    @property
+    def interactive(self) -> bool:
+        return sys.stdout.isatty() and not self.quiet and not self.as_json
+
+    def note(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def warn(self, msg: str) -> None:
+        click.echo(f"Warning: {msg}", err=True)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, description: str):
+        """Yields ``advance(n=1)``; a rich bar with ETA only on a terminal without --quiet/--json."""
+        if not self.interactive or total <= 0:
+            yield lambda n=1: None
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def provenance(self) -> dict:
+        ckpt = self._ckpt
+        return {
+            "flatscope_version": __version__,
+            "torch_version": str(torch.__version__),
+            "command": shlex.join(["flatscope"] + sys.argv[1:]) if sys.argv else "flatscope",
+            "checkpoint": os.path.abspath(self.checkpoint_path) if self.checkpoint_path else None,
+            "checkpoint_sha256": ckpt.sha256 if ckpt else None,
+            "data": json.dumps(self.data_spec()) if ckpt else None,
+            "loss": self.loss_name if ckpt else None,
+            "seed": self.seed,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "wall_time_s": time.time() - self.started,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:
+        """Write analysis group ``name`` (replacing an older one) atomically; returns the file path."""
+        options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
+        with store.update(self.out_path) as f:
+            store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
+                                 provenance=self.provenance())
+        self.note(f"wrote /{name} to {self.out_path}")
+        return self.out_path
+
+    def plot(self, name: str) -> list[str]:
+        """Render the plots of group ``name`` from the results file, if --plot."""
+        if not self.do_plot:
+            return []
+        from ..plotting import render_group
+
+        paths = render_group(self.out_path, name, fmt=self.plot_format)
+        for p in paths:
+            self.note(f"wrote {p}")
+        self.written += [str(p) for p in paths]
+        return [str(p) for p in paths]
+
+    def emit(self, payload: dict, human: Callable[["Console"], None] | None = None) -> None:  # noqa: F821
+        if self.as_json:
+            click.echo(json.dumps(store.to_jsonable(payload)))
+        elif human is not None and not self.quiet:
+            from rich.console import Console
+
+            human(Console(soft_wrap=True))
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 3 internal)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except FlatscopeError as exc:
+            if STATE["verbose"]:
+                import traceback
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; files already written are intact", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: still one line unless -v
+            if STATE["verbose"]:
+                import traceback
+                traceback.print_exc()
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Error: internal error {type(exc).__name__}: {msg} (run with -v for the traceback)", err=True)
+            sys.exit(3)
+    return wrapper

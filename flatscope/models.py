@@ -1,0 +1,211 @@
+"""Built-in models and the model spec that travels in a checkpoint.
+
+A model spec is ``{"name": NAME, "kwargs": {...}}``. ``NAME`` is a built-in (``mlp``, ``cnn``,
+``resnet``, ``linear``) or ``pkg.module:factory``; a factory is imported only when the user
+names it on the command line (:func:`build_model` with ``allow_import=True``), never because a
+checkpoint says so.
+
+Every built-in takes flat inputs of shape ``(N, in_features)`` and reshapes internally where it
+needs images, so datasets are always stored flat.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import FlatscopeError
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise FlatscopeError(f"unknown activation {name!r}; choose from {', '.join(_ACTIVATIONS)}") from None
+
+
+def _image_shape(in_features: int, in_shape: list[int] | tuple[int, ...] | None) -> tuple[int, int, int]:
+    if in_shape is not None:
+        shape = tuple(int(s) for s in in_shape)
+        if len(shape) != 3 or math.prod(shape) != in_features:
+            raise FlatscopeError(f"in_shape {list(shape)} does not hold {in_features} features")
+        return shape  # type: ignore[return-value]
+    side = math.isqrt(in_features)
+    if side * side != in_features:
+        raise FlatscopeError(f"cannot infer a square image from {in_features} features; pass in_shape=[C,H,W]")
+    return (1, side, side)
+
+
+class MLP(nn.Module):
+    """Fully connected network: ``in_features -> widths... -> out_features``."""
+
+    def __init__(self, in_features: int = 64, out_features: int = 10, widths=(64, 64),
+                 activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_features
+        for w in widths:
+            layers += [nn.Linear(prev, int(w)), _activation(activation)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            prev = int(w)
+        layers.append(nn.Linear(prev, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class CNN(nn.Module):
+    """Small LeNet-style network for 1x8x8 (digits) or 1x28x28 inputs."""
+
+    def __init__(self, in_features: int = 64, out_features: int = 10, channels=(8, 16),
+                 hidden: int = 32, in_shape=None, activation: str = "relu"):
+        super().__init__()
+        self.in_shape = _image_shape(in_features, in_shape)
+        c, h, w = self.in_shape
+        c1, c2 = (int(x) for x in channels)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+        )
+        flat = c2 * (h // 4) * (w // 4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), _activation(activation),
+                                  nn.Linear(hidden, out_features))
+
+    def forward(self, x):
+        return self.head(self.features(x.reshape(-1, *self.in_shape)))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet with BatchNorm (two stages of basic blocks), so BN handling is exercised."""
+
+    def __init__(self, in_features: int = 64, out_features: int = 10, width: int = 8, blocks: int = 1, in_shape=None):
+        super().__init__()
+        self.in_shape = _image_shape(in_features, in_shape)
+        c = self.in_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages = []
+        cin = width
+        for i, cout in enumerate((width, 2 * width)):
+            for b in range(int(blocks)):
+                stages.append(_Block(cin, cout, stride=2 if (i > 0 and b == 0) else 1))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(cin, out_features)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x.reshape(-1, *self.in_shape)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _linear(in_features: int = 64, out_features: int = 1, bias: bool = True) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet": ResNet,
+    "linear": _linear,
+}
+
+
+def is_factory_path(name: str) -> bool:
+    return ":" in name and name not in BUILTIN_MODELS
+
+
+def _import_factory(path: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise FlatscopeError(f"factory path {path!r} must look like 'pkg.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError or anything the module raises on import
+        raise FlatscopeError(f"cannot import {module_name!r} for factory {path!r}: {exc}") from exc
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise FlatscopeError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise FlatscopeError(f"{path!r} is not callable")
+    return fn
+
+
+def build_model(spec: dict, *, allow_import: bool = False) -> nn.Module:
+    """Build a model from ``{"name": ..., "kwargs": {...}}``.
+
+    ``allow_import`` must be true for a ``pkg.module:factory`` name; the CLI sets it only when the
+    factory was given on the command line.
+    """
+    name = spec.get("name")
+    kwargs = dict(spec.get("kwargs") or {})
+    if not isinstance(name, str) or not name:
+        raise FlatscopeError("the model spec has no name")
+    if name in BUILTIN_MODELS:
+        factory = BUILTIN_MODELS[name]
+    elif is_factory_path(name):
+        if not allow_import:
+            raise FlatscopeError(
+                f"the checkpoint names the model factory {name!r}; flatscope imports code only when you "
+                f"pass it yourself: add --model {name}")
+        factory = _import_factory(name)
+    else:
+        raise FlatscopeError(f"unknown model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}, "
+                             "or give pkg.module:factory")
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise FlatscopeError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise FlatscopeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict) -> None:
+    """Load ``state_dict`` into ``model``, failing with a message that names the first bad keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shaped = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected[:3]) + (" ..." if len(unexpected) > 3 else ""))
+    if shaped:
+        k = shaped[0]
+        problems.append(f"mis-shaped {k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
+                        + (f" and {len(shaped) - 1} more" if len(shaped) > 1 else ""))
+    if problems:
+        raise FlatscopeError("the state_dict does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,160 @@
+"""The HDF5 results store.
+
+One file holds many analyses as groups (``/hessian``, ``/local_energy``, ``/local_entropy``,
+``/landscape/<name>``, ...). Each analysis group carries the attrs
+
+- ``kind``: which analysis wrote it (the plot registry dispatches on it);
+- ``summary``: JSON of its headline numbers (``flatscope show`` prints them);
+- ``options``: JSON of the options it ran with;
+- provenance: ``flatscope_version``, ``torch_version``, ``command``, ``checkpoint``,
+  ``checkpoint_sha256``, ``seed``, ``device``, ``dtype``, ``wall_time_s``, ``timestamp``.
+
+Every write goes through :func:`update`: the existing file is copied to a temporary file in the
+same folder, changed there, flushed, and renamed over the original. A crash, kill or Ctrl-C at any
+moment leaves either the old file or the new one, never a damaged one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from .errors import FlatscopeError
+
+
+def check_output_path(path: str) -> None:
+    """Fail early (before any computation) if ``path`` cannot take results."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise FlatscopeError(f"output path {path} is a directory")
+    if not os.path.isdir(directory):
+        raise FlatscopeError(f"cannot write {path}: folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise FlatscopeError(f"cannot write {path}: folder {directory} is not writable")
+    if os.path.exists(path) and not h5py.is_hdf5(path):
+        raise FlatscopeError(f"{path} exists and is not an HDF5 file; refusing to touch it")
+
+
+@contextlib.contextmanager
+def update(path: str) -> Iterator[h5py.File]:
+    """Open ``path`` for changes that land atomically when the block exits without error."""
+    check_output_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
+    os.close(fd)
+    try:
+        if os.path.exists(path):
+            shutil.copyfile(path, tmp)
+            mode = "r+"
+        else:
+            mode = "w"
+        with h5py.File(tmp, mode) as f:
+            yield f
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _attr_value(v: Any):
+    if isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_)):
+        return v
+    return json.dumps(to_jsonable(v))
+
+
+def write_tree(group: h5py.Group, tree: dict) -> None:
+    """Write a nested dict: dicts become groups, arrays/lists/numbers datasets, strings attrs."""
+    for key, value in tree.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            write_tree(group.create_group(key), value)
+        elif isinstance(value, str):
+            group.attrs[key] = value
+        else:
+            arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+            if arr.dtype == object:
+                raise TypeError(f"cannot store {key!r} of object dtype")
+            group.create_dataset(key, data=arr)
+
+
+def write_analysis(f: h5py.File, name: str, tree: dict, *, kind: str, summary: dict,
+                   options: dict, provenance: dict) -> h5py.Group:
+    """Replace group ``name`` with ``tree`` plus the standard attrs."""
+    if name in f:
+        del f[name]
+    g = f.create_group(name)
+    write_tree(g, tree)
+    g.attrs["kind"] = kind
+    g.attrs["summary"] = json.dumps(to_jsonable(summary))
+    g.attrs["options"] = json.dumps(to_jsonable(options))
+    for k, v in provenance.items():
+        if v is not None:
+            g.attrs[k] = _attr_value(v)
+    return g
+
+
+def read_tree(group: h5py.Group) -> dict:
+    """The inverse of :func:`write_tree`; string attrs come back under their names too."""
+    out: dict = {}
+    for k, v in group.attrs.items():
+        out[k] = v.decode() if isinstance(v, bytes) else (v.item() if isinstance(v, np.generic) else v)
+    for k, item in group.items():
+        out[k] = read_tree(item) if isinstance(item, h5py.Group) else item[()]
+    return out
+
+
+def find_analyses(f: h5py.File) -> list[tuple[str, h5py.Group]]:
+    """(path, group) of every group that carries a ``kind`` attr, in file order."""
+    found: list[tuple[str, h5py.Group]] = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Group) and "kind" in obj.attrs:
+            found.append((name, obj))
+
+    f.visititems(visit)
+    return found
+
+
+def open_results(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise FlatscopeError(f"results file not found: {path}")
+    if not h5py.is_hdf5(path):
+        raise FlatscopeError(f"{path} is not an HDF5 results file")
+    return h5py.File(path, "r")
+
+
+def to_jsonable(x: Any):
+    """numpy/torch values to plain JSON types; NaN and Inf become null."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if np.isfinite(x) else None
+    if isinstance(x, bytes):
+        return x.decode()
+    return x
