@@ -73,11 +73,27 @@ def _safe_torch_load(path: str):
 
 
 def _load_export(path: str) -> torch.nn.Module:
+    import warnings
+
     try:
-        ep = torch.export.load(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(path)
     except Exception as exc:
         raise FlatscopeError(f"{path} is not a readable torch.export program: {str(exc).splitlines()[0]}") from None
-    return ep.module()
+    module = ep.module()
+    example = ep.example_inputs[0] if ep.example_inputs else ()
+    if len(example) == 1 and isinstance(example[0], torch.Tensor) and example[0].dim() >= 1:
+        x = example[0]
+        probe = torch.zeros((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype)
+        try:
+            with torch.no_grad():
+                module(probe)
+        except Exception:
+            raise FlatscopeError(f"{path} was exported with a fixed batch size {x.shape[0]}; flatscope evaluates "
+                                 "whole data splits in batches, so export with a dynamic batch dimension: "
+                                 "dynamic_shapes=({0: torch.export.Dim('batch')},)") from None
+    return module
 
 
 def _check_finite(model: torch.nn.Module, path: str) -> None:

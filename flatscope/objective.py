@@ -5,8 +5,9 @@
 - ``loss(w)`` and ``evaluate(w) -> (loss, accuracy)``: exact over the whole split, the mean over
   samples (batches of unequal size are weighted by their sample count);
 - ``loss_and_grad(w)``: value and gradient (torch.func.grad);
-- ``hvp(w, v)``: Hessian-vector products, forward-over-reverse (``jvp`` of ``grad``); ``v`` may hold
+- ``hvp(v, w)``: Hessian-vector products, reverse-over-reverse (``vjp`` of ``grad``); ``v`` may hold
   several vectors as rows, which are pushed through one ``vmap``-ed call per batch;
+  ``hvp_operator(w)`` reuses the linearization across many products at one point;
 - ``evaluate_many(W)``: loss and accuracy at several points (rows of ``W``) in one vmapped call;
 - ``minibatch_loss_and_grad(w, idx)``: for samplers and trainers.
 
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from .errors import FlatscopeError
 from .params import ParamLayout
@@ -161,19 +162,46 @@ class Objective:
         return self.loss_and_grad(w)[1]
 
     def hvp(self, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """H(w) v for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (k products in one vmapped call)."""
+        """H(w) v for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (k products in one vmapped call).
+
+        Reverse-over-reverse (``vjp`` of ``grad``; H is symmetric). It was measured faster than
+        forward-over-reverse on CPU (benchmarks/RESULTS.md) and, unlike it, works on every layer
+        (forward-mode through ``nn.Linear`` under MSE hits a torch ZeroTensor error).
+        """
         w = self.w0 if w is None else self._check_w(w)
         v = self._check_w(v)
         g = grad(self._batch_loss)
-
-        def hvp_one(vec, xb, yb):
-            return jvp(lambda p: g(p, xb, yb), (w,), (vec,))[1]
-
         out = torch.zeros_like(v)
-        fn = hvp_one if v.dim() == 1 else vmap(hvp_one, in_dims=(0, None, None))
         for xb, yb, wt in self.batches():
-            out += wt * fn(v, xb, yb)
+            _, pullback = vjp(lambda p: g(p, xb, yb), w)
+            out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
         return self._reduce(out)
+
+    def hvp_operator(self, w: torch.Tensor | None = None, max_cached_batches: int = 8) -> Callable:
+        """``matvec(v) = H(w) v`` for repeated use at one point (Lanczos, Hutchinson).
+
+        For up to ``max_cached_batches`` batches the per-batch linearizations are built once and
+        reused, so each product costs one backward pass instead of a gradient plus a backward
+        pass; beyond that (large data) it falls back to :meth:`hvp`, which holds one batch's graph
+        at a time.
+        """
+        w = self.w0 if w is None else self._check_w(w)
+        n_batches = -(-self.n // self.batch_size)
+        if n_batches > max_cached_batches:
+            return lambda v: self.hvp(v, w)
+        g = grad(self._batch_loss)
+        pullbacks = []
+        for xb, yb, wt in self.batches():
+            pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            v = self._check_w(v)
+            out = torch.zeros_like(v)
+            for wt, pb in pullbacks:
+                out += wt * (pb(v)[0] if v.dim() == 1 else vmap(pb)(v)[0])
+            return self._reduce(out)
+
+        return matvec
 
     def minibatch_loss_and_grad(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradient on the samples ``idx`` of this split (no reduction across ranks)."""
