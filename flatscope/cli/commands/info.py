@@ -7,7 +7,6 @@ import os
 import click
 
 from ...results import to_jsonable
-from ...training import evaluate_model
 from ..common import analysis_options, pass_run
 
 
@@ -19,23 +18,18 @@ def describe(run) -> dict:
         "parameters": [{"name": n, "shape": list(p.shape)} for n, p in ck.model.named_parameters()],
         "data": None, "loss": None, "metrics": {},
     }
-    try:
-        data_spec = run.data_spec()
-        info["data"], info["loss"] = data_spec, run.loss_name
+    if run.data_name is None and not ck.data_spec:
+        info["note"] = "no data is known for this checkpoint: pass --data SPEC (and --loss) for metrics"
+    else:
+        info["data"], info["loss"] = run.data_spec(), run.loss_name
         data = run.data
         info["n_train"] = int(data.X_train.shape[0])
         info["n_test"] = 0 if data.X_test is None else int(data.X_test.shape[0])
-        model = ck.model.to(run.device, run.dtype)
         for split in ("train", "test"):
             if split == "test" and data.X_test is None:
                 continue
-            loss, acc = evaluate_model(model, data, run.loss_name, split)
+            loss, acc = run.objective(split).evaluate()
             info["metrics"][split] = {"loss": loss, "accuracy": acc}
-    except Exception as exc:  # a bare state_dict without --data: still describe the weights
-        from ...errors import FlatscopeError
-        if not isinstance(exc, FlatscopeError):
-            raise
-        info["note"] = str(exc)
     t = ck.train or {}
     if t:
         info["training"] = {k: t.get(k) for k in ("optimizer", "hparams", "seed", "batch_size", "budget",

@@ -56,8 +56,10 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
     if epochs <= 0 and budget is None:
         raise FlatscopeError(f"--epochs must be positive, got {epochs}")
     folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
+    try:
         os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise FlatscopeError(f"cannot create the folder of {out}: {exc.strerror}") from None
     if not os.access(folder, os.W_OK):
         raise FlatscopeError(f"cannot write {out}: folder {folder} is not writable")
     methods.get(opt)  # fail fast on an unknown optimizer
