@@ -47,7 +47,10 @@ def update(path: str) -> Iterator[h5py.File]:
     """Open ``path`` for changes that land atomically when the block exits without error."""
     check_output_path(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
+    except OSError as exc:
+        raise FlatscopeError(f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     try:
         if os.path.exists(path):

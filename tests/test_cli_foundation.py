@@ -136,6 +136,14 @@ def test_unwritable_output_path(tmp_path):
 
     with pytest.raises(FlatscopeError, match="does not exist"):
         store.check_output_path(str(tmp_path / "no" / "such" / "dir" / "r.h5"))
+    with pytest.raises(FlatscopeError, match="cannot write"):  # a folder nobody can create files in
+        with store.update("/proc/flatscope-results.h5"):
+            pass
+
+
+def test_read_only_folder_for_ordinary_users(tmp_path):
+    from flatscope.errors import FlatscopeError
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
