@@ -78,7 +78,7 @@ class Objective:
         self.y = y.to(self.device) if not torch.is_floating_point(y) else y.to(self.device, dtype)
         self.n = int(self.X.shape[0])
         self.n_total = int(n_total) if n_total is not None else self.n
-        self.batch_size = int(batch_size) if batch_size else self.n
+        self.batch_size = int(batch_size) if batch_size else max(self.n, 1)
         self.classification = not torch.is_floating_point(self.y)
         if self.classification and self.loss_name == "ce":
             with torch.no_grad():
@@ -208,6 +208,25 @@ class Objective:
         w = self._check_w(w)
         g, loss = grad_and_value(self._batch_loss)(w, self.X[idx], self.y[idx])
         return loss.detach(), g
+
+    # ------------------------------------------------------------------ data parallel
+    def shard(self, rank: int | None = None, world: int | None = None) -> "Objective":
+        """Keep only this rank's contiguous shard of the split; all-reduce every sum.
+
+        Losses, accuracy counts, gradients and HVPs are summed over ranks with weights
+        ``n_batch / N_total`` (the global sample count), so the result equals the single-process
+        value up to floating-point summation order. Under torchrun, ``Run.objective`` calls this.
+        """
+        from . import distributed
+
+        rank = distributed.rank() if rank is None else rank
+        world = distributed.world_size() if world is None else world
+        start, stop = distributed.shard_range(self.n, rank, world)
+        self.X, self.y = self.X[start:stop], self.y[start:stop]
+        self.n = stop - start
+        if world > 1:
+            self._reduce = distributed.all_reduce_sum
+        return self
 
     # ------------------------------------------------------------------ BatchNorm
     def has_batchnorm(self) -> bool:

@@ -29,6 +29,7 @@ from ..data import Dataset, load_data, subsample
 from ..errors import FlatscopeError
 from ..models import is_factory_path
 from ..objective import LOSSES, Objective
+from .. import distributed
 from .. import results as store
 
 STATE = {"verbose": False}
@@ -162,6 +163,8 @@ class Run:
         if self.threads:
             torch.set_num_threads(self.threads)
         self.device = resolve_device(self.device_spec)
+        distributed.init_from_env(self.device)
+        self.device = distributed.local_device(self.device)
         self.dtype = torch.float64 if self.dtype_name == "float64" else torch.float32
         self.reseed()
         if self.max_samples is not None and self.max_samples < 1:
@@ -236,20 +239,27 @@ class Run:
     def objective(self, split: str | None = None, **kwargs) -> Objective:
         split = split or self.splits()[0]
         X, y = self.split_data(split)
-        return Objective(self.checkpoint.model, X, y, loss=self.loss_name, batch_size=self.batch_size,
-                         device=self.device, dtype=self.dtype, **kwargs)
+        obj = Objective(self.checkpoint.model, X, y, loss=self.loss_name, batch_size=self.batch_size,
+                        device=self.device, dtype=self.dtype, **kwargs)
+        return obj.shard() if distributed.active() else obj
 
     # ------------------------------------------------------------------ output
     @property
+    def is_main(self) -> bool:
+        """Rank 0 under torchrun (always true in one process): the only rank that prints or writes."""
+        return distributed.is_main()
+
+    @property
     def interactive(self) -> bool:
-        return sys.stdout.isatty() and not self.quiet and not self.as_json
+        return sys.stdout.isatty() and not self.quiet and not self.as_json and self.is_main
 
     def note(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.is_main:
             click.echo(msg, err=True)
 
     def warn(self, msg: str) -> None:
-        click.echo(f"Warning: {msg}", err=True)
+        if self.is_main:
+            click.echo(f"Warning: {msg}", err=True)
 
     @contextlib.contextmanager
     def progress(self, total: int, description: str):
@@ -277,6 +287,7 @@ class Run:
             "loss": self.loss_name if ckpt else None,
             "seed": self.seed,
             "device": str(self.device),
+            "world_size": distributed.world_size(),
             "dtype": self.dtype_name,
             "wall_time_s": time.time() - self.started,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -285,6 +296,8 @@ class Run:
     def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:
         """Write analysis group ``name`` (replacing an older one) atomically; returns the file path."""
         options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
+        if not self.is_main:
+            return self.out_path
         with store.update(self.out_path) as f:
             store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
                                  provenance=self.provenance())
@@ -293,7 +306,7 @@ class Run:
 
     def plot(self, name: str) -> list[str]:
         """Render the plots of group ``name`` from the results file, if --plot."""
-        if not self.do_plot:
+        if not self.do_plot or not self.is_main:
             return []
         from ..plotting import render_group
 
@@ -304,6 +317,8 @@ class Run:
         return [str(p) for p in paths]
 
     def emit(self, payload: dict, human: Callable[["Console"], None] | None = None) -> None:  # noqa: F821
+        if not self.is_main:
+            return
         if self.as_json:
             click.echo(json.dumps(store.to_jsonable(payload)))
         elif human is not None and not self.quiet:
