@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import click
 from click.core import ParameterSource
@@ -208,7 +209,8 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
             line += f"   test loss {payload['test_loss']:.4f}  acc {payload['test_acc']:.4f}"
         console.print(line)
         if method_logs:
-            console.print("  ".join(f"{k} {v:.4g}" for k, v in method_logs.items() if not k.startswith("replica_dist_")))
+            console.print("  ".join(f"{k} {v:.4g}" for k, v in method_logs.items()
+                                    if not re.fullmatch(r"replica_dist_\d+", k)))
 
     run.emit(payload, human)
 
@@ -281,7 +283,7 @@ def _write_log(run, log_path: str, out: str, record: dict, payload: dict) -> str
             "train_checkpoint": os.path.abspath(out)}
     summary = {k: payload[k] for k in ("grad_evals", "effective_epochs", "wall_time_s", "train_loss", "train_acc",
                                        "test_loss", "test_acc")}
-    summary.update({k: v for k, v in payload["final"].items() if not k.startswith("replica_dist_")})
+    summary.update({k: v for k, v in payload["final"].items() if not re.fullmatch(r"replica_dist_\d+", k)})
     prov = run.provenance()
     prov.update({"checkpoint": os.path.abspath(out), "checkpoint_sha256": sha256_file(out),
                  "data": None, "loss": None})
