@@ -201,8 +201,9 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
         for k, v in row.items():
             history.setdefault(k, []).append(float(v))
         if not math.isfinite(row["train_loss"]):
+            hint = f"after the warning: {warnings[-1]['message']}" if warnings else "lower --lr"
             raise FlatscopeError(f"training diverged at epoch {row['epoch']:.2f} (train loss {row['train_loss']}); "
-                                 "lower --lr")
+                                 + hint)
         return row
 
     model.train()

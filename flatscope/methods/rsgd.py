@@ -46,7 +46,7 @@ from . import register
 from ._flat import FlatNet, Param, gamma_at, momentum_update, nonneg, positive, reinitialized
 from .base import Method
 
-VMAP_FROM = 8
+VMAP_FROM = 4
 REPLICA_SEED_STRIDE = 1000003
 
 

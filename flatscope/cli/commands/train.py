@@ -120,6 +120,8 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
     extra = {k: v for k, v in method_kw.items() if v is not None}
     run = Run(**rest)
     run.setup()
+    if run.device.type != "cpu":
+        run.warn(f"flatscope train runs on the CPU; --device {run.device_spec} is ignored")
     ctx = click.get_current_context()
     explicit = {n for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
     if budget is not None and budget < 1:
@@ -197,7 +199,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                "test_loss": (h.get("test_loss") or [None])[-1], "test_acc": (h.get("test_acc") or [None])[-1],
                "final": method_logs, "warnings": record["warnings"], "log": None}
     if log_path is not None:
-        payload["log"] = _write_log(run, log_path, out, record, payload)
+        payload["log"] = _write_log(run, log_path, out, record, payload, data_spec, loss)
 
     def human(console):
         console.print(f"trained {model_spec['name']} on {data_spec['name']} with {opt}: {record['grad_evals']} gradient "
@@ -272,21 +274,22 @@ def _resume(run, path: str, explicit: set, extra: dict, given: dict):
     return model, data, ck.loss, ck.model_spec, ck.data_spec, stored, state
 
 
-def _write_log(run, log_path: str, out: str, record: dict, payload: dict) -> str:
+def _write_log(run, log_path: str, out: str, record: dict, payload: dict, data_spec: dict, loss: str) -> str:
+    import json
+
     import numpy as np
 
     tree = {"history": {k: np.asarray(v, dtype=np.float64) for k, v in record["history"].items()},
             "grad_evals_by_kind": {k: np.int64(v) for k, v in record["grad_evals_by_kind"].items()},
             "optimizer": record["optimizer"], "budget": np.int64(record["budget"]),
             "grad_evals": np.int64(record["grad_evals"]), "batches_per_epoch": np.int64(record["batches_per_epoch"]),
-            "effective_epochs": np.float64(record["effective_epochs"]), "wall_time_s": np.float64(record["wall_time_s"]),
-            "train_checkpoint": os.path.abspath(out)}
+            "effective_epochs": np.float64(record["effective_epochs"]), "wall_time_s": np.float64(record["wall_time_s"])}
     summary = {k: payload[k] for k in ("grad_evals", "effective_epochs", "wall_time_s", "train_loss", "train_acc",
                                        "test_loss", "test_acc")}
     summary.update({k: v for k, v in payload["final"].items() if not re.fullmatch(r"replica_dist_\d+", k)})
     prov = run.provenance()
-    prov.update({"checkpoint": os.path.abspath(out), "checkpoint_sha256": sha256_file(out),
-                 "data": None, "loss": None})
+    prov.update({"checkpoint": os.path.abspath(out), "checkpoint_sha256": sha256_file(out), "seed": record["seed"],
+                 "data": json.dumps(data_spec), "loss": loss})
     with store.update(log_path) as f:
         store.write_analysis(f, "train", tree, kind="train", summary=summary,
                              options={"optimizer": record["optimizer"], "hparams": record["hparams"],
