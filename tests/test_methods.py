@@ -26,7 +26,7 @@ from flatscope.methods.esgd import esgd_outer_update
 from flatscope.methods.importance import WeightedMean
 from flatscope.methods.rsgd import REPLICA_SEED_STRIDE, coupling_factor
 from flatscope.methods.sam import sam_perturbation
-from flatscope.models import ResNet, build_model
+from flatscope.models import build_model
 from flatscope.objective import Objective, loss_value
 from flatscope.training import BatchStream, TrainConfig, train
 

@@ -185,7 +185,9 @@ BAD = [
     (["--resume", "{d}/e.pt", "--budget", "6"], "already used 9 gradient evaluations"),
     (["--resume", "{d}/e.pt", "--budget", "20", "--opt", "sgd"], "--opt sgd differs from the checkpoint's esgd"),
     (["--resume", "{d}/e.pt", "--budget", "20", "--inner-steps", "5"], "--inner-steps 5 differs"),
-    (["--resume", "{d}/e.pt", "--budget", "20", "--data", "teacher"], "--data cannot be given with --resume"),
+    (["--resume", "{d}/e.pt", "--budget", "20", "--data", "teacher"], "--data cannot change with --resume"),
+    (["--resume", "{d}/e.pt", "--budget", "20", "--model", "cnn"], "--model cannot change with --resume"),
+    (["-o", "{d}/notes.txt/x.pt"], "notes.txt is not a folder"),
     (["--log", "{d}/notes.txt"], "is not an HDF5 file"),
     (["--log", "{d}"], "is a directory"),
 ]
@@ -197,7 +199,9 @@ def test_bad_inputs_exit_2_with_one_line(trained, tmp_path, args, message):
     args = [a.replace("{d}", str(trained)) for a in args]
     if not {"--budget", "--resume", "--budget-from"} & set(args):
         args = ["--budget", "4", *args]
-    r = CliRunner().invoke(main, ["train", "--threads", "1", *args, "-o", str(out)])
+    if "-o" not in args:
+        args = [*args, "-o", str(out)]
+    r = CliRunner().invoke(main, ["train", "--threads", "1", *args])
     line = one_error_line(r)
     assert message in line
     assert not out.exists()

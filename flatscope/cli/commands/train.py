@@ -138,12 +138,15 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         raise FlatscopeError(f"--momentum must be in [0, 1), got {momentum}")
     if weight_decay < 0:
         raise FlatscopeError(f"--weight-decay must be non-negative, got {weight_decay}")
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
     if os.path.isdir(out):
         raise FlatscopeError(f"-o {out} is a directory")
-    if not os.access(folder, os.W_OK):
-        raise FlatscopeError(f"cannot write {out}: folder {folder} is not writable")
+    folder = existing = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise FlatscopeError(f"cannot write {out}: {existing} is not a folder")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise FlatscopeError(f"cannot write {out}: folder {existing} is not writable")
     if log_path is not None:
         store.check_output_path(log_path)
     if budget_from is not None:
@@ -177,6 +180,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                              save_every=save_every, extra=extra)
         state = None
     _cast_data(data, run.dtype if resume is None else next(model.parameters()).dtype)
+    os.makedirs(folder, exist_ok=True)
     n_batches = -(-data.X_train.shape[0] // max(1, min(config.batch_size, data.X_train.shape[0])))
     total = config.budget if config.budget is not None else int(round(config.epochs * n_batches))
     with run.progress(total, f"train {opt}") as advance:
@@ -234,14 +238,18 @@ def _cast_data(data, dtype) -> None:
 
 def _resume(run, path: str, explicit: set, extra: dict, given: dict):
     """Model, data and configuration of a resumed run; options that would change it are errors."""
-    ck = load_checkpoint(path)
+    model_name = given["model_name"]
+    ck = load_checkpoint(path, allow_import="model_name" in explicit and is_factory_path(model_name))
     rec = ck.train or {}
     if not isinstance(rec.get("resume"), dict) or not isinstance(rec.get("config"), dict) or ck.model_spec is None:
         raise FlatscopeError(f"{path} holds no resumable training state (it was not written by this flatscope train)")
     stored = TrainConfig.from_dict(rec["config"])
+    stored_given = {"model_name": ck.model_spec.get("name"), "data_name": (ck.data_spec or {}).get("name"),
+                    "data_kwargs": (ck.data_spec or {}).get("kwargs") or None, "loss": ck.loss,
+                    "save_every": stored.save_every}
     for name in ("model_name", "model_kwargs", "data_name", "data_kwargs", "loss", "save_every"):
-        if name in explicit:
-            raise FlatscopeError(f"--{name.replace('_name', '').replace('_', '-')} cannot be given with --resume: "
+        if name in explicit and (name == "model_kwargs" or given[name] != stored_given[name]):
+            raise FlatscopeError(f"--{name.replace('_name', '').replace('_', '-')} cannot change with --resume: "
                                  "a resumed run keeps its checkpoint's model, data and loss")
     for name in KEPT_ON_RESUME:
         if name in explicit:
@@ -268,7 +276,7 @@ def _resume(run, path: str, explicit: set, extra: dict, given: dict):
     import torch
 
     model = ck.model.to(getattr(torch, rec.get("dtype", "float32")))
-    data = load_data(ck.data_spec)
+    data = load_data(ck.data_spec, allow_import="data_name" in explicit and is_factory_path(given["data_name"]))
     state = {"resume": rec["resume"], "history": rec.get("history") or {}, "sha256": ck.sha256,
              "grad_evals": rec.get("grad_evals")}
     return model, data, ck.loss, ck.model_spec, ck.data_spec, stored, state
