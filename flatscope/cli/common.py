@@ -52,7 +52,7 @@ def _json_dict(ctx, param, value):
 
 
 def _set_verbose(ctx, param, value):
-    STATE["verbose"] = STATE["verbose"] or bool(value)
+    STATE["verbose"] = bool(value)  # per invocation (CliRunner runs many in one process)
     return value
 
 
@@ -159,7 +159,7 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
-        STATE["verbose"] = STATE["verbose"] or self.verbose
+        STATE["verbose"] = bool(self.verbose)
         if self.threads:
             torch.set_num_threads(self.threads)
         self.device = resolve_device(self.device_spec)
