@@ -380,18 +380,22 @@ def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_r
     for j in range(n_steps):
         if not active:
             break
+        everyone = len(active) == p
         idx = torch.as_tensor(active, device=dev)
-        Qj = basis[idx, j]
+        B = basis[:, : j + 1] if everyone else basis[idx, : j + 1]   # (a, j+1, dim); a view when all are active
+        Qj = B[:, j]
         AQ = _apply(matvec, Qj).to(fdt)
         n_mv += len(active)
         if not _finite(AQ):
             bad = n_mv - len(active) + 1
             break
         a = torch.sum(AQ * Qj, dim=1)
-        W = AQ
-        for _ in range(2):   # full reorthogonalization against each probe's own basis
-            B = basis[idx, : j + 1]                                  # (a, j+1, dim)
-            W = W - torch.einsum("aj,ajd->ad", torch.einsum("ajd,ad->aj", B, W), B)
+        W = AQ - a[:, None] * Qj                     # three-term recurrence ...
+        if j > 0:
+            bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
+            W = W - bprev[:, None] * B[:, j - 1]
+        # ... then one full reorthogonalization pass against each probe's own basis
+        W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
         bnorm = torch.linalg.norm(W, dim=1)
         a_np, b_np = a.to(torch.float64).cpu().numpy(), bnorm.to(torch.float64).cpu().numpy()
         still = []

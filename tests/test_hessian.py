@@ -196,6 +196,11 @@ def test_top_eigenvectors_entry_point(dense_case):
     r = top_eigenvectors(o64, k=2, tol=1e-10)
     assert r.eigenvectors.shape == (2, o64.dim) and r.eigenvectors.dtype == torch.float64
     np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(H)[::-1][:2], rtol=1e-9)
+    # the generic entry point on the objective's own forward-over-reverse products
+    from flatscope.linalg import lanczos
+
+    r2 = lanczos(o64.hvp, o64.dim, k=2, tol=1e-10)
+    np.testing.assert_allclose(r2.eigenvalues, r.eigenvalues, rtol=1e-9)
 
 
 def test_nonfinite_product_keeps_earlier_stages(monkeypatch, digits_subset):
