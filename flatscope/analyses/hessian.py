@@ -1,0 +1,432 @@
+"""The Hessian of the whole-split mean loss: extremal eigenpairs, spectral density, trace, per-layer
+spectra and flatness summaries, all from Hessian-vector products.
+
+``H = d^2 L / dw^2`` at the checkpoint's weights ``w0``, for ``L(w)`` the mean loss over the split
+(:class:`flatscope.objective.Objective`: eval mode, batches weighted by size, exact over the split).
+Nothing is sampled except the stochastic probes of the trace and the density, whose errors are
+reported.
+
+Quantities (``summary()`` names, thresholdable by ``flatscope audit`` as ``hessian.<name>``):
+
+- ``lambda_max``: the largest eigenvalue (top Lanczos Ritz value).
+- ``lambda_min``: the smallest (most negative) eigenvalue: the bottom Lanczos Ritz value when
+  ``bottom >= 1``; otherwise the smallest SLQ node, which lies in ``[lambda_min, lambda_max]`` and
+  so only bounds it from above (``lambda_min_source`` says which); NaN without either.
+- ``lambda_k``: the k-th largest eigenvalue, ``k`` = number of top eigenvalues asked for.
+- ``lambda_ratio``: ``lambda_max / lambda_k``, how dominant the top direction is among the top k.
+- ``trace``, ``trace_stderr``: ``tr H`` by Hutch++ (or Hutchinson) with its standard error (exact
+  when the probe budget reaches the dimension).
+- ``effective_rank``: ``tr H / lambda_max``, the number of directions as curved as the sharpest
+  that would carry the whole trace (the "intrinsic dimension" of a PSD matrix, Tropp 2015; it lies
+  in ``[1, n]`` for a PSD Hessian and is smaller for sharper, lower-rank curvature).
+- ``negative_mass``: ``int_{t<0} |t| phi(t) dt / int |t| phi(t) dt`` for the spectral density ``phi``
+  (SLQ Gauss rules, un-broadened): the share of the absolute curvature that is negative; 0 at a
+  minimum, up to 1 at a maximum. ``negative_fraction``: ``int_{t<0} phi(t) dt``, the fraction of
+  eigenvalues that are negative (sensitive to the near-zero bulk, where signs are noise).
+- ``converged``: whether every requested Ritz pair met ``||Hv - lambda v|| <= tol * |lambda_max|``.
+- ``n_matvec``: Hessian-vector products spent in total.
+
+Hessian-vector products (:class:`HessianOperator`): by default the gradient graph of every batch
+is built once (forward and backward with ``create_graph``) and each product is one more backward
+pass through it (double backward with a cached graph), measured 2-4x faster than rebuilding it or
+than forward-over-reverse (``torch.func.jvp`` of ``grad``, :meth:`Objective.hvp`) on the sample
+checkpoints (benchmarks/RESULTS.md). The cache holds one autograd graph per batch; ``hvp="jvp"``
+or ``"double-backward"`` keep only one batch in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import FlatscopeError
+from ..linalg import EigResult, SLQResult, TraceResult, lanczos, slq, trace
+from ..objective import Objective
+
+HVP_MODES = ("auto", "cached", "double-backward", "jvp")
+MAX_CACHED_BATCHES = 8
+
+
+class HessianOperator:
+    """``V -> H V`` for the Hessian of ``obj``'s split loss at ``w`` (default ``obj.w0``).
+
+    Call with a tensor of shape ``(dim,)`` or ``(b, dim)`` (any float dtype; computed in the
+    objective's dtype, returned in it). ``n_matvec`` counts the vectors multiplied so far.
+    ``restrict(sl)`` gives the operator of the diagonal block ``H[sl, sl]`` (products embed the
+    block vector in zeros and keep the block of the result).
+
+    ``mode``: ``cached`` (double backward through a gradient graph built once per batch and kept),
+    ``double-backward`` (the graph rebuilt for every product), ``jvp`` (forward-over-reverse,
+    :meth:`Objective.hvp`, several vectors per vmapped call), or ``auto`` = ``cached`` when the
+    split has at most 8 batches, else ``double-backward``.
+    """
+
+    def __init__(self, obj: Objective, w: torch.Tensor | None = None, mode: str = "auto"):
+        if mode not in HVP_MODES:
+            raise FlatscopeError(f"unknown HVP mode {mode!r}; choose from {', '.join(HVP_MODES)}")
+        self.obj = obj
+        self.w = (obj.w0 if w is None else obj._check_w(w)).detach()
+        n_batches = math.ceil(obj.n / obj.batch_size)
+        self.mode = ("cached" if n_batches <= MAX_CACHED_BATCHES else "double-backward") if mode == "auto" else mode
+        self.n_matvec = 0
+        self._graph = None
+
+    @property
+    def dim(self) -> int:
+        return self.obj.dim
+
+    def _gradient_graph(self):
+        wr = self.w.clone().requires_grad_(True)
+        g = torch.zeros_like(wr)
+        with torch.enable_grad():
+            for xb, yb, wt in self.obj.batches():
+                loss = self.obj._batch_loss(wr, xb, yb)
+                gb, = torch.autograd.grad(loss, wr, create_graph=True)
+                g = g + wt * gb
+        return wr, g
+
+    def _double_backward(self, V: torch.Tensor, keep: bool) -> torch.Tensor:
+        if keep:
+            if self._graph is None:
+                self._graph = self._gradient_graph()
+            wr, g = self._graph
+        else:
+            wr, g = self._gradient_graph()
+        out = torch.empty_like(V)
+        for i in range(V.shape[0]):
+            if not g.requires_grad:  # the loss does not depend on w at second order (e.g. constant)
+                out[i] = 0
+                continue
+            hv, = torch.autograd.grad(g, wr, V[i], retain_graph=keep or i + 1 < V.shape[0], allow_unused=True)
+            out[i] = 0 if hv is None else hv.detach()
+        return out
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        single = V.dim() == 1
+        V2 = self.obj._check_w(V.reshape(-1, V.shape[-1]))
+        if self.mode == "jvp":
+            out = self.obj.hvp(V2)
+        else:
+            with torch.enable_grad():
+                out = self._double_backward(V2, keep=self.mode == "cached")
+            out = self.obj._reduce(out)
+        self.n_matvec += V2.shape[0]
+        return out[0] if single else out
+
+    def restrict(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+        n = sl.stop - sl.start
+
+        def mv(Vb: torch.Tensor) -> torch.Tensor:
+            V = torch.zeros(Vb.shape[0], self.dim, dtype=self.obj.dtype, device=self.obj.device)
+            V[:, sl] = Vb.to(self.obj.device, self.obj.dtype)
+            return self(V)[:, sl]
+
+        mv.dim = n  # type: ignore[attr-defined]
+        return mv
+
+    def release(self) -> None:
+        """Drop the cached gradient graph (frees its memory)."""
+        self._graph = None
+
+
+def top_eigenvectors(obj: Objective, k: int = 2, *, tol: float = 1e-5, max_iter: int | None = None,
+                     seed: int = 0, hvp: str = "auto") -> EigResult:
+    """The ``k`` largest Hessian eigenpairs of ``obj`` at ``obj.w0`` (e.g. landscape directions).
+
+    ``res.eigenvectors`` is a ``(k, obj.dim)`` float64 tensor on ``obj.device`` with unit rows, in
+    ``obj.layout`` order (``obj.layout.unflatten(res.eigenvectors[0])`` gives named tensors).
+    """
+    op = HessianOperator(obj, mode=hvp)
+    try:
+        return lanczos(op, obj.dim, k, "largest", tol=tol, max_iter=max_iter, seed=seed, device=obj.device)
+    finally:
+        op.release()
+
+
+@dataclass
+class HessianResult:
+    dim: int
+    n_samples: int
+    k: int
+    top: EigResult | None
+    bottom: EigResult | None = None
+    density: SLQResult | None = None
+    sigma: float = float("nan")
+    grid: np.ndarray | None = None
+    values: np.ndarray | None = None
+    traces: TraceResult | None = None
+    per_layer: dict | None = None
+    layout: dict | None = None
+    save_eigenvectors: bool = False
+    hvp_mode: str = ""
+    n_matvec: int = 0
+    seconds: dict = field(default_factory=dict)
+    nonfinite: str | None = None
+    warnings: list = field(default_factory=list)
+
+    # ------------------------------------------------------------------ flatness numbers
+    def _eig(self, r: EigResult | None, attr: str) -> np.ndarray:
+        return np.asarray(getattr(r, attr)) if r is not None else np.zeros(0)
+
+    @property
+    def lambda_min(self) -> tuple[float, str]:
+        if self.bottom is not None and len(self.bottom.eigenvalues):
+            return float(self.bottom.eigenvalues[0]), "lanczos"
+        if self.density is not None and self.density.n_probes:
+            x = self.density.nodes[self.density.weights > 0]
+            return float(np.min(x)), "slq"
+        return float("nan"), "none"
+
+    def negative(self) -> tuple[float, float]:
+        if self.density is None or not self.density.n_probes:
+            return float("nan"), float("nan")
+        d = self.density
+        neg_abs = d.probe_integrals(lambda x: np.where(x < 0, -x, 0.0)).mean()
+        tot_abs = d.probe_integrals(np.abs).mean()
+        frac = d.probe_integrals(lambda x: (x < 0).astype(float)).mean()
+        return (float(neg_abs / tot_abs) if tot_abs > 0 else float("nan")), float(frac)
+
+    def summary(self) -> dict:
+        ev = self._eig(self.top, "eigenvalues")
+        lmax = float(ev[0]) if len(ev) else float("nan")
+        lk = float(ev[self.k - 1]) if len(ev) >= self.k else float("nan")
+        tr = self.traces.trace if self.traces is not None else float("nan")
+        se = self.traces.stderr if self.traces is not None else float("nan")
+        neg_mass, neg_frac = self.negative()
+        conv = [self.top] + ([self.bottom] if self.bottom is not None else [])
+        converged = all(r is not None and len(r.converged) and bool(np.all(r.converged)) for r in conv)
+        return {
+            "lambda_max": lmax,
+            "lambda_min": self.lambda_min[0],
+            "lambda_k": lk,
+            "lambda_ratio": lmax / lk if len(ev) >= self.k and lk != 0 else float("nan"),
+            "trace": tr,
+            "trace_stderr": se,
+            "effective_rank": tr / lmax if lmax and np.isfinite(lmax) and lmax > 0 else float("nan"),
+            "negative_mass": neg_mass,
+            "negative_fraction": neg_frac,
+            "converged": converged,
+            "n_matvec": int(self.n_matvec),
+            "dim": int(self.dim),
+        }
+
+    # ------------------------------------------------------------------ serialisation
+    def to_tree(self) -> dict:
+        t: dict = {}
+        if self.top is not None:
+            t.update(eigenvalues=self.top.eigenvalues, residuals=self.top.residuals,
+                     converged=self.top.converged.astype(bool), status=self.top.status,
+                     n_matvec_top=np.int64(self.top.n_matvec))
+            if self.save_eigenvectors:
+                t["eigenvectors"] = self.top.eigenvectors.detach().cpu().numpy()
+                t["layout"] = json.dumps(self.layout)
+        if self.bottom is not None:
+            t.update(bottom_eigenvalues=self.bottom.eigenvalues, bottom_residuals=self.bottom.residuals,
+                     bottom_converged=self.bottom.converged.astype(bool), bottom_status=self.bottom.status,
+                     n_matvec_bottom=np.int64(self.bottom.n_matvec))
+        if self.density is not None:
+            t["density"] = {"grid": self.grid, "values": self.values, "nodes": self.density.nodes,
+                            "weights": self.density.weights, "sigma": np.float64(self.sigma),
+                            "n_matvec": np.int64(self.density.n_matvec)}
+        if self.traces is not None:
+            t.update(trace=np.float64(self.traces.trace), trace_stderr=np.float64(self.traces.stderr),
+                     trace_method=self.traces.method, n_matvec_trace=np.int64(self.traces.n_matvec))
+            if self.traces.method != "exact":
+                t["trace_samples"] = self.traces.samples
+        if self.per_layer is not None:
+            pl = dict(self.per_layer)
+            pl["names"] = json.dumps(pl["names"])
+            t["per_layer"] = pl
+        s = self.summary()
+        t["lambda_min_source"] = self.lambda_min[1]
+        t.update(n_matvec=np.int64(self.n_matvec), dim=np.int64(self.dim), n_samples=np.int64(self.n_samples),
+                 effective_rank=np.float64(s["effective_rank"]), negative_mass=np.float64(s["negative_mass"]),
+                 negative_fraction=np.float64(s["negative_fraction"]), hvp=self.hvp_mode)
+        if self.nonfinite:
+            t["nonfinite"] = self.nonfinite
+        return t
+
+    def to_json(self) -> dict:
+        out = dict(self.summary())
+        out["lambda_min_source"] = self.lambda_min[1]
+        if self.top is not None:
+            out.update(eigenvalues=self.top.eigenvalues.tolist(), residuals=self.top.residuals.tolist(),
+                       eigen_converged=self.top.converged.tolist(), eigen_status=self.top.status)
+        if self.bottom is not None:
+            out.update(bottom_eigenvalues=self.bottom.eigenvalues.tolist(),
+                       bottom_residuals=self.bottom.residuals.tolist(),
+                       bottom_converged=self.bottom.converged.tolist(), bottom_status=self.bottom.status)
+        if self.traces is not None:
+            out["trace_method"] = self.traces.method
+        if self.density is not None:
+            m, se = self.density.integral(lambda x: x)
+            out["density"] = {"n_probes": self.density.n_probes, "n_steps": self.density.n_steps,
+                              "sigma": self.sigma, "mean": m, "mean_stderr": se}
+        if self.per_layer is not None:
+            pl = self.per_layer
+            out["per_layer"] = [{"name": n, "numel": int(pl["numel"][i]), "lambda_max": float(pl["lambda_max"][i]),
+                                 "residual": float(pl["residuals"][i]), "converged": bool(pl["converged"][i]),
+                                 "trace": float(pl["trace"][i]), "trace_stderr": float(pl["trace_stderr"][i])}
+                                for i, n in enumerate(pl["names"])]
+        out["hvp"] = self.hvp_mode
+        out["seconds"] = self.seconds
+        out["nonfinite"] = self.nonfinite
+        out["warnings"] = list(self.warnings)
+        return out
+
+
+def _check(obj: Objective, top: int, bottom: int, probes: int, steps: int, trace_probes: int,
+           tol: float, max_iter: int | None, block_size: int, sigma: float) -> None:
+    n = obj.dim
+    if top < 1:
+        raise FlatscopeError(f"--top must be at least 1, got {top}")
+    if top > n:
+        raise FlatscopeError(f"--top {top} is larger than the number of parameters ({n})")
+    if bottom < 0:
+        raise FlatscopeError(f"--bottom must be 0 or more, got {bottom}")
+    if bottom > n:
+        raise FlatscopeError(f"--bottom {bottom} is larger than the number of parameters ({n})")
+    if probes < 1:
+        raise FlatscopeError(f"--probes must be at least 1, got {probes}")
+    if steps < 1:
+        raise FlatscopeError(f"--steps must be at least 1, got {steps}")
+    if trace_probes < 2:
+        raise FlatscopeError(f"--trace-probes must be at least 2, got {trace_probes}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise FlatscopeError(f"--tol must be a positive number, got {tol}")
+    if max_iter is not None and max_iter < max(top, bottom):
+        raise FlatscopeError(f"--max-iter {max_iter} is below the number of eigenvalues asked for "
+                             f"({max(top, bottom)}); Lanczos needs at least one product per eigenvalue")
+    if block_size < 1:
+        raise FlatscopeError(f"--block-size must be at least 1, got {block_size}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise FlatscopeError(f"--sigma must be a positive number, got {sigma}")
+
+
+def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density: bool = True,
+                     probes: int = 8, steps: int = 80, sigma: float = 0.01, n_grid: int = 1024,
+                     trace_probes: int = 60, trace_method: str = "hutch++", per_layer: bool = False,
+                     save_eigenvectors: bool = False, tol: float = 1e-5, max_iter: int | None = None,
+                     block_size: int = 1, seed: int = 0, hvp: str = "auto",
+                     progress: Callable | None = None) -> HessianResult:
+    """Run the Hessian analysis of ``obj`` at ``obj.w0``.
+
+    Stages, each seeded from ``seed`` and each on its own products: top-``top`` eigenpairs
+    (:func:`flatscope.linalg.lanczos`), bottom-``bottom`` eigenpairs (most negative end), the
+    spectral density (:func:`flatscope.linalg.slq`, ``probes`` x ``steps`` products, Gaussian width
+    ``sigma`` times the spread of the Ritz nodes, on ``n_grid`` points), the trace
+    (:func:`flatscope.linalg.trace`, ``trace_probes`` products, with per-tensor block traces), and
+    with ``per_layer`` the top eigenvalue of every parameter tensor's diagonal block ``H[b, b]``.
+
+    A non-finite product stops the analysis: the stages finished before it are kept, the failing
+    stage keeps what it had, and ``nonfinite`` says where. A Lanczos run that does not reach
+    ``tol`` within ``max_iter`` products adds a line to ``warnings`` and keeps its Ritz pairs.
+    ``progress(total, description)`` is a context manager yielding ``advance(n)`` (``Run.progress``).
+    """
+    _check(obj, top, bottom, probes, steps, trace_probes, tol, max_iter, block_size, sigma)
+    op = HessianOperator(obj, mode=hvp)
+    layout = obj.layout
+    res = HessianResult(dim=obj.dim, n_samples=obj.n_total, k=top, top=None, layout=layout.to_attrs(),
+                        save_eigenvectors=save_eigenvectors, hvp_mode=op.mode)
+    dev = obj.device
+
+    def stage(total: int, desc: str):
+        if progress is None:
+            import contextlib
+            return contextlib.nullcontext(lambda n=1: None)
+        return progress(total, desc)
+
+    def tracked(advance):
+        last = [0]
+
+        def cb(n: int) -> None:
+            advance(n - last[0])
+            last[0] = n
+        return cb
+
+    def eig_stage(k: int, which: str, name: str) -> EigResult:
+        mi = max_iter if max_iter is not None else max(300, 30 * k)
+        t0 = time.perf_counter()
+        with stage(min(mi, obj.dim + block_size), f"Lanczos ({name})") as adv:
+            r = lanczos(op, obj.dim, k, which, tol=tol, max_iter=max_iter, block_size=block_size, seed=seed,
+                        device=dev, callback=tracked(adv))
+        res.seconds[name] = time.perf_counter() - t0
+        res.n_matvec += r.n_matvec
+        if r.nonfinite_at is not None:
+            res.nonfinite = f"non-finite Hessian-vector product at Lanczos iteration {r.nonfinite_at} ({name})"
+        elif not r.all_converged:
+            bad = int(np.sum(~r.converged))
+            res.warnings.append(f"{name}: {bad} of {len(r.converged)} Ritz pairs did not converge to tol {tol:g} "
+                                f"in {r.n_matvec} products (max residual {np.max(r.residuals) / r.scale:.2e} x |lambda_max|); "
+                                "raise --max-iter or --tol")
+        return r
+
+    try:
+        res.top = eig_stage(top, "largest", "top eigenvalues")
+        if res.nonfinite is None and bottom > 0:
+            res.bottom = eig_stage(bottom, "smallest", "bottom eigenvalues")
+        if res.nonfinite is None and density:
+            t0 = time.perf_counter()
+            with stage(probes * min(steps, obj.dim), "density (SLQ)") as adv:
+                d = slq(op, obj.dim, probes, steps, seed=seed + 1, device=dev, callback=tracked(adv))
+            res.seconds["density"] = time.perf_counter() - t0
+            res.n_matvec += d.n_matvec
+            if d.nonfinite_at is not None:
+                res.nonfinite = f"non-finite Hessian-vector product at SLQ product {d.nonfinite_at} (density)"
+            if d.n_probes:
+                res.density = d
+                res.sigma = d.default_sigma(sigma)
+                res.grid, res.values = d.density(res.sigma, n_grid)
+        if res.nonfinite is None:
+            t0 = time.perf_counter()
+            blocks = list(layout.slices().values())
+            with stage(min(trace_probes, obj.dim), f"trace ({trace_method})") as adv:
+                tr = trace(op, obj.dim, trace_probes, method=trace_method, seed=seed + 2, blocks=blocks,
+                           device=dev, callback=tracked(adv))
+            res.seconds["trace"] = time.perf_counter() - t0
+            res.n_matvec += tr.n_matvec
+            if tr.nonfinite_at is not None:
+                res.nonfinite = f"non-finite Hessian-vector product at trace product {tr.nonfinite_at}"
+            else:
+                res.traces = tr
+        if res.nonfinite is None and per_layer:
+            res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, stage, tracked)
+    finally:
+        op.release()
+    return res
+
+
+def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, stage, tracked) -> dict:
+    names = list(obj.layout.names)
+    slices = obj.layout.slices()
+    n = len(names)
+    out = {"names": names, "numel": np.array([slices[nm].stop - slices[nm].start for nm in names], dtype=np.int64),
+           "lambda_max": np.full(n, np.nan), "residuals": np.full(n, np.nan), "converged": np.zeros(n, dtype=bool),
+           "n_matvec": np.zeros(n, dtype=np.int64),
+           "trace": np.asarray(res.traces.block_traces, dtype=np.float64),
+           "trace_stderr": np.asarray(res.traces.block_stderr, dtype=np.float64)}
+    t0 = time.perf_counter()
+    with stage(n, "per-layer Lanczos") as adv:
+        for i, nm in enumerate(names):
+            sl = slices[nm]
+            r = lanczos(op.restrict(sl), sl.stop - sl.start, 1, "largest", tol=tol, max_iter=max_iter,
+                        seed=seed + 3 + i, device=obj.device)
+            res.n_matvec += r.n_matvec
+            out["n_matvec"][i] = r.n_matvec
+            if len(r.eigenvalues):
+                out["lambda_max"][i], out["residuals"][i] = r.eigenvalues[0], r.residuals[0]
+                out["converged"][i] = bool(r.converged[0])
+            adv(1)
+            if r.nonfinite_at is not None:
+                res.nonfinite = f"non-finite Hessian-vector product at Lanczos iteration {r.nonfinite_at} (per-layer {nm})"
+                break
+            if not r.all_converged:
+                res.warnings.append(f"per-layer {nm}: top eigenvalue did not converge to tol {tol:g} in {r.n_matvec} products")
+    res.seconds["per_layer"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,584 @@
+"""Numerical linear algebra on an abstract symmetric operator given only by its products.
+
+Everything here works on a ``matvec`` callable: it takes a float64 tensor ``V`` of shape
+``(b, dim)`` (b vectors as rows) and returns ``A V`` row by row, shape ``(b, dim)``, for a
+symmetric ``A``. It may compute in lower precision (a float32 Hessian-vector product); outputs are
+cast back to float64 here, and every basis, projection and small eigenproblem is float64. The same
+functions therefore run on explicit matrices (tests: :func:`dense_matvec`) and on Hessians
+(:mod:`flatscope.analyses.hessian`).
+
+- :func:`lanczos`: extremal eigenpairs (top-k or bottom-k) by block Lanczos with full
+  reorthogonalization and thick restart, Ritz residuals ``||A v - lambda v||`` and converged flags.
+- :func:`slq`: stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019):
+  Ritz nodes and weights per probe and a Gaussian-broadened spectral density on a grid.
+- :func:`trace`: Hutchinson's estimator (Rademacher probes) or Hutch++ (Meyer, Musco, Musco &
+  Woodruff 2021), with a standard error, and the same estimate restricted to blocks of coordinates.
+
+A ``matvec`` output holding NaN or Inf stops the computation: the result keeps everything computed
+from the products before it and records the number of the product that failed (``nonfinite_at``).
+
+Stable entry point for other analyses (e.g. landscape directions along the top Hessian eigenvectors)::
+
+    from flatscope.linalg import lanczos
+    res = lanczos(obj.hvp, obj.dim, k=2, seed=0)   # obj.hvp accepts (b, dim) blocks
+    res.eigenvalues      # numpy (2,), descending
+    res.eigenvectors     # torch (2, dim) float64, unit norm, rows ordered like eigenvalues
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import FlatscopeError
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+WHICH = ("largest", "smallest")
+
+
+def dense_matvec(A) -> Matvec:
+    """A ``matvec`` for an explicit symmetric matrix (numpy or torch): ``V -> V @ A``."""
+    At = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A, dtype=torch.float64)
+
+    def mv(V: torch.Tensor) -> torch.Tensor:
+        return V.to(At.device, torch.float64) @ At
+
+    return mv
+
+
+def _apply(matvec: Matvec, V: torch.Tensor) -> torch.Tensor:
+    out = matvec(V)
+    if out.shape != V.shape:
+        raise FlatscopeError(f"matvec returned shape {tuple(out.shape)} for input {tuple(V.shape)}")
+    return out.to(V.device, torch.float64)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def _rademacher(n: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    z = torch.randint(0, 2, (n, dim), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+    return z.to(device)
+
+
+def _orthonormalize(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, breakdown: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``W`` made orthonormal and orthogonal to the rows of ``Q`` (assumed orthonormal).
+
+    Returns ``(P, R)`` with ``W - proj_Q(W) = R^T P`` (``R`` upper triangular, b x b). Classical
+    Gram-Schmidt run twice ("twice is enough"), then a Householder QR of the block. A direction whose
+    norm collapses below ``breakdown`` (the Krylov space has become invariant) is replaced by a
+    random vector orthogonal to everything, with its coupling left at the tiny computed value.
+    """
+    for _ in range(2):
+        if Q.shape[0]:
+            W = W - (W @ Q.T) @ Q
+    q, r = torch.linalg.qr(W.T)                       # W^T = q r
+    P = q.T.contiguous()
+    bad = torch.abs(torch.diagonal(r)) <= breakdown
+    if bool(bad.any()):
+        for j in torch.nonzero(bad).flatten().tolist():
+            for _attempt in range(3):
+                x = torch.randn(W.shape[1], generator=gen, dtype=torch.float64).to(W.device, W.dtype)
+                for _ in range(2):
+                    if Q.shape[0]:
+                        x = x - (Q @ x) @ Q
+                    others = torch.cat([P[:j], P[j + 1:]])
+                    x = x - (others @ x) @ others
+                nx = torch.linalg.norm(x)
+                if nx > 1e-8:
+                    P[j] = x / nx
+                    break
+            else:  # the whole space is spanned: nothing orthogonal is left
+                P[j] = 0.0
+    return P, r
+
+
+@dataclass
+class EigResult:
+    """Ritz pairs from :func:`lanczos`.
+
+    ``eigenvalues`` are ordered from the requested end inward (descending for ``largest``,
+    ascending for ``smallest``); ``eigenvectors`` rows (unit norm, float64) follow the same order.
+    ``residuals[i] = ||A v_i - lambda_i v_i||`` computed with one extra block product (or, if that
+    product failed or ``true_residuals=False``, the Lanczos estimate); ``converged[i]`` is
+    ``residuals[i] <= tol * scale`` where ``scale = max |Ritz value|`` estimates ``||A||_2``.
+    ``status`` is ``converged``, ``max_iter``, ``nonfinite`` or ``exhausted`` (the basis spans the
+    whole space, so the Ritz pairs are exact).
+    """
+
+    eigenvalues: np.ndarray
+    eigenvectors: torch.Tensor
+    residuals: np.ndarray
+    converged: np.ndarray
+    n_matvec: int
+    which: str
+    tol: float
+    scale: float
+    status: str
+    n_restarts: int = 0
+    nonfinite_at: int | None = None
+    estimated_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    history: list = field(default_factory=list)   # (n_matvec, k-th wanted Ritz value, max rel. residual)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(len(self.converged)) and bool(np.all(self.converged))
+
+
+def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol: float = 1e-5,
+            max_iter: int | None = None, block_size: int = 1, max_basis: int | None = None,
+            seed: int = 0, v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+            device: str | torch.device | None = None, true_residuals: bool = True,
+            callback: Callable[[int], None] | None = None) -> EigResult:
+    """The ``k`` largest (or smallest, most negative) eigenpairs of a symmetric operator.
+
+    Block Lanczos with full reorthogonalization (every new block is orthogonalized twice against the
+    whole basis, so no spurious copies appear) and thick restart (Wu & Simon 2000): when the basis
+    reaches ``max_basis`` vectors it is compressed to the best Ritz vectors and the Krylov process
+    continues from the current residual block. The projected matrix is the Rayleigh quotient
+    ``Q^T A Q`` assembled from the computed coefficients. The residual of a Ritz pair is estimated
+    at every step from the coupling to the next block; the run stops when the ``k`` wanted pairs
+    all satisfy ``estimate <= tol * scale`` (``scale`` = largest |Ritz value| = an estimate of
+    ``||A||_2``), and their true residuals are then computed with one block product.
+
+    Arguments:
+        matvec: ``V (b, dim) float64 -> A V (b, dim)``; may compute in float32.
+        dim: the operator's dimension.
+        k: how many eigenpairs, ``1 <= k <= dim``.
+        which: ``"largest"`` (algebraically largest) or ``"smallest"`` (algebraically smallest).
+        tol: relative residual tolerance (see above). Eigenvalue errors are bounded by the residual,
+            and for an isolated eigenvalue by ``residual**2 / gap``.
+        max_iter: the most products ``A v`` to spend, counting each vector of a block
+            (default ``max(300, 30 k)``); a basis that reaches ``dim`` vectors ends the run early
+            with exact Ritz pairs.
+        block_size: vectors per Lanczos block; a single-vector Krylov space holds one copy of an
+            exactly repeated eigenvalue, so use ``block_size >= multiplicity`` to resolve exact
+            degeneracy. ``1`` spends the fewest products on distinct eigenvalues.
+        max_basis: basis size that triggers a thick restart; memory is ``max_basis * dim * 8`` bytes.
+            Default: no restart while the basis fits in 512 MiB (``2**26 / dim`` vectors), and at
+            least ``3 k + 30`` vectors. Restarting only ever costs products (measured in
+            benchmarks/RESULTS.md), so it is a memory bound, not a speed-up.
+        seed, v0: the start block is ``v0`` (rows) or Gaussian from ``torch.Generator(seed)``.
+        dtype: precision of the basis (float64; float32 only to save memory).
+        device: where the basis lives (default: ``v0``'s device or CPU).
+        true_residuals: compute ``||A v - lambda v||`` explicitly at the end (``k`` more products).
+        callback: called with the number of products after each block (progress bars).
+
+    Returns:
+        :class:`EigResult`. A run that stops before convergence (``max_iter`` or a non-finite
+        product) still returns its best Ritz pairs with ``converged`` False where they fall short.
+    """
+    if which not in WHICH:
+        raise FlatscopeError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    if not 1 <= k <= dim:
+        raise FlatscopeError(f"cannot compute {k} eigenvalues of an operator of dimension {dim}")
+    if block_size < 1:
+        raise FlatscopeError(f"block_size must be at least 1, got {block_size}")
+    if not tol > 0:
+        raise FlatscopeError(f"tol must be positive, got {tol}")
+    b = min(int(block_size), dim)
+    if max_iter is None:
+        max_iter = max(300, 30 * k)
+    max_iter = int(max_iter)
+    if max_iter < k:
+        raise FlatscopeError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k products")
+    if max_basis is None:
+        max_basis = max(3 * k + 30, min(max_iter, 2 ** 26 // max(dim, 1)))
+    m_max = min(dim, max(int(max_basis), k + 2 * b))
+    device = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))
+    fdt = dtype
+    gen = torch.Generator().manual_seed(int(seed))
+    largest = which == "largest"
+
+    def randn(n: int) -> torch.Tensor:
+        return torch.randn(n, dim, generator=gen, dtype=torch.float64).to(device, fdt)
+
+    if v0 is not None:
+        P0 = v0.reshape(-1, dim).to(device, fdt)[:b]
+        if P0.shape[0] < b:
+            P0 = torch.cat([P0, randn(b - P0.shape[0])])
+    else:
+        P0 = randn(b)
+    Q = torch.zeros(0, dim, dtype=fdt, device=device)      # basis rows whose products are known (via T)
+    P, _ = _orthonormalize(P0, Q, gen, 0.0)                # pending block: next to be multiplied
+    T = np.zeros((0, 0))                                   # Q A Q^T
+    E = np.zeros((P.shape[0], 0))                          # P A Q^T: couples Ritz vectors to P
+    n_mv, n_restarts, status, nonfinite_at = 0, 0, "max_iter", None
+    history: list = []
+
+    def wanted(th: np.ndarray) -> np.ndarray:
+        return np.argsort(-th if largest else th, kind="stable")[:k]
+
+    while True:
+        if Q.shape[0] >= dim or P.shape[0] == 0:
+            status = "exhausted"
+            break
+        bb = P.shape[0]
+        if n_mv + bb > max_iter:
+            status = "max_iter"
+            break
+        AP = _apply(matvec, P).to(fdt)
+        n_mv += bb
+        if not _finite(AP):
+            nonfinite_at = n_mv - bb + 1
+            status = "nonfinite"
+            break
+        m = Q.shape[0]
+        Q = torch.cat([Q, P])
+        C = (Q @ AP.T).to(torch.float64).cpu().numpy()      # new columns of Q A Q^T
+        Tn = np.zeros((m + bb, m + bb))
+        Tn[:m, :m] = T
+        Tn[:, m:] = C
+        Tn[m:, :m] = C[:m].T
+        Tn[m:, m:] = 0.5 * (C[m:] + C[m:].T)
+        T = Tn
+        theta, S = np.linalg.eigh(T)
+        scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+        if Q.shape[0] < dim:
+            P, R = _orthonormalize(AP, Q, gen, 1e-12 * scale)
+            keep = (torch.linalg.norm(P, dim=1) > 0.5).cpu().numpy()
+            P = P[torch.as_tensor(keep, device=device)]
+            E = np.zeros((P.shape[0], Q.shape[0]))
+            E[:, m:] = R.to(torch.float64).cpu().numpy()[keep]
+        else:
+            P = P[:0]
+            E = np.zeros((0, Q.shape[0]))
+        if callback is not None:
+            callback(n_mv)
+        idx = wanted(theta)
+        est = np.linalg.norm(E @ S[:, idx], axis=0)
+        history.append((n_mv, float(theta[idx[-1]]), float(np.max(est) / scale)))
+        if len(idx) >= k and np.all(est <= tol * scale):
+            status = "converged"
+            break
+        if Q.shape[0] + P.shape[0] > m_max and Q.shape[0] < dim:
+            # thick restart: keep the best Ritz vectors toward the wanted end, continue from P
+            keep_n = min(Q.shape[0] - 1, max(k + (m_max - k) // 2, k + b))
+            order = np.argsort(-theta if largest else theta, kind="stable")[:keep_n]
+            Q = torch.as_tensor(S[:, order].T, dtype=fdt, device=device) @ Q
+            T = np.diag(theta[order])
+            E = E @ S[:, order]
+            n_restarts += 1
+
+    empty = EigResult(np.zeros(0), torch.zeros(0, dim, dtype=fdt, device=device), np.zeros(0),
+                      np.zeros(0, dtype=bool), n_mv, which, tol, 0.0, status, n_restarts, nonfinite_at,
+                      np.zeros(0), history)
+    if Q.shape[0] == 0:
+        return empty
+    theta, S = np.linalg.eigh(T)
+    scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+    idx = wanted(theta)
+    vals = theta[idx]
+    vecs = torch.as_tensor(S[:, idx].T, dtype=fdt, device=device) @ Q
+    vecs = vecs / torch.linalg.norm(vecs, dim=1, keepdim=True)
+    est = np.zeros(len(idx)) if status == "exhausted" else np.linalg.norm(E @ S[:, idx], axis=0)
+    res = est
+    if true_residuals and status != "nonfinite":
+        AV = _apply(matvec, vecs).to(torch.float64)
+        n_mv += vecs.shape[0]
+        if _finite(AV):
+            lam = torch.as_tensor(vals, device=device, dtype=torch.float64)[:, None]
+            res = torch.linalg.norm(AV - lam * vecs.to(torch.float64), dim=1).cpu().numpy()
+        else:
+            nonfinite_at = n_mv - vecs.shape[0] + 1
+            status = "nonfinite"
+    converged = (res <= tol * scale) & (status != "nonfinite")
+    return EigResult(np.asarray(vals, dtype=np.float64), vecs, np.asarray(res, dtype=np.float64),
+                     np.asarray(converged, dtype=bool), n_mv, which, tol, scale, status, n_restarts,
+                     nonfinite_at, np.asarray(est, dtype=np.float64), history)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic Lanczos quadrature
+
+
+@dataclass
+class SLQResult:
+    """Gauss quadrature rules of the spectral measure, one per probe, from :func:`slq`.
+
+    For a unit probe ``v`` the measure ``mu_v = sum_i (u_i . v)^2 delta(lambda_i)`` has mean
+    ``E[mu_v] = (1/n) sum_i delta(lambda_i)`` (the spectral density) for Rademacher ``v/sqrt(n)``.
+    ``m`` Lanczos steps from ``v`` give the ``m``-point Gauss rule of ``mu_v``: nodes = eigenvalues of
+    the tridiagonal ``T_m`` (Ritz values), weights = squared first components of its eigenvectors.
+    ``nodes``/``weights`` have shape ``(n_probes, n_steps)``; a probe whose Krylov space became
+    invariant early leaves NaN nodes with zero weight in its unused slots. Each row's weights sum to 1.
+    """
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    dim: int
+    n_matvec: int
+    n_steps: int
+    nonfinite_at: int | None = None
+
+    @property
+    def n_probes(self) -> int:
+        return int(self.nodes.shape[0])
+
+    def probe_integrals(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``sum_i w_i f(node_i)`` per probe: quadrature estimates of ``(1/n) tr f(A)``."""
+        x = np.where(self.weights > 0, self.nodes, 0.0)
+        return np.sum(self.weights * f(x), axis=1)
+
+    def integral(self, f: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+        """Mean over probes of :meth:`probe_integrals` and its standard error (NaN for one probe)."""
+        v = self.probe_integrals(f)
+        se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        return float(np.mean(v)), se
+
+    def default_sigma(self, sigma_rel: float) -> float:
+        """Broadening width: ``sigma_rel`` times the spread of the nodes (1 if all nodes coincide)."""
+        x = self.nodes[self.weights > 0]
+        width = float(np.max(x) - np.min(x)) if x.size else 0.0
+        if width <= 0:
+            width = max(float(np.max(np.abs(x))) if x.size else 0.0, 1.0)
+        return sigma_rel * width
+
+    def density(self, sigma: float, n_grid: int = 1024, grid: np.ndarray | None = None,
+                pad: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+        """Gaussian-broadened density ``phi(t) = mean_probes sum_i w_i N(t; node_i, sigma^2)``.
+
+        The default grid spans ``[min node - pad sigma, max node + pad sigma]`` so that the density
+        integrates to 1 up to ``erfc(pad / sqrt 2)`` (about 2e-9) and its mean is the quadrature mean.
+        """
+        x = self.nodes[self.weights > 0]
+        if grid is None:
+            lo, hi = float(np.min(x)) - pad * sigma, float(np.max(x)) + pad * sigma
+            grid = np.linspace(lo, hi, int(n_grid))
+        grid = np.asarray(grid, dtype=np.float64)
+        vals = np.zeros_like(grid)
+        norm = 1.0 / (sigma * math.sqrt(2 * math.pi) * self.n_probes)
+        for nodes, weights in zip(self.nodes, self.weights):
+            keep = weights > 0
+            d = (grid[:, None] - nodes[None, keep]) / sigma
+            vals += np.exp(-0.5 * d * d) @ weights[keep]
+        return grid, vals * norm
+
+
+def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_rel: float = 1e-10,
+                     callback=None) -> tuple[list, list, int, int | None]:
+    """Plain Lanczos with full reorthogonalization, run in lockstep from several unit start vectors.
+
+    Returns per-probe lists of ``alpha`` and ``beta`` (``len(beta) = len(alpha) - 1``), the number of
+    products and the index of a non-finite product (or None). All active probes are multiplied in one
+    block call per step.
+    """
+    p, dim = V0.shape
+    dev, fdt = V0.device, V0.dtype
+    n_steps = min(n_steps, dim)
+    basis = torch.zeros(p, n_steps, dim, dtype=fdt, device=dev)
+    basis[:, 0] = V0
+    alphas: list[list[float]] = [[] for _ in range(p)]
+    betas: list[list[float]] = [[] for _ in range(p)]
+    active = list(range(p))
+    n_mv, bad = 0, None
+    for j in range(n_steps):
+        if not active:
+            break
+        everyone = len(active) == p
+        idx = torch.as_tensor(active, device=dev)
+        B = basis[:, : j + 1] if everyone else basis[idx, : j + 1]   # (a, j+1, dim); a view when all are active
+        Qj = B[:, j]
+        AQ = _apply(matvec, Qj).to(fdt)
+        n_mv += len(active)
+        if not _finite(AQ):
+            bad = n_mv - len(active) + 1
+            break
+        a = torch.sum(AQ * Qj, dim=1)
+        W = AQ - a[:, None] * Qj                     # three-term recurrence ...
+        if j > 0:
+            bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
+            W = W - bprev[:, None] * B[:, j - 1]
+        # ... then one full reorthogonalization pass against each probe's own basis
+        W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
+        bnorm = torch.linalg.norm(W, dim=1)
+        a_np, b_np = a.to(torch.float64).cpu().numpy(), bnorm.to(torch.float64).cpu().numpy()
+        still = []
+        for r, pi in enumerate(active):
+            alphas[pi].append(float(a_np[r]))
+            scale = max(abs(x) for x in alphas[pi]) + (max(betas[pi]) if betas[pi] else 0.0)
+            if j + 1 < n_steps and b_np[r] > breakdown_rel * max(scale, np.finfo(float).tiny):
+                betas[pi].append(float(b_np[r]))
+                basis[pi, j + 1] = W[r] / bnorm[r]
+                still.append(pi)
+        active = still
+        if callback is not None:
+            callback(n_mv)
+    return alphas, betas, n_mv, bad
+
+
+def slq(matvec: Matvec, dim: int, n_probes: int = 8, n_steps: int = 80, *, seed: int = 0,
+        dtype: torch.dtype = torch.float64, device: str | torch.device | None = None,
+        probe_batch: int | None = None, callback: Callable[[int], None] | None = None) -> SLQResult:
+    """Stochastic Lanczos quadrature of the spectral density (Ghorbani, Krishnan & Xiao 2019).
+
+    Each of ``n_probes`` Rademacher probes ``v / sqrt(dim)`` runs ``n_steps`` Lanczos steps with full
+    reorthogonalization (float64 basis, ``n_probes * n_steps * dim * 8`` bytes; ``probe_batch``
+    processes probes in groups to bound it); the probes advance in lockstep so each step is one
+    block product. Returns the Ritz nodes and Gauss weights per probe (:class:`SLQResult`); the
+    density, its moments and ``(1/n) tr f(A)`` follow from them. ``n_probes * n_steps`` products
+    (fewer if a Krylov space becomes invariant).
+    """
+    if n_probes < 1:
+        raise FlatscopeError(f"the number of probes must be at least 1, got {n_probes}")
+    if n_steps < 1:
+        raise FlatscopeError(f"the number of Lanczos steps must be at least 1, got {n_steps}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(int(seed))
+    m = min(int(n_steps), dim)
+    nodes = np.full((n_probes, m), np.nan)
+    weights = np.zeros((n_probes, m))
+    batch = int(probe_batch) if probe_batch else n_probes
+    n_mv, bad = 0, None
+    done = 0
+    for start in range(0, n_probes, batch):
+        cnt = min(batch, n_probes - start)
+        V0 = (_rademacher(cnt, dim, gen, device) / math.sqrt(dim)).to(dtype)
+        cb = (lambda n, base=n_mv: callback(base + n)) if callback is not None else None
+        alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb)
+        if bad_here is not None:
+            bad = n_mv + bad_here
+        n_mv += used
+        for r in range(cnt):
+            a, bt = alphas[r], betas[r][: max(len(alphas[r]) - 1, 0)]
+            if not a:
+                continue
+            from scipy.linalg import eigh_tridiagonal
+
+            th, U = eigh_tridiagonal(np.asarray(a), np.asarray(bt)) if len(a) > 1 else (np.asarray(a), np.ones((1, 1)))
+            nodes[start + r, : len(th)] = th
+            weights[start + r, : len(th)] = U[0] ** 2
+            done += 1
+        if bad is not None:
+            break
+    keep = weights.sum(axis=1) > 0
+    return SLQResult(nodes[keep], weights[keep], dim, n_mv, m, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace
+
+
+@dataclass
+class TraceResult:
+    """A trace estimate with its standard error, and the same split over coordinate blocks.
+
+    ``method`` is ``exact`` (all ``dim`` unit vectors: no error), ``hutchinson`` or ``hutch++``.
+    ``samples`` are the per-probe values whose mean is the stochastic part. ``block_traces`` and
+    ``block_stderr`` (one entry per block given) estimate ``sum_{i in block} A_ii`` and add up to
+    ``trace`` exactly.
+    """
+
+    trace: float
+    stderr: float
+    n_matvec: int
+    method: str
+    samples: np.ndarray
+    block_traces: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    block_stderr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    nonfinite_at: int | None = None
+
+
+TRACE_METHODS = ("hutch++", "hutchinson")
+
+
+def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch++", seed: int = 0,
+          blocks: Sequence[slice] | None = None, batch: int = 8, dtype: torch.dtype = torch.float64,
+          device: str | torch.device | None = None, callback: Callable[[int], None] | None = None) -> TraceResult:
+    """Estimate ``tr A`` with ``n_matvec`` products, with a standard error.
+
+    - ``hutchinson`` (Hutchinson 1989): ``mean_j z_j^T A z_j`` over Rademacher ``z_j``; standard error
+      ``sd / sqrt(m)``; variance ``2 (||A||_F^2 - sum_i A_ii^2) / m``.
+    - ``hutch++`` (Meyer, Musco, Musco & Woodruff 2021): a third of the budget sketches ``Q = orth(A S)``,
+      a third computes ``tr(Q^T A Q)`` exactly, the last third runs Hutchinson on the deflated
+      ``(I - QQ^T) A (I - QQ^T)``; the standard error is that last part's (conditional on ``Q``). It
+      wins when a few eigenvalues carry much of ``||A||_F`` (Hessians: the outliers).
+    - If ``n_matvec >= dim`` the trace is computed exactly from the ``dim`` unit vectors.
+
+    ``blocks`` (slices of coordinates, e.g. one per parameter tensor) also returns the block traces
+    ``sum_{i in block} A_ii`` from the same products, through the diagonal estimator
+    ``diag(A) ~ mean_j z_j * (A z_j)`` (Bekas, Kokiopoulou & Saad 2007) applied to the deflated part
+    for Hutch++ (``diag(A Q Q^T)`` exactly plus ``mean_j g~_j * (A g~_j)``, ``g~ = (I - QQ^T) g``); the
+    block traces add up to the total.
+    """
+    if method not in TRACE_METHODS:
+        raise FlatscopeError(f"unknown trace method {method!r}; choose from {', '.join(TRACE_METHODS)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    blocks = list(blocks) if blocks is not None else []
+    gen = torch.Generator().manual_seed(int(seed))
+    done = [0]
+
+    def apply(Z: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for s in range(0, Z.shape[0], batch):
+            out = _apply(matvec, Z[s:s + batch]).to(dtype)
+            if not _finite(out):
+                raise _NonFinite(done[0] + 1)
+            done[0] += out.shape[0]
+            if callback is not None:
+                callback(done[0])
+            outs.append(out)
+        return torch.cat(outs) if outs else Z[:0]
+
+    def block_sums(d: torch.Tensor) -> np.ndarray:
+        """(m, dim) per-coordinate contributions -> (m, n_blocks)."""
+        return np.stack([d[:, b].sum(dim=1).to(torch.float64).cpu().numpy() for b in blocks], axis=1) \
+            if blocks else np.zeros((d.shape[0], 0))
+
+    def finish(total: float, samples: np.ndarray, fixed_blocks: np.ndarray, block_samples: np.ndarray,
+               meth: str) -> TraceResult:
+        m = len(samples)
+        se = float(np.std(samples, ddof=1) / math.sqrt(m)) if m > 1 else (0.0 if meth == "exact" else float("nan"))
+        if block_samples.shape[1]:
+            bt = fixed_blocks + block_samples.mean(axis=0)
+            bse = (block_samples.std(axis=0, ddof=1) / math.sqrt(m)) if m > 1 else np.zeros(len(blocks))
+        else:
+            bt, bse = np.zeros(0), np.zeros(0)
+        return TraceResult(total, se, done[0], meth, samples, bt, bse)
+
+    try:
+        if n_matvec >= dim:  # exact: A e_i for every unit vector
+            diag = torch.zeros(dim, dtype=torch.float64, device=device)
+            for s in range(0, dim, batch):
+                e = torch.zeros(min(batch, dim - s), dim, dtype=dtype, device=device)
+                e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1
+                Ae = apply(e)
+                diag[s:s + e.shape[0]] = Ae[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])].to(torch.float64)
+            bt = np.array([float(diag[b].sum()) for b in blocks])
+            return TraceResult(float(diag.sum()), 0.0, done[0], "exact", np.zeros(0), bt, np.zeros(len(blocks)))
+        if n_matvec < 2:
+            raise FlatscopeError(f"a trace estimate needs at least 2 products, got {n_matvec}")
+        if method == "hutchinson" or n_matvec < 6:
+            Z = _rademacher(n_matvec, dim, gen, device).to(dtype)
+            AZ = apply(Z)
+            contrib = Z * AZ
+            samples = contrib.sum(dim=1).to(torch.float64).cpu().numpy()
+            return finish(float(samples.mean()), samples, np.zeros(len(blocks)), block_sums(contrib), "hutchinson")
+        r = n_matvec // 3
+        S = _rademacher(r, dim, gen, device).to(dtype)
+        AS = apply(S)
+        Qm, _ = torch.linalg.qr(AS.T)                     # (dim, r)
+        Qr = Qm.T.contiguous()                            # rows orthonormal
+        AQ = apply(Qr)
+        low = float(torch.sum(Qr * AQ))                   # tr(Q^T A Q)
+        fixed = block_sums((Qr * AQ).sum(dim=0, keepdim=True))    # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
+        G = _rademacher(n_matvec - 2 * r, dim, gen, device).to(dtype)
+        Gt = G - (G @ Qr.T) @ Qr
+        AG = apply(Gt)
+        contrib = Gt * AG
+        samples = contrib.sum(dim=1).to(torch.float64).cpu().numpy()
+        return finish(low + float(samples.mean()), samples, fixed[0], block_sums(contrib), "hutch++")
+    except _NonFinite as exc:
+        return TraceResult(float("nan"), float("nan"), done[0], method, np.zeros(0),
+                           np.full(len(blocks), np.nan), np.full(len(blocks), np.nan), exc.at)
+
+
+class _NonFinite(Exception):
+    def __init__(self, at: int):
+        super().__init__(at)
+        self.at = at
