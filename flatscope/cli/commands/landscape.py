@@ -1,0 +1,387 @@
+"""``flatscope landscape``: 1-D and 2-D loss-landscape slices, resumable."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import time
+
+import click
+import numpy as np
+import torch
+
+from ... import results as store
+from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, compute,
+                                   parse_grid, parse_range, plain_values)
+from ...checkpoint import load_checkpoint
+from ...directions import (BIAS_BN, NORMALIZATIONS, Directions, interpolation, pca_directions,
+                           random_directions, read_hessian_eigenvectors, read_landscape_directions,
+                           trajectory_files)
+from ...errors import FlatscopeError
+from ...models import is_factory_path
+from ...objective import Objective
+from ...params import ParamLayout
+from ..common import analysis_options, pass_run
+
+KINDS = ("random", "interp", "hessian", "pca")
+# Options that must be the same for --resume to continue a run (the rest only steer how it runs).
+RESUME_KEYS = ("directions", "dims", "range", "grid", "norm", "bias_bn", "orthogonalize", "seed", "bn",
+               "checkpoint_sha256", "dtype", "loss", "data", "split", "max_samples", "batch_size")
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def _many_checkpoints(f):
+    """Map the command's 1 to 3 ``CHECKPOINTS`` onto the shared ``checkpoint`` plus ``extra_checkpoints``."""
+    @functools.wraps(f)
+    def wrapper(**kw):
+        paths = list(kw.pop("checkpoints"))
+        if not 1 <= len(paths) <= 3:
+            raise FlatscopeError(f"landscape takes 1 to 3 checkpoints (3 give the interpolation plane), got {len(paths)}")
+        return f(checkpoint=paths[0], extra_checkpoints=paths[1:], **kw)
+    return wrapper
+
+
+def _checkpoints_argument(cmd: click.Command) -> click.Command:
+    """Replace the shared single ``CHECKPOINT`` argument by ``CHECKPOINTS...`` (1 to 3)."""
+    for i, p in enumerate(cmd.params):
+        if isinstance(p, click.Argument) and p.name == "checkpoint":
+            cmd.params[i] = click.Argument(["checkpoints"], nargs=-1, required=True, type=click.Path(dir_okay=True))
+    return cmd
+
+
+def _load_like(run, path: str, layout: ParamLayout, what: str):
+    ck = load_checkpoint(path, model_spec=run.model_spec(),
+                         allow_import=run.model_name is not None and is_factory_path(run.model_name),
+                         allow_nonfinite=run.allow_nonfinite)
+    layout.check_same(ParamLayout.of(ck.model), what=f"{what} {path}")
+    return ck
+
+
+def _trajectory(run, folder: str | None, layout: ParamLayout) -> tuple[list[torch.Tensor], list[float], str]:
+    ck = run.checkpoint
+    if folder is None:
+        stored = (ck.train or {}).get("trajectory_dir")
+        stem = os.path.splitext(run.checkpoint_path)[0] + "-traj"
+        folder = stem if os.path.isdir(stem) or not stored else stored
+    files = trajectory_files(folder)
+    if len(files) < 3:
+        raise FlatscopeError(f"PCA directions need at least 3 trajectory checkpoints, found {len(files)} in {folder} "
+                             "(train with a smaller --save-every)")
+    ws, epochs = [], []
+    for i, p in enumerate(files):
+        t = load_checkpoint(p, model_spec=run.model_spec(),
+                            allow_import=run.model_name is not None and is_factory_path(run.model_name),
+                            allow_nonfinite=run.allow_nonfinite)
+        if ck.model_spec and t.model_spec and ck.model_spec.get("name") != t.model_spec.get("name"):
+            raise FlatscopeError(f"trajectory checkpoint {p} is a {t.model_spec.get('name')!r} model, "
+                                 f"the checkpoint a {ck.model_spec.get('name')!r}: another architecture")
+        try:
+            layout.check_same(ParamLayout.of(t.model), what=f"trajectory checkpoint {p}")
+        except FlatscopeError as exc:
+            raise FlatscopeError(f"{exc} (another architecture)") from None
+        named = {n: q.detach() for n, q in t.model.named_parameters() if q.requires_grad}
+        ws.append(layout.flatten(named).to(torch.float64))
+        ep = (t.train or {}).get("epoch")
+        epochs.append(float(ep) if isinstance(ep, (int, float)) else float(i))
+    return ws, epochs, folder
+
+
+def _default_name(kind: str, k: int, source: str | None) -> str:
+    if kind == "file":
+        return source or f"slice-{k}d"
+    if kind == "interp":
+        return "interp" if k == 1 else "interp-2d"
+    return f"{kind}-{k}d"
+
+
+def _group(name: str) -> str:
+    return f"landscape/{name}"
+
+
+def _read_stored(path: str, name: str) -> dict:
+    if not os.path.exists(path):
+        raise FlatscopeError(f"--resume: {path} does not exist; nothing to resume")
+    with store.open_results(path) as f:
+        if _group(name) not in f:
+            raise FlatscopeError(f"--resume: no landscape {name!r} in {path} to resume")
+        g = f[_group(name)]
+        out = {"options": json.loads(g.attrs.get("options", "{}")), "done": np.array(g["done"][()], dtype=bool),
+               "vectors": np.asarray(g["directions"]["vectors"][()]), "splits": {},
+               "wall_time_s": float(g.attrs.get("wall_time_s", 0.0))}
+        for s in ("train", "test"):
+            if s in g:
+                out["splits"][s] = (np.array(g[s]["loss"][()], dtype=np.float64),
+                                    np.array(g[s]["accuracy"][()], dtype=np.float64))
+    return out
+
+
+def _same(a, b) -> bool:
+    return json.dumps(store.to_jsonable(a), sort_keys=True) == json.dumps(store.to_jsonable(b), sort_keys=True)
+
+
+@click.command("landscape")
+@click.option("--2d/--1d", "two_d", default=None,
+              help="A 2-D plane or a 1-D line. Default: 1-D, except PCA and three checkpoints (2-D).")
+@click.option("--directions", "kind", type=click.Choice(KINDS), default=None,
+              help="random (default), interp (implied by 2-3 checkpoints), hessian (top eigenvectors from "
+                   "--hessian-from), pca (of the training trajectory).")
+@click.option("--range", "range_text", default=None, metavar="LO:HI[,LO:HI]",
+              help="Coordinates along x (and y). Default -1:1; interp -0.5:1.5; pca 1.25x the path's extent; "
+                   "--directions-from the stored slice's.")
+@click.option("--grid", "grid_text", default=None, metavar="N[,M]",
+              help="Points along x (and y), at least 2. Default 51 (or the stored slice's). Use an odd N "
+                   "with a symmetric range so that 0 (the checkpoint) is a grid point.")
+@click.option("--norm", type=click.Choice(NORMALIZATIONS), default="filter", show_default=True,
+              help="Random directions: rescale each filter (Li et al. 2018) or layer to w's norm, or not at all.")
+@click.option("--bias-bn", type=click.Choice(BIAS_BN), default="zero", show_default=True,
+              help="Random directions: zero 1-D parameters (biases, BatchNorm affine) or include them.")
+@click.option("--orthogonalize", is_flag=True, help="Random 2-D: make the second direction exactly orthogonal to the first.")
+@click.option("--hessian-from", default=None, metavar="RESULTS.h5",
+              help="File with /hessian/eigenvectors from `flatscope hessian --save-eigenvectors` (default: --out).")
+@click.option("--trajectory", default=None, metavar="DIR",
+              help="PCA: folder of checkpoints from `flatscope train --save-every K` (default: <checkpoint>-traj/).")
+@click.option("--directions-from", default=None, metavar="RESULTS.h5[:NAME]",
+              help="Reuse the directions of a stored landscape (its parameter layout must match).")
+@click.option("--name", default=None, metavar="NAME",
+              help="Group /landscape/NAME (default random-1d, random-2d, interp, interp-2d, hessian-2d, pca-2d, ...).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command; finished points are kept.")
+@click.option("--bn", type=click.Choice(BN_MODES), default="eval", show_default=True,
+              help="BatchNorm: the checkpoint's running statistics, or recompute them at every point on the train inputs.")
+@click.option("--batching", type=click.Choice(BATCHING), default="auto", show_default=True,
+              help="Several points per vmapped call, or one point per call; auto follows the rule in the README.")
+@click.option("--points-per-call", type=click.IntRange(min=1), default=None, metavar="M",
+              help="Points per vmapped call (default 16).")
+@click.option("--flush-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
+              help="Write finished points to the results file at most this often (and on exit or Ctrl-C).")
+@analysis_options
+@_many_checkpoints
+@pass_run
+def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bias_bn, orthogonalize, hessian_from,
+            trajectory, directions_from, name, resume, bn, batching, points_per_call, flush_every):
+    """Loss and accuracy on a line or plane through a checkpoint, along random (filter-normalized),
+    Hessian, PCA or interpolation directions. Resumable: rerun with --resume after Ctrl-C or a kill.
+
+    \b
+    Examples:
+      flatscope landscape ckpt.pt                                 # 1-D, random direction, -1..1, 51 points
+      flatscope landscape ckpt.pt --2d --range -1:1 --grid 51     # 2-D surface
+      flatscope landscape ckpt.pt --2d --range -1:1,-0.5:0.5 --grid 51,26
+      flatscope landscape a.pt b.pt --range -0.5:1.5 --grid 101   # interpolation a -> b
+      flatscope landscape a.pt b.pt c.pt                          # the plane through three checkpoints
+      flatscope landscape ckpt.pt --2d --directions hessian       # top-2 Hessian eigenvectors
+      flatscope landscape runs/mlp-sgd.pt --directions pca --trajectory runs/mlp-sgd-traj/
+      flatscope landscape other.pt --directions-from results.h5   # same directions, another checkpoint
+      flatscope landscape ckpt.pt --2d --resume                   # finish an interrupted run
+    """
+    started = time.time()
+    paths = [run.checkpoint_path] + list(extra_checkpoints)
+    # ---------------------------------------------------------------- what to compute
+    if directions_from is not None:
+        if kind is not None or len(paths) > 1:
+            raise FlatscopeError("--directions-from replaces --directions and extra checkpoints; give one checkpoint")
+        kind = "file"
+    elif len(paths) > 1:
+        if kind not in (None, "interp"):
+            raise FlatscopeError(f"{len(paths)} checkpoints mean interpolation; drop --directions {kind}")
+        kind = "interp"
+    kind = kind or "random"
+    if kind == "interp" and len(paths) == 1:
+        raise FlatscopeError("--directions interp needs 2 checkpoints (a line) or 3 (a plane)")
+    if kind == "interp":
+        k = len(paths) - 1
+        if two_d is not None and (2 if two_d else 1) != k:
+            raise FlatscopeError("interpolation: two checkpoints give a line (--1d), three a plane (--2d)")
+    elif kind == "pca":
+        k = 1 if two_d is False else 2
+    elif kind == "file":
+        k = None
+    else:
+        k = 2 if two_d else 1
+    if name is not None and not _NAME.match(name):
+        raise FlatscopeError(f"--name {name!r}: use letters, digits and . _ + - only")
+    if kind != "random" and (norm != "filter" or bias_bn != "zero" or orthogonalize):
+        run.warn("--norm, --bias-bn and --orthogonalize apply to random directions only; ignored")
+    if k is not None:   # check the grid before any work
+        parse_range(range_text, k, (-1.0, 1.0))
+        parse_grid(grid_text, k)
+
+    # ---------------------------------------------------------------- objectives
+    splits = run.splits()
+    objectives = {s: run.objective(s) for s in splits}
+    first = objectives[splits[0]]
+    layout = first.layout
+    bn_inputs = None
+    if bn == "recompute":
+        if not first.has_batchnorm():
+            run.warn("--bn recompute: the model has no BatchNorm; nothing to recompute")
+            bn = "eval"
+        else:
+            bn_inputs = run.split_data("train")[0]
+
+    # ---------------------------------------------------------------- directions
+    gen = run.generator(0)
+    stored_axes = None
+    anchors, anchor_buffers, epochs = None, None, None
+    shas = [run.checkpoint.sha256]
+    default_range = (-1.0, 1.0)
+    if kind == "random":
+        dirs = random_directions(first.w0, layout, k, gen, norm=norm, bias_bn=bias_bn, orthogonalize=orthogonalize)
+    elif kind == "interp":
+        others = [_load_like(run, p, layout, "checkpoint") for p in paths[1:]]
+        shas += [c.sha256 for c in others]
+        other_objs = [{s: Objective(c.model, *run.split_data(s), loss=run.loss_name, batch_size=run.batch_size,
+                                    device=run.device, dtype=run.dtype) for s in splits} for c in others]
+        dirs = interpolation(first.w0, [o[splits[0]].w0 for o in other_objs], layout)
+        default_range = (-0.5, 1.5)
+        if first.has_batchnorm() and bn == "eval":
+            anchor_buffers = [first.buffers] + [o[splits[0]].buffers for o in other_objs]
+        own = [plain_values(objectives, bn=bn, bn_inputs=bn_inputs)] + \
+              [plain_values(o, bn=bn, bn_inputs=bn_inputs) for o in other_objs]
+        corners = [[0.0] * k] + [[1.0 if j == i else 0.0 for j in range(k)] for i in range(k)]
+        anchors = {"labels": [os.path.splitext(os.path.basename(p))[0] for p in paths], "coords": corners}
+        for s in splits:
+            anchors[s] = [v[s][0] for v in own]
+    elif kind == "hessian":
+        dirs = read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
+    elif kind == "pca":
+        ws, epochs, folder = _trajectory(run, trajectory, layout)
+        dirs = pca_directions(ws, first.w0, layout, k)
+        dirs.info["trajectory"] = os.path.abspath(folder)
+        p = np.asarray(dirs.info["path"])
+        default_range = None
+    else:
+        dirs, stored_axes = read_landscape_directions(directions_from, layout)
+        k = dirs.k
+        if two_d is not None and (2 if two_d else 1) != k:
+            raise FlatscopeError(f"--directions-from holds {k} direction(s): a {k}-D slice (drop --{'2d' if two_d else '1d'})")
+    dirs.rounded(run.dtype)
+    name = name or _default_name(kind, k, stored_axes["name"] if stored_axes else None)
+
+    # ---------------------------------------------------------------- grid
+    if kind == "pca" and range_text is None:
+        ranges = []
+        for i in range(k):
+            a = 1.25 * float(np.abs(p[:, i]).max())
+            ranges.append((-a, a) if a > 0 else (-1.0, 1.0))
+    elif kind == "file" and range_text is None and stored_axes["x"] is not None:
+        ranges = [(float(ax[0]), float(ax[-1])) for ax in (stored_axes["x"], stored_axes["y"])[:k]]
+    else:
+        ranges = parse_range(range_text, k, default_range)
+    if kind == "file" and grid_text is None and stored_axes["x"] is not None:
+        sizes = [len(ax) for ax in (stored_axes["x"], stored_axes["y"])[:k]]
+    else:
+        sizes = parse_grid(grid_text, k)
+    axes = [axis(lo, hi, n) for (lo, hi), n in zip(ranges, sizes)]
+    grid = Grid(axes[0], axes[1] if k == 2 else None)
+    options = {
+        "name": name, "directions": kind, "dims": k, "range": [list(r) for r in ranges], "grid": sizes,
+        "norm": norm if kind == "random" else None, "bias_bn": bias_bn if kind == "random" else None,
+        "orthogonalize": bool(orthogonalize) if kind == "random" else None,
+        "seed": run.seed if kind == "random" else None, "bn": bn,
+        "checkpoints": [os.path.abspath(p) for p in paths], "checkpoint_sha256": shas,
+        "hessian_from": os.path.abspath(hessian_from or run.out_path) if kind == "hessian" else None,
+        "trajectory": dirs.info.get("trajectory"), "trajectory_epochs": epochs,
+        "directions_from": dirs.info.get("source") if kind == "file" else None,
+        "dtype": run.dtype_name, "loss": run.loss_name, "data": run.data_spec(), "split": run.split,
+        "max_samples": run.max_samples, "batch_size": run.batch_size,
+    }
+    result = LandscapeResult(name, dirs, grid, splits, anchors=anchors, options=options, dtype=run.dtype_name)
+    if grid.index_of(*([0.0] * k)) is None:
+        run.note("note: the grid has no point at 0, so the checkpoint itself is not on it and the centre check "
+                 "is skipped (an odd --grid on a symmetric --range puts it at the centre)")
+
+    # ---------------------------------------------------------------- resume or start
+    group = _group(name)
+    previous_wall = 0.0
+    if resume:
+        old = _read_stored(run.out_path, name)
+        for key in RESUME_KEYS:
+            if not _same(old["options"].get(key), options.get(key)):
+                raise FlatscopeError(f"--resume: option {key!r} was {store.to_jsonable(old['options'].get(key))} in the "
+                                     f"stored run but is {store.to_jsonable(options.get(key))} now; rerun the same command "
+                                     "with --resume, or drop --resume to start over")
+        if old["vectors"].shape != tuple(dirs.vectors.shape) or not np.array_equal(
+                old["vectors"].astype(np.float64), dirs.vectors.numpy()):
+            raise FlatscopeError(f"--resume: the directions stored in /{group} differ from this command's; "
+                                 "drop --resume to start over")
+        if old["done"].shape != grid.shape:
+            raise FlatscopeError(f"--resume: the stored grid has shape {list(old['done'].shape)}, this one {list(grid.shape)}")
+        result.done = old["done"]
+        for s in splits:
+            result.loss[s], result.accuracy[s] = old["splits"][s]
+        previous_wall = old["wall_time_s"]
+        run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
+    result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
+    path = run.out_path
+
+    def flush(res: LandscapeResult) -> None:
+        with store.update(path) as f:
+            g = f[group]
+            g["done"][...] = res.done
+            for s in res.splits:
+                g[s]["loss"][...] = res.loss[s]
+                g[s]["accuracy"][...] = res.accuracy[s]
+            g.attrs["summary"] = json.dumps(store.to_jsonable(res.summary()))
+            g.attrs["options"] = json.dumps(store.to_jsonable(res.options))
+            g.attrs["wall_time_s"] = previous_wall + time.time() - started
+
+    if not resume:
+        # Resolve the batching mode now so that the stored options say how the values were computed.
+        from ...analyses.landscape import VMAP_POINTS, choose_batching
+        mode = choose_batching(first, batching, bn == "recompute" or anchor_buffers is not None)
+        options["batching"], options["points_per_call"] = mode, (points_per_call or VMAP_POINTS) if mode == "vmap" else 1
+        with store.update(path) as f:
+            store.write_analysis(f, group, result.to_tree(), kind="landscape", summary=result.summary(),
+                                 options=options, provenance=run.provenance())
+    remaining = grid.size - int(result.done.sum())
+    try:
+        with run.progress(remaining, f"landscape {name}") as advance:
+            compute(result, objectives, batching=batching, points_per_call=points_per_call, bn=bn,
+                    bn_inputs=bn_inputs, anchor_buffers=anchor_buffers, progress=advance, flush=flush,
+                    flush_every=flush_every)
+    except KeyboardInterrupt:
+        run.warn(f"interrupted: {int(result.done.sum())} of {grid.size} points are saved in {path}; "
+                 "rerun the same command with --resume to finish")
+        raise
+    flush(result)
+    run.note(f"wrote /{group} to {path}")
+    warning = check_center(result, run.dtype)
+    if warning:
+        run.warn(warning)
+    plots = run.plot(group)
+    payload = dict(result.to_json(), results=os.path.abspath(path), group=f"/{group}", plots=plots)
+
+    def human(console):
+        from rich.table import Table
+
+        what = {"random": f"{norm}-normalized random direction{'s' if k == 2 else ''}",
+                "interp": "interpolation " + " -> ".join(os.path.basename(p) for p in paths),
+                "hessian": f"top-{k} Hessian eigenvector{'s' if k == 2 else ''}",
+                "pca": "PCA of the training trajectory", "file": f"directions from {dirs.info.get('source')}"}[kind]
+        rng = "  ".join(f"{'xy'[i]} in [{lo:g}, {hi:g}] ({n} pts)" for i, ((lo, hi), n) in enumerate(zip(ranges, sizes)))
+        console.print(f"landscape [bold]{name}[/bold]: {what}; {rng}; {options.get('batching', result.options.get('batching'))}")
+        sm = result.summary()
+        t = Table("split", "loss at w", "plain loss", "min loss", "max loss", "acc at w", "min acc")
+
+        def fmt(v, spec=".5g"):
+            return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+        for s in splits:
+            t.add_row(s, fmt(sm[f"{s}_loss_center"]), fmt(result.plain[s][0]), fmt(sm[f"{s}_loss_min"]),
+                      fmt(sm[f"{s}_loss_max"]), fmt(sm[f"{s}_accuracy_center"], ".4f"), fmt(sm[f"{s}_accuracy_min"], ".4f"))
+        console.print(t)
+        for s in splits:
+            if f"{s}_barrier" in sm:
+                console.print(f"{s} loss barrier between the checkpoints: {sm[f'{s}_barrier']:.5g}")
+        if kind == "pca":
+            ev = dirs.info["explained_variance_ratio"]
+            console.print("explained variance: " + ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(ev)))
+        if kind == "hessian" and "eigenvalues" in dirs.info:
+            console.print("eigenvalues: " + ", ".join(f"{v:.5g}" for v in dirs.info["eigenvalues"]))
+
+    run.emit(payload, human)
+
+
+_checkpoints_argument(command)
