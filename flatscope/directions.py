@@ -274,7 +274,7 @@ def read_landscape_directions(ref: str, layout: ParamLayout) -> tuple[Directions
         vecs = np.asarray(dg["vectors"][()], dtype=np.float64)
         x = np.asarray(g["x"][()]) if "x" in g else None
         y = np.asarray(g["y"][()]) if "y" in g else None
-        source_kind = str(dg.attrs.get("kind", "random"))
+        source_kind = str(dg.attrs.get("method", "random"))
     info = {"source": f"{os.path.abspath(path)}:{name}", "source_kind": source_kind}
     return Directions(torch.as_tensor(vecs), layout, "file", info), {"name": name, "x": x, "y": y}
 

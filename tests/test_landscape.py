@@ -31,7 +31,7 @@ from flatscope.directions import normalize_direction, pca_directions, random_dir
 from flatscope.errors import FlatscopeError
 from flatscope.objective import Objective
 from flatscope.params import ParamLayout
-from flatscope.results import read_tree
+from flatscope.results import find_analyses, read_tree
 
 torch.set_num_threads(1)
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -321,7 +321,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(monkeypatch, tmp_pat
     with _patched_progress(monkeypatch, stop_after=5) as log:
         r = run_cli(*args, "-o", part, expect=130)
     assert "--resume" in r.stderr
-    done_points = 5 * (4 if batching == "vmap" else 1)
+    done_points = 5 * 4
     t = tree(part, "random-2d")
     assert t["done"].sum() == done_points and log["advanced"] == done_points
     assert np.isnan(t["train"]["loss"][~t["done"]]).all()
@@ -447,6 +447,8 @@ def test_plots_and_vtp_export(mlp_pair, tmp_path):
     np.testing.assert_allclose(pts[:, 0], np.tile(t["x"], 4))
     conn = np.array(piece.find("Polys/DataArray[@Name='connectivity']").text.split(), dtype=int)
     assert conn.size == 48 and conn.max() == 19
+    with h5py.File(out, "r") as f:     # `flatscope show` sees exactly one analysis group
+        assert [n for n, _ in find_analyses(f)] == ["landscape/random-2d"]
     # 1-D overlay of two files
     for name in ("a", "b"):
         run_cli(mlp_pair / f"{name}.pt", "--grid", "5", "--max-samples", "100", "-o", tmp_path / f"{name}.h5")

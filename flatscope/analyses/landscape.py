@@ -14,7 +14,7 @@ The slice through flat weights ``w`` along directions ``d1`` (and ``d2``, see
   default), or recomputed at every point over the training inputs (``bn='recompute'``). When
   interpolating between checkpoints in eval mode, float buffers (running means and variances) are
   interpolated like the weights, so each corner reproduces its own checkpoint exactly.
-- Batching: several points per ``Objective.evaluate_many`` call (one ``vmap``-ed forward per data
+- Batching: a chunk of points per ``Objective.evaluate_many`` call (one ``vmap``-ed forward per data
   batch) or one ``Objective.evaluate`` per point (``loop``). :func:`choose_batching` picks one by a
   rule measured in ``benchmarks/bench_landscape.py``.
 - Resumable: :func:`compute` fills a :class:`LandscapeResult` chunk by chunk and calls ``flush``
@@ -40,12 +40,14 @@ from ..objective import Objective
 
 BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
-# Measured in benchmarks/bench_landscape.py on a 2-core CPU (see benchmarks/RESULTS.md): vmap wins
-# when a forward pass holds few samples (its per-call overhead is spread over several points), a plain
-# loop wins for full-batch forwards of a few thousand samples (batched convolutions are slower per
-# point on CPU). The crossover lies between 256 and 1347 samples per forward on the digits models.
+# The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md): on
+# the digits MLP, CNN and ResNet, vmap wins or ties whenever a forward pass holds at most 512 samples
+# (its per-call overhead is spread over several points), and a plain loop wins or ties for full-batch
+# forwards of 1347 samples (vmapped convolutions are slower per point on CPU: 1.9x for the ResNet).
+# The best points per vmapped call fell from 32 (64 samples per forward) to 8 (512 samples), i.e.
+# about 4096 samples per call.
 VMAP_MAX_SAMPLES = 512
-VMAP_POINTS = 16
+VMAP_SAMPLES_PER_CALL = 4096
 
 
 # ------------------------------------------------------------------------------------------ grid
@@ -222,7 +224,7 @@ class LandscapeResult:
         """The HDF5 tree of ``/landscape/<name>`` (see the README for the layout)."""
         d = self.directions
         dirs: dict = {"vectors": d.vectors.numpy().astype(np.float64 if self.dtype == "float64" else np.float32),
-                      "layout": json.dumps(d.layout.to_attrs()), "kind": d.kind}
+                      "layout": json.dumps(d.layout.to_attrs()), "method": d.kind}
         for key, value in d.info.items():
             if key == "path":
                 continue
@@ -292,6 +294,15 @@ def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: 
     return "vmap" if min(obj.batch_size, obj.n) <= VMAP_MAX_SAMPLES else "loop"
 
 
+def default_points_per_call(obj: Objective, batching: str) -> int:
+    """Points per chunk: about ``VMAP_SAMPLES_PER_CALL`` samples per vmapped call (a power of two in
+    [4, 32]); 16 for a loop (there it only sets how often progress is reported)."""
+    if batching != "vmap":
+        return 16
+    target = VMAP_SAMPLES_PER_CALL / max(1, min(obj.batch_size, obj.n))
+    return int(min(32, max(4, 2 ** round(math.log2(max(target, 1e-9))))))
+
+
 def _mix_buffers(anchor_buffers: list[dict], coord: torch.Tensor, dtype: torch.dtype) -> dict:
     """Float buffers combined like the weights: (1 - sum c) b_0 + sum_k c_k b_k; others from b_0."""
     c = coord.to(torch.float64)
@@ -340,8 +351,8 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     """Fill the points of ``result`` that are not done yet; returns ``result``.
 
     ``objectives`` maps split to :class:`Objective` (all of the same model; the first one's ``w0`` is the
-    origin). Points are visited in fixed chunks of ``points_per_call`` (vmap) or 1 (loop) consecutive
-    flat indices, so a resumed run evaluates the very same chunks. ``flush(result)`` is called at most
+    origin). Points are visited in fixed chunks of ``points_per_call`` consecutive flat indices (one
+    vmapped call per chunk, or a loop over its points), so a resumed run evaluates the very same chunks. ``flush(result)`` is called at most
     every ``flush_every`` seconds and on the way out (even on KeyboardInterrupt) if anything is new.
     ``result.plain`` is filled with the plain evaluation at the origin.
     """
@@ -352,11 +363,14 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
         raise FlatscopeError("--bn recompute needs the training inputs")
     per_point = bn == "recompute" or anchor_buffers is not None
     mode = choose_batching(first, batching, per_point)
-    m = (points_per_call or VMAP_POINTS) if mode == "vmap" else 1
+    m = points_per_call or default_points_per_call(first, mode)
     if m < 1:
         raise FlatscopeError(f"--points-per-call must be at least 1, got {m}")
     result.options["batching"], result.options["points_per_call"] = mode, m
     origin = first.w0.to(torch.float64)
+    d = result.directions   # a float64 copy on the objective's device, made once
+    dirs = Directions(d.vectors.to(origin.device, torch.float64), d.layout, d.kind, d.info,
+                      None if d.endpoints is None else d.endpoints.to(origin.device, torch.float64))
     coords = torch.as_tensor(result.grid.coords())
     done = result.done.reshape(-1)
     flat_loss = {s: result.loss[s].reshape(-1) for s in result.splits}
@@ -366,15 +380,15 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     pending, last = False, time.monotonic()
     try:
         for start in range(0, result.grid.size, m):
-            idx = np.arange(start, min(start + m, result.grid.size))
-            idx = idx[~done[idx]]
+            idx = start + np.flatnonzero(~done[start:start + m])
             if idx.size == 0:
                 continue
-            C = coords[idx]
-            W = result.directions.points(origin, C)
+            C = coords[torch.from_numpy(idx)]
+            W = dirs.points(origin, C)
             buffers = None
             if bn == "recompute":
-                buffers = [first.recompute_bn(W[i].to(first.dtype), bn_inputs) for i in range(W.shape[0])]
+                Wd = W.to(first.dtype)
+                buffers = [first.recompute_bn(Wd[i], bn_inputs) for i in range(W.shape[0])]
             elif anchor_buffers is not None:
                 buffers = [_mix_buffers(anchor_buffers, C[i], first.dtype) for i in range(W.shape[0])]
             vals = evaluate_points(objectives, W, batching=mode, buffers=buffers)

@@ -50,7 +50,7 @@ def _anchors(tree: dict) -> tuple[list[str], np.ndarray] | None:
 
 def _direction_label(tree: dict, axis: int) -> str:
     d = tree.get("directions", {})
-    kind = d.get("kind", "") if isinstance(d, dict) else ""
+    kind = d.get("method", "") if isinstance(d, dict) else ""
     name = "xy"[axis]
     if kind == "pca" and "explained_variance_ratio" in d:
         ev = np.atleast_1d(d["explained_variance_ratio"])
@@ -98,7 +98,7 @@ def _plot_1d(items: list, out_base: Path, fmt: str) -> list[Path]:
         ax_l.set_yscale("log")
     ax_l.set_xlabel(_direction_label(items[0][1], 0))
     ax_l.set_ylabel("loss")
-    kind = items[0][1].get("directions", {}).get("kind", "")
+    kind = items[0][1].get("directions", {}).get("method", "")
     ax_l.set_title({"interp": "loss along the interpolation", "pca": "loss along the first principal direction",
                     "hessian": "loss along the top Hessian eigenvector"}.get(kind, "loss along the direction"))
     ax_l.legend(fontsize=8)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ... import results as store
-from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, compute,
-                                   parse_grid, parse_range, plain_values)
+from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, choose_batching,
+                                   compute, default_points_per_call, parse_grid, parse_range, plain_values)
 from ...checkpoint import load_checkpoint
 from ...directions import (BIAS_BN, NORMALIZATIONS, Directions, interpolation, pca_directions,
                            random_directions, read_hessian_eigenvectors, read_landscape_directions,
@@ -152,7 +152,8 @@ def _same(a, b) -> bool:
 @click.option("--batching", type=click.Choice(BATCHING), default="auto", show_default=True,
               help="Several points per vmapped call, or one point per call; auto follows the rule in the README.")
 @click.option("--points-per-call", type=click.IntRange(min=1), default=None, metavar="M",
-              help="Points per vmapped call (default 16).")
+              help="Points per chunk: one vmapped call, or a loop over them (default: about 4096 samples "
+                   "per vmapped call, 4 to 32 points; 16 for a loop).")
 @click.option("--flush-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
               help="Write finished points to the results file at most this often (and on exit or Ctrl-C).")
 @analysis_options
@@ -312,6 +313,10 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         for s in splits:
             result.loss[s], result.accuracy[s] = old["splits"][s]
         previous_wall = old["wall_time_s"]
+        # Continue in the stored chunks and batching mode, so the values equal an uninterrupted run's.
+        if batching == "auto" and old["options"].get("batching") in ("vmap", "loop"):
+            batching = old["options"]["batching"]
+        points_per_call = points_per_call or old["options"].get("points_per_call")
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
     result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     path = run.out_path
@@ -329,9 +334,8 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
 
     if not resume:
         # Resolve the batching mode now so that the stored options say how the values were computed.
-        from ...analyses.landscape import VMAP_POINTS, choose_batching
         mode = choose_batching(first, batching, bn == "recompute" or anchor_buffers is not None)
-        options["batching"], options["points_per_call"] = mode, (points_per_call or VMAP_POINTS) if mode == "vmap" else 1
+        options["batching"], options["points_per_call"] = mode, points_per_call or default_points_per_call(first, mode)
         with store.update(path) as f:
             store.write_analysis(f, group, result.to_tree(), kind="landscape", summary=result.summary(),
                                  options=options, provenance=run.provenance())
@@ -360,8 +364,8 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
                 "interp": "interpolation " + " -> ".join(os.path.basename(p) for p in paths),
                 "hessian": f"top-{k} Hessian eigenvector{'s' if k == 2 else ''}",
                 "pca": "PCA of the training trajectory", "file": f"directions from {dirs.info.get('source')}"}[kind]
-        rng = "  ".join(f"{'xy'[i]} in [{lo:g}, {hi:g}] ({n} pts)" for i, ((lo, hi), n) in enumerate(zip(ranges, sizes)))
-        console.print(f"landscape [bold]{name}[/bold]: {what}; {rng}; {options.get('batching', result.options.get('batching'))}")
+        rng = ", ".join(f"{'xy'[i]} in [{lo:g}, {hi:g}] ({n} points)" for i, ((lo, hi), n) in enumerate(zip(ranges, sizes)))
+        console.print(f"landscape [bold]{name}[/bold]: {what}, {rng}, batching {result.options.get('batching')}")
         sm = result.summary()
         t = Table("split", "loss at w", "plain loss", "min loss", "max loss", "acc at w", "min acc")
 
