@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from flatscope.analyses.landscape import (VMAP_MAX_SAMPLES, Grid, LandscapeResult, axis, choose_batching, compute,
-                                          parse_grid, parse_range)
+                                          default_points_per_call, parse_grid, parse_range)
 from flatscope.checkpoint import load_checkpoint, save_checkpoint
 from flatscope.cli import common, main
 from flatscope.data import load_data, subsample
@@ -375,12 +375,15 @@ def test_bn_recompute_is_centered_and_differs_from_eval(tmp_path):
 
 
 def test_auto_batching_rule():
-    ck = load_checkpoint(str(SAMPLES / "mlp-sgd.pt"))
-    X, y = load_data(ck.data_spec).split("train")
-    assert choose_batching(Objective(ck.model, X, y, batch_size=2048)) == "loop"            # 1347 samples/forward
-    assert choose_batching(Objective(ck.model, X, y, batch_size=VMAP_MAX_SAMPLES)) == "vmap"
-    assert choose_batching(Objective(ck.model, X, y, batch_size=64), "loop") == "loop"
-    assert choose_batching(Objective(ck.model, X, y, batch_size=64), per_point_buffers=True) == "loop"
+    for name, full in (("mlp", "vmap"), ("cnn", "loop"), ("resnet", "loop")):
+        ck = load_checkpoint(str(SAMPLES / f"{name}-sgd.pt"))
+        X, y = load_data(ck.data_spec).split("train")
+        assert choose_batching(Objective(ck.model, X, y, batch_size=2048)) == full           # 1347 samples/forward
+        small = Objective(ck.model, X, y, batch_size=VMAP_MAX_SAMPLES)
+        assert choose_batching(small) == "vmap" and default_points_per_call(small, "vmap") == 8
+        assert default_points_per_call(Objective(ck.model, X, y, batch_size=64), "vmap") == 32
+        assert choose_batching(small, "loop") == "loop"
+        assert choose_batching(small, per_point_buffers=True) == "loop"
 
 
 # ------------------------------------------------------------------------------ directions-from, PCA, plots

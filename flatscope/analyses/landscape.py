@@ -42,10 +42,12 @@ BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
 # The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md): on
 # the digits MLP, CNN and ResNet, vmap wins or ties whenever a forward pass holds at most 512 samples
-# (its per-call overhead is spread over several points), and a plain loop wins or ties for full-batch
-# forwards of 1347 samples (vmapped convolutions are slower per point on CPU: 1.9x for the ResNet).
-# The best points per vmapped call fell from 32 (64 samples per forward) to 8 (512 samples), i.e.
-# about 4096 samples per call.
+# (its per-call overhead is spread over several points). For full-batch forwards (1347 samples) a plain
+# loop wins for the convolutional nets (vmap turns a convolution over m weight sets into a grouped
+# convolution, slower per point on CPU: 1.9x for the ResNet), while for the MLP vmap still wins (a
+# batched matmul is as fast per point as a plain one, and the per-call overhead is large relative to
+# its 0.5 ms forward). The best points per vmapped call fell from 32 (64 samples per forward) to 8
+# (512 samples and more), i.e. about 4096 samples per call, at least 8 points.
 VMAP_MAX_SAMPLES = 512
 VMAP_SAMPLES_PER_CALL = 4096
 
@@ -273,12 +275,17 @@ class LandscapeResult:
 
 
 # ------------------------------------------------------------------------------------ evaluation
+def has_convolution(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
 def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: bool = False) -> str:
     """``vmap`` or ``loop`` for this objective.
 
     Rule (``auto``): a loop when every point needs its own BatchNorm buffers (``--bn recompute``, or an
-    interpolation of BatchNorm models); otherwise ``vmap`` on CUDA, and on CPU ``vmap`` when a forward
-    pass holds at most ``VMAP_MAX_SAMPLES`` samples (``min(batch_size, N)``), else ``loop``.
+    interpolation of BatchNorm models); otherwise ``vmap`` on CUDA; on CPU ``vmap`` when a forward pass
+    holds at most ``VMAP_MAX_SAMPLES`` samples (``min(batch_size, N)``) or the model has no convolution,
+    else ``loop``.
     """
     if requested not in BATCHING:
         raise FlatscopeError(f"unknown --batching {requested!r}; choose from {', '.join(BATCHING)}")
@@ -291,16 +298,17 @@ def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: 
         return requested
     if obj.device.type == "cuda":
         return "vmap"
-    return "vmap" if min(obj.batch_size, obj.n) <= VMAP_MAX_SAMPLES else "loop"
+    small = min(obj.batch_size, obj.n) <= VMAP_MAX_SAMPLES
+    return "vmap" if small or not has_convolution(obj.model) else "loop"
 
 
 def default_points_per_call(obj: Objective, batching: str) -> int:
     """Points per chunk: about ``VMAP_SAMPLES_PER_CALL`` samples per vmapped call (a power of two in
-    [4, 32]); 16 for a loop (there it only sets how often progress is reported)."""
+    [8, 32]); 16 for a loop (there it only sets how often progress is reported)."""
     if batching != "vmap":
         return 16
     target = VMAP_SAMPLES_PER_CALL / max(1, min(obj.batch_size, obj.n))
-    return int(min(32, max(4, 2 ** round(math.log2(max(target, 1e-9))))))
+    return int(min(32, max(8, 2 ** round(math.log2(max(target, 1e-9))))))
 
 
 def _mix_buffers(anchor_buffers: list[dict], coord: torch.Tensor, dtype: torch.dtype) -> dict:

@@ -16,7 +16,7 @@ from ... import results as store
 from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, choose_batching,
                                    compute, default_points_per_call, parse_grid, parse_range, plain_values)
 from ...checkpoint import load_checkpoint
-from ...directions import (BIAS_BN, NORMALIZATIONS, Directions, interpolation, pca_directions,
+from ...directions import (BIAS_BN, NORMALIZATIONS, interpolation, pca_directions,
                            random_directions, read_hessian_eigenvectors, read_landscape_directions,
                            trajectory_files)
 from ...errors import FlatscopeError
@@ -153,7 +153,7 @@ def _same(a, b) -> bool:
               help="Several points per vmapped call, or one point per call; auto follows the rule in the README.")
 @click.option("--points-per-call", type=click.IntRange(min=1), default=None, metavar="M",
               help="Points per chunk: one vmapped call, or a loop over them (default: about 4096 samples "
-                   "per vmapped call, 4 to 32 points; 16 for a loop).")
+                   "per vmapped call, 8 to 32 points; 16 for a loop).")
 @click.option("--flush-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
               help="Write finished points to the results file at most this often (and on exit or Ctrl-C).")
 @analysis_options
@@ -178,28 +178,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
     """
     started = time.time()
     paths = [run.checkpoint_path] + list(extra_checkpoints)
-    # ---------------------------------------------------------------- what to compute
-    if directions_from is not None:
-        if kind is not None or len(paths) > 1:
-            raise FlatscopeError("--directions-from replaces --directions and extra checkpoints; give one checkpoint")
-        kind = "file"
-    elif len(paths) > 1:
-        if kind not in (None, "interp"):
-            raise FlatscopeError(f"{len(paths)} checkpoints mean interpolation; drop --directions {kind}")
-        kind = "interp"
-    kind = kind or "random"
-    if kind == "interp" and len(paths) == 1:
-        raise FlatscopeError("--directions interp needs 2 checkpoints (a line) or 3 (a plane)")
-    if kind == "interp":
-        k = len(paths) - 1
-        if two_d is not None and (2 if two_d else 1) != k:
-            raise FlatscopeError("interpolation: two checkpoints give a line (--1d), three a plane (--2d)")
-    elif kind == "pca":
-        k = 1 if two_d is False else 2
-    elif kind == "file":
-        k = None
-    else:
-        k = 2 if two_d else 1
+    kind, k = _plan(kind, two_d, paths, directions_from)
     if name is not None and not _NAME.match(name):
         raise FlatscopeError(f"--name {name!r}: use letters, digits and . _ + - only")
     if kind != "random" and (norm != "filter" or bias_bn != "zero" or orthogonalize):
@@ -208,11 +187,9 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         parse_range(range_text, k, (-1.0, 1.0))
         parse_grid(grid_text, k)
 
-    # ---------------------------------------------------------------- objectives
     splits = run.splits()
     objectives = {s: run.objective(s) for s in splits}
     first = objectives[splits[0]]
-    layout = first.layout
     bn_inputs = None
     if bn == "recompute":
         if not first.has_batchnorm():
@@ -220,60 +197,11 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
             bn = "eval"
         else:
             bn_inputs = run.split_data("train")[0]
-
-    # ---------------------------------------------------------------- directions
-    gen = run.generator(0)
-    stored_axes = None
-    anchors, anchor_buffers, epochs = None, None, None
-    shas = [run.checkpoint.sha256]
-    default_range = (-1.0, 1.0)
-    if kind == "random":
-        dirs = random_directions(first.w0, layout, k, gen, norm=norm, bias_bn=bias_bn, orthogonalize=orthogonalize)
-    elif kind == "interp":
-        others = [_load_like(run, p, layout, "checkpoint") for p in paths[1:]]
-        shas += [c.sha256 for c in others]
-        other_objs = [{s: Objective(c.model, *run.split_data(s), loss=run.loss_name, batch_size=run.batch_size,
-                                    device=run.device, dtype=run.dtype) for s in splits} for c in others]
-        dirs = interpolation(first.w0, [o[splits[0]].w0 for o in other_objs], layout)
-        default_range = (-0.5, 1.5)
-        if first.has_batchnorm() and bn == "eval":
-            anchor_buffers = [first.buffers] + [o[splits[0]].buffers for o in other_objs]
-        own = [plain_values(objectives, bn=bn, bn_inputs=bn_inputs)] + \
-              [plain_values(o, bn=bn, bn_inputs=bn_inputs) for o in other_objs]
-        corners = [[0.0] * k] + [[1.0 if j == i else 0.0 for j in range(k)] for i in range(k)]
-        anchors = {"labels": [os.path.splitext(os.path.basename(p))[0] for p in paths], "coords": corners}
-        for s in splits:
-            anchors[s] = [v[s][0] for v in own]
-    elif kind == "hessian":
-        dirs = read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
-    elif kind == "pca":
-        ws, epochs, folder = _trajectory(run, trajectory, layout)
-        dirs = pca_directions(ws, first.w0, layout, k)
-        dirs.info["trajectory"] = os.path.abspath(folder)
-        p = np.asarray(dirs.info["path"])
-        default_range = None
-    else:
-        dirs, stored_axes = read_landscape_directions(directions_from, layout)
-        k = dirs.k
-        if two_d is not None and (2 if two_d else 1) != k:
-            raise FlatscopeError(f"--directions-from holds {k} direction(s): a {k}-D slice (drop --{'2d' if two_d else '1d'})")
-    dirs.rounded(run.dtype)
-    name = name or _default_name(kind, k, stored_axes["name"] if stored_axes else None)
-
-    # ---------------------------------------------------------------- grid
-    if kind == "pca" and range_text is None:
-        ranges = []
-        for i in range(k):
-            a = 1.25 * float(np.abs(p[:, i]).max())
-            ranges.append((-a, a) if a > 0 else (-1.0, 1.0))
-    elif kind == "file" and range_text is None and stored_axes["x"] is not None:
-        ranges = [(float(ax[0]), float(ax[-1])) for ax in (stored_axes["x"], stored_axes["y"])[:k]]
-    else:
-        ranges = parse_range(range_text, k, default_range)
-    if kind == "file" and grid_text is None and stored_axes["x"] is not None:
-        sizes = [len(ax) for ax in (stored_axes["x"], stored_axes["y"])[:k]]
-    else:
-        sizes = parse_grid(grid_text, k)
+    plan = _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, trajectory, directions_from,
+                       norm=norm, bias_bn=bias_bn, orthogonalize=orthogonalize)
+    dirs, k = plan["dirs"], plan["dirs"].k
+    name = name or _default_name(kind, k, plan["stored"]["name"] if plan["stored"] else None)
+    ranges, sizes = _ranges(kind, k, range_text, grid_text, plan)
     axes = [axis(lo, hi, n) for (lo, hi), n in zip(ranges, sizes)]
     grid = Grid(axes[0], axes[1] if k == 2 else None)
     options = {
@@ -281,45 +209,35 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         "norm": norm if kind == "random" else None, "bias_bn": bias_bn if kind == "random" else None,
         "orthogonalize": bool(orthogonalize) if kind == "random" else None,
         "seed": run.seed if kind == "random" else None, "bn": bn,
-        "checkpoints": [os.path.abspath(p) for p in paths], "checkpoint_sha256": shas,
+        "checkpoints": [os.path.abspath(p) for p in paths], "checkpoint_sha256": plan["shas"],
         "hessian_from": os.path.abspath(hessian_from or run.out_path) if kind == "hessian" else None,
-        "trajectory": dirs.info.get("trajectory"), "trajectory_epochs": epochs,
+        "trajectory": dirs.info.get("trajectory"), "trajectory_epochs": plan["epochs"],
         "directions_from": dirs.info.get("source") if kind == "file" else None,
         "dtype": run.dtype_name, "loss": run.loss_name, "data": run.data_spec(), "split": run.split,
         "max_samples": run.max_samples, "batch_size": run.batch_size,
     }
-    result = LandscapeResult(name, dirs, grid, splits, anchors=anchors, options=options, dtype=run.dtype_name)
+    result = LandscapeResult(name, dirs, grid, splits, anchors=plan["anchors"], options=options, dtype=run.dtype_name)
     if grid.index_of(*([0.0] * k)) is None:
         run.note("note: the grid has no point at 0, so the checkpoint itself is not on it and the centre check "
                  "is skipped (an odd --grid on a symmetric --range puts it at the centre)")
 
-    # ---------------------------------------------------------------- resume or start
-    group = _group(name)
+    group, path = _group(name), run.out_path
     previous_wall = 0.0
+    per_point_buffers = bn == "recompute" or plan["anchor_buffers"] is not None
     if resume:
-        old = _read_stored(run.out_path, name)
-        for key in RESUME_KEYS:
-            if not _same(old["options"].get(key), options.get(key)):
-                raise FlatscopeError(f"--resume: option {key!r} was {store.to_jsonable(old['options'].get(key))} in the "
-                                     f"stored run but is {store.to_jsonable(options.get(key))} now; rerun the same command "
-                                     "with --resume, or drop --resume to start over")
-        if old["vectors"].shape != tuple(dirs.vectors.shape) or not np.array_equal(
-                old["vectors"].astype(np.float64), dirs.vectors.numpy()):
-            raise FlatscopeError(f"--resume: the directions stored in /{group} differ from this command's; "
-                                 "drop --resume to start over")
-        if old["done"].shape != grid.shape:
-            raise FlatscopeError(f"--resume: the stored grid has shape {list(old['done'].shape)}, this one {list(grid.shape)}")
-        result.done = old["done"]
-        for s in splits:
-            result.loss[s], result.accuracy[s] = old["splits"][s]
-        previous_wall = old["wall_time_s"]
+        previous_wall, stored = _resume(path, name, result)
         # Continue in the stored chunks and batching mode, so the values equal an uninterrupted run's.
-        if batching == "auto" and old["options"].get("batching") in ("vmap", "loop"):
-            batching = old["options"]["batching"]
-        points_per_call = points_per_call or old["options"].get("points_per_call")
+        if batching == "auto" and stored.get("batching") in ("vmap", "loop"):
+            batching = stored["batching"]
+        points_per_call = points_per_call or stored.get("points_per_call")
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
     result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
-    path = run.out_path
+    mode = choose_batching(first, batching, per_point_buffers)
+    options["batching"], options["points_per_call"] = mode, points_per_call or default_points_per_call(first, mode)
+    if not resume:
+        with store.update(path) as f:
+            store.write_analysis(f, group, result.to_tree(), kind="landscape", summary=result.summary(),
+                                 options=options, provenance=run.provenance())
 
     def flush(res: LandscapeResult) -> None:
         with store.update(path) as f:
@@ -332,18 +250,10 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
             g.attrs["options"] = json.dumps(store.to_jsonable(res.options))
             g.attrs["wall_time_s"] = previous_wall + time.time() - started
 
-    if not resume:
-        # Resolve the batching mode now so that the stored options say how the values were computed.
-        mode = choose_batching(first, batching, bn == "recompute" or anchor_buffers is not None)
-        options["batching"], options["points_per_call"] = mode, points_per_call or default_points_per_call(first, mode)
-        with store.update(path) as f:
-            store.write_analysis(f, group, result.to_tree(), kind="landscape", summary=result.summary(),
-                                 options=options, provenance=run.provenance())
-    remaining = grid.size - int(result.done.sum())
     try:
-        with run.progress(remaining, f"landscape {name}") as advance:
-            compute(result, objectives, batching=batching, points_per_call=points_per_call, bn=bn,
-                    bn_inputs=bn_inputs, anchor_buffers=anchor_buffers, progress=advance, flush=flush,
+        with run.progress(grid.size - int(result.done.sum()), f"landscape {name}") as advance:
+            compute(result, objectives, batching=mode, points_per_call=options["points_per_call"], bn=bn,
+                    bn_inputs=bn_inputs, anchor_buffers=plan["anchor_buffers"], progress=advance, flush=flush,
                     flush_every=flush_every)
     except KeyboardInterrupt:
         run.warn(f"interrupted: {int(result.done.sum())} of {grid.size} points are saved in {path}; "
@@ -356,36 +266,131 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         run.warn(warning)
     plots = run.plot(group)
     payload = dict(result.to_json(), results=os.path.abspath(path), group=f"/{group}", plots=plots)
+    what = {"random": f"{norm}-normalized random direction{'s' if k == 2 else ''}",
+            "interp": "interpolation " + " -> ".join(os.path.basename(p) for p in paths),
+            "hessian": f"top-{k} Hessian eigenvector{'s' if k == 2 else ''}",
+            "pca": "PCA of the training trajectory", "file": f"directions from {directions_from}"}[kind]
+    run.emit(payload, lambda console: _human(console, result, what, ranges, sizes))
 
-    def human(console):
-        from rich.table import Table
 
-        what = {"random": f"{norm}-normalized random direction{'s' if k == 2 else ''}",
-                "interp": "interpolation " + " -> ".join(os.path.basename(p) for p in paths),
-                "hessian": f"top-{k} Hessian eigenvector{'s' if k == 2 else ''}",
-                "pca": "PCA of the training trajectory", "file": f"directions from {dirs.info.get('source')}"}[kind]
-        rng = ", ".join(f"{'xy'[i]} in [{lo:g}, {hi:g}] ({n} points)" for i, ((lo, hi), n) in enumerate(zip(ranges, sizes)))
-        console.print(f"landscape [bold]{name}[/bold]: {what}, {rng}, batching {result.options.get('batching')}")
-        sm = result.summary()
-        t = Table("split", "loss at w", "plain loss", "min loss", "max loss", "acc at w", "min acc")
+# ------------------------------------------------------------------------------------------- helpers
+def _plan(kind: str | None, two_d: bool | None, paths: list[str], directions_from: str | None) -> tuple[str, int | None]:
+    """The kind of directions and the dimension (None: read from --directions-from)."""
+    if directions_from is not None:
+        if kind is not None or len(paths) > 1:
+            raise FlatscopeError("--directions-from replaces --directions and extra checkpoints; give one checkpoint")
+        return "file", None
+    if len(paths) > 1:
+        if kind not in (None, "interp"):
+            raise FlatscopeError(f"{len(paths)} checkpoints mean interpolation; drop --directions {kind}")
+        if two_d is not None and (2 if two_d else 1) != len(paths) - 1:
+            raise FlatscopeError("interpolation: two checkpoints give a line (--1d), three a plane (--2d)")
+        return "interp", len(paths) - 1
+    kind = kind or "random"
+    if kind == "interp":
+        raise FlatscopeError("--directions interp needs 2 checkpoints (a line) or 3 (a plane)")
+    if kind == "pca":
+        return kind, 1 if two_d is False else 2
+    return kind, 2 if two_d else 1
 
-        def fmt(v, spec=".5g"):
-            return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
-        for s in splits:
-            t.add_row(s, fmt(sm[f"{s}_loss_center"]), fmt(result.plain[s][0]), fmt(sm[f"{s}_loss_min"]),
-                      fmt(sm[f"{s}_loss_max"]), fmt(sm[f"{s}_accuracy_center"], ".4f"), fmt(sm[f"{s}_accuracy_min"], ".4f"))
-        console.print(t)
-        for s in splits:
-            if f"{s}_barrier" in sm:
-                console.print(f"{s} loss barrier between the checkpoints: {sm[f'{s}_barrier']:.5g}")
-        if kind == "pca":
-            ev = dirs.info["explained_variance_ratio"]
-            console.print("explained variance: " + ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(ev)))
-        if kind == "hessian" and "eigenvalues" in dirs.info:
-            console.print("eigenvalues: " + ", ".join(f"{v:.5g}" for v in dirs.info["eigenvalues"]))
+def _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, trajectory, directions_from, *,
+                norm, bias_bn, orthogonalize) -> dict:
+    """The directions and what comes with them: stored axes, interpolation anchors, trajectory epochs."""
+    first = next(iter(objectives.values()))
+    layout = first.layout
+    out = {"stored": None, "anchors": None, "anchor_buffers": None, "epochs": None,
+           "shas": [run.checkpoint.sha256], "default_range": (-1.0, 1.0)}
+    if kind == "random":
+        dirs = random_directions(first.w0, layout, k, run.generator(0), norm=norm, bias_bn=bias_bn,
+                                 orthogonalize=orthogonalize)
+    elif kind == "interp":
+        others = [_load_like(run, p, layout, "checkpoint") for p in paths[1:]]
+        out["shas"] += [c.sha256 for c in others]
+        other_objs = [{s: Objective(c.model, *run.split_data(s), loss=run.loss_name, batch_size=run.batch_size,
+                                    device=run.device, dtype=run.dtype) for s in objectives} for c in others]
+        dirs = interpolation(first.w0, [next(iter(o.values())).w0 for o in other_objs], layout)
+        out["default_range"] = (-0.5, 1.5)
+        if first.has_batchnorm() and bn == "eval":
+            out["anchor_buffers"] = [first.buffers] + [next(iter(o.values())).buffers for o in other_objs]
+        own = [plain_values(o, bn=bn, bn_inputs=bn_inputs) for o in [objectives] + other_objs]
+        corners = [[0.0] * k] + [[1.0 if j == i else 0.0 for j in range(k)] for i in range(k)]
+        out["anchors"] = {"labels": [os.path.splitext(os.path.basename(p))[0] for p in paths], "coords": corners}
+        out["anchors"].update({s: [v[s][0] for v in own] for s in objectives})
+    elif kind == "hessian":
+        dirs = read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
+    elif kind == "pca":
+        ws, out["epochs"], folder = _trajectory(run, trajectory, layout)
+        dirs = pca_directions(ws, first.w0, layout, k)
+        dirs.info["trajectory"] = os.path.abspath(folder)
+    else:
+        dirs, out["stored"] = read_landscape_directions(directions_from, layout)
+    out["dirs"] = dirs.rounded(run.dtype)
+    return out
 
-    run.emit(payload, human)
+
+def _ranges(kind: str, k: int, range_text, grid_text, plan: dict) -> tuple[list, list]:
+    """Per-axis (lo, hi) and point counts: the user's, else the stored slice's, the path's, or the default."""
+    stored = plan["stored"]
+    stored_axes = [stored["x"], stored["y"]][:k] if stored and stored["x"] is not None else None
+    if range_text is None and kind == "pca":
+        path = np.asarray(plan["dirs"].info["path"])
+        ext = [1.25 * float(np.abs(path[:, i]).max()) for i in range(k)]
+        ranges = [(-a, a) if a > 0 else (-1.0, 1.0) for a in ext]
+    elif range_text is None and stored_axes:
+        ranges = [(float(ax[0]), float(ax[-1])) for ax in stored_axes]
+    else:
+        ranges = parse_range(range_text, k, plan["default_range"])
+    sizes = [len(ax) for ax in stored_axes] if grid_text is None and stored_axes else parse_grid(grid_text, k)
+    return ranges, sizes
+
+
+def _resume(path: str, name: str, result: LandscapeResult) -> tuple[float, dict]:
+    """Load the finished points of an interrupted run into ``result`` after checking it is the same run."""
+    old = _read_stored(path, name)
+    options = result.options
+    for key in RESUME_KEYS:
+        if not _same(old["options"].get(key), options.get(key)):
+            raise FlatscopeError(f"--resume: option {key!r} was {store.to_jsonable(old['options'].get(key))} in the "
+                                 f"stored run but is {store.to_jsonable(options.get(key))} now; rerun the same command "
+                                 "with --resume, or drop --resume to start over")
+    vectors = result.directions.vectors.numpy()
+    if old["vectors"].shape != vectors.shape or not np.array_equal(old["vectors"].astype(np.float64), vectors):
+        raise FlatscopeError(f"--resume: the directions stored in /{_group(name)} differ from this command's; "
+                             "drop --resume to start over")
+    if old["done"].shape != result.grid.shape:
+        raise FlatscopeError(f"--resume: the stored grid has shape {list(old['done'].shape)}, "
+                             f"this one {list(result.grid.shape)}")
+    result.done = old["done"]
+    for s in result.splits:
+        result.loss[s], result.accuracy[s] = old["splits"][s]
+    return old["wall_time_s"], old["options"]
+
+
+def _human(console, result: LandscapeResult, what: str, ranges, sizes) -> None:
+    from rich.table import Table
+
+    rng = ", ".join(f"{'xy'[i]} in [{lo:g}, {hi:g}] ({n} points)" for i, ((lo, hi), n) in enumerate(zip(ranges, sizes)))
+    console.print(f"landscape [bold]{result.name}[/bold]: {what}, {rng}, batching {result.options.get('batching')}")
+    sm = result.summary()
+
+    def fmt(v, spec=".5g"):
+        return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+    t = Table("split", "loss at w", "plain loss", "min loss", "max loss", "acc at w", "min acc")
+    for s in result.splits:
+        t.add_row(s, fmt(sm[f"{s}_loss_center"]), fmt(result.plain[s][0]), fmt(sm[f"{s}_loss_min"]),
+                  fmt(sm[f"{s}_loss_max"]), fmt(sm[f"{s}_accuracy_center"], ".4f"), fmt(sm[f"{s}_accuracy_min"], ".4f"))
+    console.print(t)
+    for s in result.splits:
+        if f"{s}_barrier" in sm:
+            console.print(f"{s} loss barrier between the checkpoints: {sm[f'{s}_barrier']:.5g}")
+    info = result.directions.info
+    if "explained_variance_ratio" in info:
+        console.print("explained variance: " + ", ".join(f"PC{i + 1} {v:.1%}"
+                                                          for i, v in enumerate(info["explained_variance_ratio"])))
+    if "eigenvalues" in info:
+        console.print("eigenvalues: " + ", ".join(f"{v:.5g}" for v in info["eigenvalues"]))
 
 
 _checkpoints_argument(command)
