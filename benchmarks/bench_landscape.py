@@ -7,8 +7,9 @@ A. the same 25x25 plane (flatscope's filter-normalized random directions, x, y i
    ``planar_interpolation`` (loss only) on the very same plane, and vs 625 x one full-data forward pass;
 B. agreement: the 1-D interpolation from the sample checkpoint to a second one trained with
    ``--seed 1`` (definition-free), flatscope vs ``linear_interpolation``, 25 steps;
-C. the batching rule: seconds per point of a plain loop (``Objective.evaluate``) and of vmapped calls
-   (``Objective.evaluate_many``, 8/16/32 points per call) for several samples per forward pass.
+C. the batching rule: seconds per point of the plain loop (``PointEvaluator``, what ``--batching loop``
+   runs) and of vmapped calls (``Objective.evaluate_many``, 4 to 32 points per call) for several samples
+   per forward pass.
 
 Usage (loss-landscapes is a benchmark-only dependency):
     pip install --no-deps loss-landscapes==3.0.6
@@ -35,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flatscope.analyses.landscape import Grid, LandscapeResult, axis, choose_batching, compute  # noqa: E402
+from flatscope.analyses.landscape import (Grid, LandscapeResult, PointEvaluator, axis, choose_batching,  # noqa: E402
+                                         compute)
 from flatscope.checkpoint import load_checkpoint  # noqa: E402
 from flatscope.data import load_data  # noqa: E402
 from flatscope.directions import interpolation, random_directions  # noqa: E402
@@ -135,7 +137,8 @@ def bench_batching(name: str, repeats: int, sizes=(64, 256, 512, 2048), points: 
     for bs in sizes:
         obj = Objective(ck.model, X, y, loss="ce", batch_size=bs)
         W = obj.w0 + 0.01 * torch.randn(points, obj.dim, generator=torch.Generator().manual_seed(0))
-        modes = {"loop": lambda: [obj.evaluate(W[i]) for i in range(points)]}
+        ev = PointEvaluator(obj)
+        modes = {"loop": lambda: [ev(W[i]) for i in range(points)]}
         for m in (4, 8, 16, 32):
             modes[f"vmap{m}"] = (lambda m=m: [obj.evaluate_many(W[s:s + m]) for s in range(0, points, m)])
         times = {k: [] for k in modes}

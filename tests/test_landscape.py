@@ -22,8 +22,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flatscope.analyses.landscape import (VMAP_MAX_SAMPLES, Grid, LandscapeResult, axis, choose_batching, compute,
-                                          default_points_per_call, parse_grid, parse_range)
+from flatscope.analyses.landscape import (VMAP_MAX_SAMPLES, Grid, LandscapeResult, PointEvaluator, axis,
+                                          choose_batching, compute, default_points_per_call, parse_grid,
+                                          parse_range)
 from flatscope.checkpoint import load_checkpoint, save_checkpoint
 from flatscope.cli import common, main
 from flatscope.data import load_data, subsample
@@ -361,6 +362,19 @@ def test_model_and_checkpoint_are_not_modified(tmp_path):
     assert sha(SAMPLES / "mlp-sgd.pt") == digest
 
 
+@pytest.mark.parametrize("ckpt", ["mlp-sgd.pt", "cnn-sgd.pt", "resnet-sgd.pt"])
+def test_point_evaluator_equals_objective_evaluate_bit_for_bit(ckpt):
+    ck = load_checkpoint(str(SAMPLES / ckpt))
+    X, y = subsample(*load_data(ck.data_spec).split("train"), 100, 0)
+    obj = Objective(ck.model, X, y, loss=ck.loss, batch_size=32)      # unequal batches: 32, 32, 32, 4
+    ev = PointEvaluator(obj)
+    W = obj.w0 + 0.05 * torch.randn(3, obj.dim, generator=torch.Generator().manual_seed(0))
+    bufs = obj.recompute_bn(W[1], X) if obj.has_batchnorm() else None
+    for w, b in ((W[0], None), (W[1], bufs), (W[2], None), (obj.w0, None)):
+        assert ev(w, b) == obj.evaluate(w, b)
+    assert ev(obj.w0) == obj.evaluate()
+
+
 def test_bn_recompute_is_centered_and_differs_from_eval(tmp_path):
     out = tmp_path / "r.h5"
     base = [SAMPLES / "resnet-sgd.pt", "--grid", "3", "--max-samples", "64", "-o", out]
@@ -375,7 +389,7 @@ def test_bn_recompute_is_centered_and_differs_from_eval(tmp_path):
 
 
 def test_auto_batching_rule():
-    for name, full in (("mlp", "vmap"), ("cnn", "loop"), ("resnet", "loop")):
+    for name, full in (("mlp", "loop"), ("cnn", "loop"), ("resnet", "loop")):
         ck = load_checkpoint(str(SAMPLES / f"{name}-sgd.pt"))
         X, y = load_data(ck.data_spec).split("train")
         assert choose_batching(Objective(ck.model, X, y, batch_size=2048)) == full           # 1347 samples/forward

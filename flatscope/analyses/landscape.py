@@ -15,7 +15,8 @@ The slice through flat weights ``w`` along directions ``d1`` (and ``d2``, see
   interpolating between checkpoints in eval mode, float buffers (running means and variances) are
   interpolated like the weights, so each corner reproduces its own checkpoint exactly.
 - Batching: a chunk of points per ``Objective.evaluate_many`` call (one ``vmap``-ed forward per data
-  batch) or one ``Objective.evaluate`` per point (``loop``). :func:`choose_batching` picks one by a
+  batch) or one evaluation per point (``loop``, :class:`PointEvaluator`, which equals
+  ``Objective.evaluate`` bit for bit with less overhead). :func:`choose_batching` picks one by a
   rule measured in ``benchmarks/bench_landscape.py``.
 - Resumable: :func:`compute` fills a :class:`LandscapeResult` chunk by chunk and calls ``flush``
   (which the CLI makes an atomic HDF5 write) at most every ``flush_every`` seconds and once more on
@@ -40,14 +41,9 @@ from ..objective import Objective
 
 BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
-# The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md): on
-# the digits MLP, CNN and ResNet, vmap wins or ties whenever a forward pass holds at most 512 samples
-# (its per-call overhead is spread over several points). For full-batch forwards (1347 samples) a plain
-# loop wins for the convolutional nets (vmap turns a convolution over m weight sets into a grouped
-# convolution, slower per point on CPU: 1.9x for the ResNet), while for the MLP vmap still wins (a
-# batched matmul is as fast per point as a plain one, and the per-call overhead is large relative to
-# its 0.5 ms forward). The best points per vmapped call fell from 32 (64 samples per forward) to 8
-# (512 samples and more), i.e. about 4096 samples per call, at least 8 points.
+# The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md) for
+# the digits MLP, CNN and ResNet: see choose_batching. VMAP_MAX_SAMPLES is the largest forward pass
+# (samples) at which vmap still won; VMAP_SAMPLES_PER_CALL sets the points per vmapped call.
 VMAP_MAX_SAMPLES = 512
 VMAP_SAMPLES_PER_CALL = 4096
 
@@ -275,17 +271,15 @@ class LandscapeResult:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def has_convolution(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
-
-
 def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: bool = False) -> str:
     """``vmap`` or ``loop`` for this objective.
 
     Rule (``auto``): a loop when every point needs its own BatchNorm buffers (``--bn recompute``, or an
     interpolation of BatchNorm models); otherwise ``vmap`` on CUDA; on CPU ``vmap`` when a forward pass
-    holds at most ``VMAP_MAX_SAMPLES`` samples (``min(batch_size, N)``) or the model has no convolution,
-    else ``loop``.
+    holds at most ``VMAP_MAX_SAMPLES`` samples (``min(batch_size, N)``), else ``loop``: the vmapped call
+    spreads the fixed cost of a call over several points, which pays when a forward pass is cheap, while
+    for large forward passes the plain loop is as fast or faster (a vmapped convolution over several
+    weight sets is a grouped convolution, slower per point on CPU).
     """
     if requested not in BATCHING:
         raise FlatscopeError(f"unknown --batching {requested!r}; choose from {', '.join(BATCHING)}")
@@ -298,8 +292,7 @@ def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: 
         return requested
     if obj.device.type == "cuda":
         return "vmap"
-    small = min(obj.batch_size, obj.n) <= VMAP_MAX_SAMPLES
-    return "vmap" if small or not has_convolution(obj.model) else "loop"
+    return "vmap" if min(obj.batch_size, obj.n) <= VMAP_MAX_SAMPLES else "loop"
 
 
 def default_points_per_call(obj: Objective, batching: str) -> int:
@@ -326,11 +319,63 @@ def _mix_buffers(anchor_buffers: list[dict], coord: torch.Tensor, dtype: torch.d
     return out
 
 
+class PointEvaluator:
+    """``Objective.evaluate`` at one point after another, with less fixed cost per point.
+
+    The weights of each point are put into a private copy of the objective's module as views
+    (``param.data = w[slice].view(shape)``, no copy) and the module is called directly, instead of
+    unflattening ``w`` and going through ``functional_call`` at every point; batches, weights,
+    float64 accumulation and reduction are those of :meth:`Objective.evaluate`, and the values agree
+    with it bit for bit (tested). Neither the objective nor the user's model is touched.
+    """
+
+    def __init__(self, obj: Objective):
+        import copy
+
+        self.obj = obj
+        self.model = copy.deepcopy(obj.model)
+        named = dict(self.model.named_parameters())
+        self.params = [(named[n], o, k, shape) for n, o, k, shape in
+                       zip(obj.layout.names, obj.layout.offsets, obj.layout.numels, obj.layout.shapes)]
+        for p, *_ in self.params:
+            p.requires_grad_(False)
+        self.buffers = dict(self.model.named_buffers())
+        self._own_buffers = True
+
+    def _set_buffers(self, buffers: dict | None) -> None:
+        if buffers is None and self._own_buffers:
+            return
+        src = self.obj.buffers if buffers is None else buffers
+        for name, b in self.buffers.items():
+            b.copy_(src[name])
+        self._own_buffers = buffers is None
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor, buffers: dict | None = None) -> tuple[float, float]:
+        from ..objective import correct_count, loss_value
+
+        obj = self.obj
+        for p, o, k, shape in self.params:
+            p.data = w[o:o + k].view(shape)
+        self._set_buffers(buffers)
+        loss = torch.zeros((), dtype=torch.float64, device=obj.device)
+        correct = torch.zeros((), dtype=torch.float64, device=obj.device)
+        for xb, yb, wt in obj.batches():
+            out = self.model(xb)
+            loss += wt * loss_value(out, yb, obj.loss_name).to(torch.float64)
+            correct += correct_count(out, yb)
+        loss, correct = obj._reduce(loss), obj._reduce(correct)
+        return float(loss), float(correct) / obj.n_total
+
+
 def evaluate_points(objectives: dict[str, Objective], W: torch.Tensor, *, batching: str,
-                    buffers: list[dict] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                    buffers: list[dict] | None = None,
+                    evaluators: dict[str, PointEvaluator] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Loss and accuracy of every objective at every row of ``W`` (float64).
 
-    ``buffers``: one buffer dict per row (then a plain loop), or None for each objective's own.
+    ``vmap``: one ``evaluate_many`` call per objective; ``loop``: one evaluation per row, through
+    ``evaluators`` (:class:`PointEvaluator`) when given, else ``Objective.evaluate``. ``buffers``: one
+    buffer dict per row (then a loop), or None for each objective's own.
     """
     out = {}
     for split, obj in objectives.items():
@@ -339,7 +384,8 @@ def evaluate_points(objectives: dict[str, Objective], W: torch.Tensor, *, batchi
             loss, acc = obj.evaluate_many(Wd)
             out[split] = (loss.cpu().numpy().astype(np.float64), acc.cpu().numpy().astype(np.float64))
         else:
-            vals = [obj.evaluate(Wd[i], None if buffers is None else buffers[i]) for i in range(Wd.shape[0])]
+            ev = evaluators[split] if evaluators else obj.evaluate
+            vals = [ev(Wd[i], None if buffers is None else buffers[i]) for i in range(Wd.shape[0])]
             out[split] = (np.array([v[0] for v in vals]), np.array([v[1] for v in vals]))
     return out
 
@@ -385,6 +431,7 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     flat_acc = {s: result.accuracy[s].reshape(-1) for s in result.splits}
     if not result.plain:
         result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
+    evaluators = {s: PointEvaluator(o) for s, o in objectives.items()} if mode == "loop" else None
     pending, last = False, time.monotonic()
     try:
         for start in range(0, result.grid.size, m):
@@ -399,7 +446,7 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
                 buffers = [first.recompute_bn(Wd[i], bn_inputs) for i in range(W.shape[0])]
             elif anchor_buffers is not None:
                 buffers = [_mix_buffers(anchor_buffers, C[i], first.dtype) for i in range(W.shape[0])]
-            vals = evaluate_points(objectives, W, batching=mode, buffers=buffers)
+            vals = evaluate_points(objectives, W, batching=mode, buffers=buffers, evaluators=evaluators)
             for s, (lv, av) in vals.items():
                 flat_loss[s][idx], flat_acc[s][idx] = lv, av
             done[idx] = True
