@@ -189,11 +189,11 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
         from rich.table import Table
 
         t = Table(box=box.SIMPLE_HEAD)
-        t.add_column("metric", no_wrap=True)
+        t.add_column("metric", overflow="fold")
         for m in members:
-            t.add_column(m["label"], justify="right", no_wrap=True)
+            t.add_column(m["label"], justify="right", no_wrap=True, min_width=10)
         for k, row in table.items():
-            t.add_row(k, *[("-" if v is None else f"{v:.5g}" if isinstance(v, float) else str(v)) for v in row.values()])
+            t.add_row(k, *[("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()])
         console.print(t)
         for it in interps:
             s = it["summary"]
