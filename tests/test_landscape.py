@@ -394,7 +394,8 @@ def test_auto_batching_rule():
         X, y = load_data(ck.data_spec).split("train")
         assert choose_batching(Objective(ck.model, X, y, batch_size=2048)) == full           # 1347 samples/forward
         small = Objective(ck.model, X, y, batch_size=VMAP_MAX_SAMPLES)
-        assert choose_batching(small) == "vmap" and default_points_per_call(small, "vmap") == 8
+        assert choose_batching(small) == "vmap" and default_points_per_call(small, "vmap") == 32
+        assert choose_batching(Objective(ck.model, X, y, batch_size=256)) == "loop"
         assert default_points_per_call(Objective(ck.model, X, y, batch_size=64), "vmap") == 32
         assert choose_batching(small, "loop") == "loop"
         assert choose_batching(small, per_point_buffers=True) == "loop"
