@@ -82,7 +82,7 @@ class LinearRegressionPotential(Potential):
 
 
 def ula_law(H, g, L0, gamma, beta, eta):
-    """Exact stationary moments of full-batch SGLD (ULA) on a quadratic: per eigen-direction the
+    """Exact stationary moments of full-batch Euler SGLD (ULA) on a quadratic: per eigen-direction the
     mean is -g_i/a_i (unbiased) and the variance 1/(beta a_i (1 - eta a_i / 2)), a_i = lambda_i + gamma."""
     lam, Q = np.linalg.eigh(H)
     gq = Q.T @ g
@@ -94,11 +94,13 @@ def ula_law(H, g, L0, gamma, beta, eta):
             "virial": gq @ mu + np.sum(lam * mu**2) + np.sum(lam * v)}
 
 
-def minibatch_sgld_law(A, y, theta, gamma, beta, eta, m):
+def minibatch_sgld_law(A, y, theta, gamma, beta, eta, m, integrator):
     """Exact stationary moments of minibatch SGLD (m samples with replacement) on linear regression.
 
-    d <- d - eta (g_hat + gamma d) + sqrt(2 eta/beta) xi; the mean is -(H + gamma)^-1 g, and the
-    covariance S solves S = (I - eta A) S (I - eta A) + eta^2 E[Cov(g_hat | d)] + 2 eta / beta I,
+    d <- d - eta (g_hat + gamma d) + sqrt(2 eta/beta) e_t with e_t = xi_t (euler) or (xi_t + xi_t+1)/2
+    (lm); the mean is -(H + gamma)^-1 g, and with M = I - eta A, u = d - mu, the covariance S solves
+    S = M S M + eta^2 E[Cov(g_hat | d)] + N, N = 2 eta / beta I (euler) or eta / beta (I + M) (lm: the
+    noise is MA(1) and E[u_t xi_t^T] = sqrt(eta / (2 beta)) I),
     where Cov(g_hat | d) = (1/m)(mean_i grad l_i grad l_i^T - grad L grad L^T), grad l_i = 2 r_i a_i,
     r_i = a_i.(theta + d) - y_i, is quadratic in d: its average over N(mu, S) is affine in S, so S
     is the fixed point of a contraction.
@@ -117,7 +119,8 @@ def minibatch_sgld_law(A, y, theta, gamma, beta, eta, m):
         quad = np.einsum("ij,jk,ik->i", A, S, A)
         second = 4.0 / N * (A.T * (rm**2 + quad)) @ A
         cov = (second - np.outer(gm, gm) - H @ S @ H) / m
-        S_new = M @ S @ M + eta**2 * cov + 2 * eta / beta * np.eye(n)
+        noise = 2 * eta / beta * np.eye(n) if integrator == "euler" else eta / beta * (np.eye(n) + M)
+        S_new = M @ S @ M + eta**2 * cov + noise
         if np.max(np.abs(S_new - S)) < 1e-16:
             S = S_new
             break
@@ -293,20 +296,38 @@ def test_objective_minibatch_gradient_is_unbiased_with_covariance_over_m():
     assert_within(v, np.diag(cov) * np.sqrt((kurt - 1) / reps), np.diag(cov), "minibatch gradient variance")
 
 
-def test_minibatch_sgld_matches_its_exact_stationary_law():
+@pytest.mark.parametrize("integrator", ["lm", "euler"])
+def test_minibatch_sgld_matches_its_exact_stationary_law(integrator):
     _, A, y, theta, H, g, L0 = linear_problem()
     lam_max = float(np.linalg.eigvalsh(H).max())
     beta, m, c = 200.0, 8, 0.1
     gam = lam_max * np.array([0.1, 1.0, 10.0])
     res = local_entropy(LinearRegressionPotential(A, y), gam, center=torch.tensor(theta), beta=beta, sampler="sgld",
-                        minibatch=m, step_fraction=c, lambda_max=lam_max, local_curvature=False, steps=3000,
-                        burn_in=300, chains=CHAINS, seed=5)
+                        minibatch=m, step_fraction=c, lambda_max=lam_max, local_curvature=False, steps=2000,
+                        burn_in=300, chains=CHAINS, seed=5, integrator=integrator)
     p = res.per_gamma
     for k, gk in enumerate(gam):
-        law = minibatch_sgld_law(A, y, theta, gk, beta, p["step_size"][k], m)
+        law = minibatch_sgld_law(A, y, theta, gk, beta, p["step_size"][k], m, integrator)
         for key in ("mean_loss", "mean_sq_dist", "virial"):
             assert_within(p[key][k], p[key + "_sem"][k], law[key], f"minibatch SGLD {key} at gamma={gk:.3g}")
     assert np.all(np.isfinite(p["minibatch_noise_ratio"]))
+
+
+def test_full_batch_sgld_lm_has_no_step_bias_on_a_quadratic():
+    """With exact gradients the Leimkuhler-Matthews noise gives the exact Gaussian q at a large stable step."""
+    _, A, y, theta, H, g, L0 = linear_problem()
+    lam_max = float(np.linalg.eigvalsh(H).max())
+    beta = 200.0
+    gam = lam_max * np.array([0.1, 1.0, 100.0])
+    pot = QuadraticPotential(torch.tensor(H), torch.tensor(g), L0)
+    res = local_entropy(pot, gam, center=torch.zeros(4, dtype=torch.float64), beta=beta, sampler="sgld",
+                        step_fraction=0.8, lambda_max=lam_max, local_curvature=False, steps=2000, burn_in=200,
+                        chains=CHAINS, seed=9, integrator="lm")
+    cf = quadratic_closed_form(H, g, L0, gam, beta)
+    p = res.per_gamma
+    for key in ("mean_loss", "mean_sq_dist", "virial"):
+        assert_within(p[key], p[key + "_sem"], cf[key], f"LM SGLD {key} at c=0.8")
+    assert_within(p["local_entropy_direct"], p["local_entropy_direct_err"], cf["local_entropy"], "LM direct F")
 
 
 def test_full_batch_sgld_bias_shrinks_with_the_step():
@@ -320,7 +341,7 @@ def test_full_batch_sgld_bias_shrinks_with_the_step():
     for c in (0.4, 0.1):
         res = local_entropy(pot, gam, center=torch.zeros(4, dtype=torch.float64), beta=beta, sampler="sgld",
                             step_fraction=c, lambda_max=lam_max, local_curvature=False, steps=3000, burn_in=300,
-                            chains=CHAINS, seed=7)
+                            chains=CHAINS, seed=7, integrator="euler")
         p = res.per_gamma
         for k, gk in enumerate(gam):
             law = ula_law(H, g, L0, gk, beta, p["step_size"][k])

@@ -102,8 +102,8 @@ import numpy as np
 import torch
 
 from ..errors import FlatscopeError
-from ..samplers import (SAMPLERS, SGLD_STEP_FRACTION, ChainRun, ObjectivePotential, Potential, SamplerDivergence,
-                        effective_sample_size, power_lambda_max, run_chains, split_rhat)
+from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, ObjectivePotential, Potential,
+                        SamplerDivergence, effective_sample_size, power_lambda_max, run_chains, split_rhat)
 
 IS_MIN_ESS = 100.0
 RHAT_WARN = 1.1
@@ -406,6 +406,7 @@ class LocalEntropyResult:
     thin: int
     minibatch: int | None
     warm_start: str
+    integrator: str
     per_gamma: dict            # name -> (K,) arrays
     vectors: dict              # mean_params, grad, grad_sem: (K, n)
     traces: dict               # loss, sq_dist, virial: (K, C, S_thin); step: (S_thin,)
@@ -452,7 +453,7 @@ class LocalEntropyResult:
             "sampler": self.sampler, "chains": np.int64(self.chains), "steps": np.int64(self.steps),
             "burn_in": np.int64(self.burn_in), "thin": np.int64(self.thin),
             "minibatch": np.int64(self.minibatch or 0), "warm_start": self.warm_start,
-            "anchor": self.anchor, "warnings": json.dumps(self.warnings),
+            "anchor": self.anchor, "integrator": self.integrator, "warnings": json.dumps(self.warnings),
         }
         tree.update({k: (v if isinstance(v, str) else np.asarray(v)) for k, v in self.per_gamma.items()})
         tree.update({k: np.asarray(v) for k, v in self.vectors.items()})
@@ -466,7 +467,7 @@ class LocalEntropyResult:
                "center_grad_norm": self.center_grad_norm, "lambda_max": self.lambda_max,
                "lambda_max_source": self.lambda_max_source, "sampler": self.sampler, "chains": self.chains,
                "steps": self.steps, "burn_in": self.burn_in, "thin": self.thin, "minibatch": self.minibatch,
-               "warm_start": self.warm_start, "anchor": self.anchor, "tail": self.per_gamma["tail"],
+               "warm_start": self.warm_start, "integrator": self.integrator, "anchor": self.anchor, "tail": self.per_gamma["tail"],
                "tail_err": self.per_gamma["tail_err"], "tail_gap": self.per_gamma["tail_gap"],
                "quadrature_rule": self.per_gamma["quadrature_rule"]}
         out.update({k: self.per_gamma[k] for k in self.JSON_KEYS if k in self.per_gamma})
@@ -497,7 +498,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
                   step_fraction: float | None = None, minibatch: int | None = None, is_samples: int = 0,
                   lambda_max: float | None = None, warm_start: str = "previous", chain_mode: str = "auto",
                   center: torch.Tensor | None = None, seed: int = 0, device_generator: torch.Generator | None = None,
-                  local_curvature: bool = True, retries: int = 2,
+                  local_curvature: bool = True, retries: int = 2, integrator: str = "lm",
                   progress: Callable[[int], None] | None = None) -> LocalEntropyResult:
     """Estimate the local entropy landscape of ``target`` around its weights at each coupling.
 
@@ -505,8 +506,10 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     :class:`~flatscope.samplers.Potential` with ``center``. ``gammas``: positive couplings.
     ``beta``: inverse temperature (default: the number of samples, see the module docstring).
     Step: ``step_size`` (eta, the same at every gamma) or ``step_fraction`` c with
-    eta = c / (lambda_max + gamma) (default 0.1 for SGLD; adapted during burn-in for MALA).
-    ``minibatch``: SGLD minibatch size (None: full batch). ``is_samples``: importance-sampling draws
+    eta = c / (lambda_max + gamma) (default 0.25 for SGLD with LM noise, 0.1 with Euler; adapted during
+    burn-in for MALA).
+    ``minibatch``: SGLD minibatch size (None: full batch). ``integrator``: SGLD noise scheme, ``lm``
+    (Leimkuhler-Matthews, default) or ``euler`` (Welling & Teh, Entropy-SGD). ``is_samples``: importance-sampling draws
     per gamma (0: none). ``warm_start``: ``previous`` (chains continue from the next larger gamma,
     widened by the extra prior variance 1/(beta gamma_k) - 1/(beta gamma_{k+1}) so unconstrained
     directions start in equilibrium) or ``center`` (fresh draws from N(w, I/(beta gamma))).
@@ -538,6 +541,8 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         raise FlatscopeError(f"--beta must be positive and finite, got {beta}")
     if sampler not in SAMPLERS:
         raise FlatscopeError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if integrator not in INTEGRATORS:
+        raise FlatscopeError(f"unknown integrator {integrator!r}; choose from {', '.join(INTEGRATORS)}")
     if chains < 1:
         raise FlatscopeError(f"--chains must be at least 1, got {chains}")
     if steps < 1:
@@ -581,7 +586,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         lam, lam_src = float(lambda_max), "given"
     adapt = sampler == "mala" and step_size is None and burn_in > 0
     if step_fraction is None:
-        step_fraction = SGLD_STEP_FRACTION if sampler == "sgld" else min(1.0, n ** (-1.0 / 3.0))
+        step_fraction = SGLD_STEP_FRACTION[integrator] if sampler == "sgld" else min(1.0, n ** (-1.0 / 3.0))
 
     warnings: list[str] = []
     K = len(gam)
@@ -625,7 +630,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             try:
                 run = run_chains(pot, center, g_k, beta, W, sampler=sampler, step=eta, steps=steps, burn_in=burn_in,
                                  minibatch=minibatch, adapt=adapt, lambda_max=lam_k, generator=gen,
-                                 divergence_scale=scale, progress=progress)
+                                 divergence_scale=scale, progress=progress, integrator=integrator)
                 break
             except SamplerDivergence as exc:
                 if step_size is not None or attempt == retries:
@@ -759,5 +764,6 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     return LocalEntropyResult(gamma=gam, beta=beta, n_params=n, center_loss=center_loss, center_grad_norm=gnorm,
                               lambda_max=lam, lambda_max_source=lam_src, sampler=sampler, chains=chains,
                               steps=steps, burn_in=burn_in, thin=thin, minibatch=minibatch, warm_start=warm_start,
+                              integrator=integrator if sampler == "sgld" else "mala",
                               per_gamma=per_gamma, vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem},
                               traces=traces, importance=importance, warnings=warnings, anchor=ti["anchor"])

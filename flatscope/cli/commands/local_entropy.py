@@ -71,6 +71,9 @@ def parse_beta(spec: str) -> float | None:
 @click.option("--sampler", type=click.Choice(["sgld", "mala"]), default="sgld", show_default=True,
               help="sgld: Langevin with minibatch gradients (Entropy-SGD's inner loop); mala: full batch, "
                    "Metropolis-adjusted (exact; small models).")
+@click.option("--integrator", type=click.Choice(["lm", "euler"]), default="lm", show_default=True,
+              help="SGLD noise: lm = sqrt(2 eta/beta)(xi_t + xi_t+1)/2 (Leimkuhler-Matthews: exact variance on "
+                   "quadratics, same cost); euler = sqrt(2 eta/beta) xi_t (Welling & Teh, Entropy-SGD).")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Kept sampling steps per gamma and chain.")
 @click.option("--burn-in", type=int, default=200, show_default=True, help="Discarded steps per gamma before --steps.")
 @click.option("--thin", type=int, default=10, show_default=True,
@@ -78,8 +81,8 @@ def parse_beta(spec: str) -> float | None:
 @click.option("--chains", type=int, default=8, show_default=True,
               help="Independent chains (batched with vmap); standard errors come from their spread.")
 @click.option("--step-size", "step_spec", default="auto", show_default=True, metavar="auto|auto:C|ETA",
-              help="Langevin step eta (learning-rate units); auto = C/(lambda_max + gamma) with C = 0.1 for sgld, "
-                   "adapted in burn-in to acceptance 0.574 for mala.")
+              help="Langevin step eta (learning-rate units); auto = C/(lambda_max + gamma) with C = 0.25 for sgld "
+                   "(0.1 with --integrator euler), adapted in burn-in to acceptance 0.574 for mala.")
 @click.option("--minibatch", "minibatch_spec", default=None, metavar="M|full",
               help="SGLD minibatch size (drawn with replacement per chain and step) [default: 64]; full = full "
                    "batch. MALA always uses the full batch. The default is capped at the split's size.")
@@ -94,7 +97,7 @@ def parse_beta(spec: str) -> float | None:
               help="How chains share a step: vmap (one batched call) or loop; auto = vmap for >= 8 chains with "
                    "small per-chain calls (rows x parameters <= 2e6), loop otherwise (measured faster there).")
 @pass_run
-def command(run, gamma_spec, beta_spec, sampler, steps, burn_in, thin, chains, step_spec, minibatch_spec,
+def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thin, chains, step_spec, minibatch_spec,
             is_samples, lambda_max, warm_start, chain_mode):
     """Estimate the local entropy F(gamma) around a checkpoint, with <L>, <|w'-w|^2> and grad F.
 
@@ -149,13 +152,13 @@ def command(run, gamma_spec, beta_spec, sampler, steps, burn_in, thin, chains, s
             res = local_entropy(obj, gammas, beta=beta, sampler=sampler, steps=steps, burn_in=burn_in, thin=thin,
                                 chains=chains, step_size=step_size, step_fraction=step_fraction, minibatch=minibatch,
                                 is_samples=is_samples, lambda_max=lam, warm_start=warm_start, chain_mode=chain_mode,
-                                seed=run.seed, device_generator=gen, progress=advance)
+                                seed=run.seed, device_generator=gen, progress=advance, integrator=integrator)
         res.lambda_max_source = "given" if lambda_max is not None else "power iteration (20 steps)"
         for w in res.warnings:
             run.warn(f"[{split}] {w}" if len(run.splits()) > 1 else w)
         results[split] = res
 
-    options = {"gamma": gamma_spec, "beta": beta_spec, "sampler": sampler, "steps": steps, "burn_in": burn_in,
+    options = {"gamma": gamma_spec, "beta": beta_spec, "sampler": sampler, "integrator": integrator, "steps": steps, "burn_in": burn_in,
                "thin": thin, "chains": chains, "step_size": step_spec, "minibatch": minibatch or "full", "is_samples": is_samples, "lambda_max": lambda_max, "warm_start": warm_start,
                "chain_mode": chain_mode}
     groups = {}
