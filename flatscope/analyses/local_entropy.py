@@ -597,13 +597,14 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     noise_ratio = np.full(K, np.nan)
     lam_used = np.full(K, np.nan)
 
-    # minibatch gradient noise at the center: top eigenvalue of its covariance (rank <= 31 estimate)
-    sigma_top = None
-    if sampler == "sgld" and minibatch:
+    def minibatch_noise_top(w: torch.Tensor) -> float:
+        """Top eigenvalue of the minibatch gradient's covariance at ``w`` (from 32 draws: rank <= 31)."""
         reps = 32
-        _, Gm = pot.minibatch_loss_grad(center[None].expand(reps, n).contiguous(), minibatch, gen)
+        _, Gm = pot.minibatch_loss_grad(w[None].expand(reps, n).contiguous(), minibatch, gen)
         Gc = (Gm - Gm.mean(0)).double()
-        sigma_top = float(torch.linalg.matrix_norm(Gc, ord=2) ** 2 / (reps - 1))
+        return float(torch.linalg.matrix_norm(Gc, ord=2) ** 2 / (reps - 1))
+
+    sigma_top = minibatch_noise_top(center) if sampler == "sgld" and minibatch else None
 
     W = None
     prev_gamma = None
@@ -646,7 +647,8 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         wall[k] = time.time() - t0
         evals[k] = run.grad_evals * chains
         if sigma_top is not None:
-            noise_ratio[k] = run.step * beta * sigma_top / 2.0
+            # where the chains are: the minibatch noise grows with the loss away from the minimum
+            noise_ratio[k] = run.step * beta * max(sigma_top, minibatch_noise_top(run.final[0])) / 2.0
 
     # ---------------------------------------------------------------- per-gamma statistics
     def stat(name):

@@ -3,8 +3,9 @@
 - ``<base>.entropy``: F(gamma) and <L>_q against gamma (log x) with error bands, L(w) as a line and
   the importance-sampling estimates of F as markers (crosses where its ESS is below 100); beside it
   the gaps F - L(w) and <L>_q - L(w) on a log scale (symlog if a gap is not positive);
-- ``<base>.distance``: <|w'-w|^2>_q against gamma (log-log) beside the prior's n/(beta gamma), and
-  |grad F| = gamma |w - <w'>_q| with its Monte Carlo noise floor;
+- ``<base>.distance``: <|w'-w|^2>_q against gamma (log-log) beside the prior's n/(beta gamma), their
+  ratio (1 where the loss does not constrain q), and |grad F| = gamma |w - <w'>_q| with its Monte
+  Carlo noise floor (the norm that chain noise alone would give);
 - ``<base>.traces``: the stored (thinned) chain traces of L(w') at up to four couplings, one row per
   results file.
 
@@ -44,7 +45,7 @@ def plot(items, out_base, fmt):
         ax.fill_between(g, F - Fe, F + Fe, color=c, alpha=0.2, lw=0)
         ax.plot(g, mL, "--s", color=c, ms=3, alpha=0.8, label=f"{pre}⟨L⟩_q")
         ax.fill_between(g, mL - mLe, mL + mLe, color=c, alpha=0.12, lw=0)
-        ax.axhline(L0, color=c, lw=0.8, ls=":", label=f"{pre}L(w)")
+        ax.axhline(L0, color=c, lw=0.8, ls=":", label="L(w)" if i == 0 else None)
         axg.errorbar(g, F - L0, yerr=Fe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}F(γ) − L(w)")
         axg.errorbar(g, mL - L0, yerr=mLe, fmt="--s", color=c, ms=3, capsize=2, alpha=0.8,
                      label=f"{pre}⟨L⟩_q − L(w)")
@@ -56,10 +57,10 @@ def plot(items, out_base, fmt):
             for a, off in ((ax, 0.0), (axg, L0)):
                 if ok.any():
                     a.errorbar(g[ok], Fi[ok] - off, yerr=Fie[ok], fmt="D", color=c, ms=5, capsize=2, mfc="white",
-                               label=f"{pre}F by IS (ESS ≥ 100)" if a is ax else None)
+                               label="F by importance sampling (ESS ≥ 100)" if a is ax and i == 0 else None)
                 if (~ok).any():
                     a.plot(g[~ok], Fi[~ok] - off, "x", color=c, ms=6,
-                           label=f"{pre}F by IS (ESS < 100: unreliable)" if a is ax else None)
+                           label="F by importance sampling (ESS < 100: unreliable)" if a is ax and i == 0 else None)
     t0 = items[0][1]
     for a in (ax, axg):
         a.set_xscale("log")
@@ -79,47 +80,55 @@ def plot(items, out_base, fmt):
     paths.append(save(fig, out_base, "entropy", fmt))
 
     # ---------------------------------------------------------------- <|d|^2> and |grad F| vs gamma
-    fig, (a1, a2) = figure(1, 2, figsize=(10.5, 4.0))
+    fig, (a1, a3, a2) = figure(1, 3, figsize=(15.0, 4.0))
     for i, (label, t) in enumerate(items):
         c = _COLORS[i % len(_COLORS)]
         g = _arr(t, "gamma")
         pre = f"{label}: " if multi else ""
         sq, sqe = _arr(t, "mean_sq_dist"), _arr(t, "mean_sq_dist_sem")
-        a1.errorbar(g, sq, yerr=sqe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}⟨‖w'−w‖²⟩_q")
         n, beta = float(t["n_params"]), float(t["beta"])
+        a1.errorbar(g, sq, yerr=sqe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}⟨‖w'−w‖²⟩_q")
         gg = np.geomspace(g.min(), g.max(), 50)
-        a1.plot(gg, n / (beta * gg), ":", color=c, lw=1, label=f"{pre}prior n/(βγ)")
+        a1.plot(gg, n / (beta * gg), ":", color="gray" if not multi else c, lw=1, label=f"{pre}prior n/(βγ)")
+        prior = n / (beta * g)
+        a3.errorbar(g, sq / prior, yerr=sqe / prior, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}ratio")
         gn, gne, floor = _arr(t, "grad_norm"), _arr(t, "grad_norm_err"), _arr(t, "grad_noise_floor")
         a2.errorbar(g, gn, yerr=gne, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}|∇F| = γ|w−⟨w'⟩|")
         if floor is not None and np.any(np.isfinite(floor)):
-            a2.plot(g, floor, ":", color=c, lw=1, label=f"{pre}Monte Carlo noise floor")
-    for a in (a1, a2):
+            a2.plot(g, floor, "--", color="gray" if not multi else c, lw=1.2, label=f"{pre}Monte Carlo noise floor")
+    a3.axhline(1.0, color="gray", lw=0.8, ls=":")
+    for a in (a1, a2, a3):
         a.set_xscale("log")
-        a.set_yscale("log")
         a.set_xlabel("coupling γ")
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=7)
+    a1.set_yscale("log")
+    a2.set_yscale("log")
     a1.set_ylabel("squared distance")
+    a3.set_ylabel("⟨‖w'−w‖²⟩_q / (n/(βγ))")
     a2.set_ylabel("gradient norm")
     a1.set_title("spread of q_γ around w")
-    a2.set_title("local-entropy gradient")
+    a3.set_title("spread relative to the prior (1 = unconstrained)")
+    a2.set_title("local-entropy gradient (noise-limited near the floor)")
+    fig.tight_layout()
     paths.append(save(fig, out_base, "distance", fmt))
 
     # ---------------------------------------------------------------- chain traces
     rows = len(items)
-    g0 = _arr(items[0][1], "gamma")
-    pick = np.unique(np.linspace(0, len(g0) - 1, min(4, len(g0))).round().astype(int))
-    fig, axes = figure(rows, len(pick), figsize=(3.2 * len(pick), 2.6 * rows), squeeze=False)
+    ncol = min(4, max(len(_arr(t, "gamma")) for _, t in items))
+    fig, axes = figure(rows, ncol, figsize=(3.3 * ncol, 2.8 * rows), squeeze=False)
     for r, (label, t) in enumerate(items):
         tr = t.get("traces") or {}
-        loss = np.asarray(tr.get("loss")) if "loss" in tr else None
-        steps = np.asarray(tr.get("step")) if "step" in tr else None
+        loss = np.asarray(tr["loss"]) if "loss" in tr else None
+        steps = np.asarray(tr["step"]) if "step" in tr else None
         g = _arr(t, "gamma")
-        for j, k in enumerate(pick):
+        pick = np.unique(np.linspace(0, len(g) - 1, min(ncol, len(g))).round().astype(int))
+        for j in range(ncol):
             ax = axes[r][j]
-            if loss is None or k >= loss.shape[0]:
+            if loss is None or j >= len(pick):
                 ax.set_visible(False)
                 continue
+            k = pick[j]
             for ch in range(loss.shape[1]):
                 ax.plot(steps, loss[k, ch], lw=0.7, alpha=0.8)
             ax.axhline(float(t["mean_loss"][k]), color="k", lw=0.8, ls="--")
@@ -128,5 +137,6 @@ def plot(items, out_base, fmt):
             if j == 0:
                 ax.set_ylabel("L(w') per chain", fontsize=8)
             ax.tick_params(labelsize=7)
+    fig.tight_layout()
     paths.append(save(fig, out_base, "traces", fmt))
     return paths
