@@ -87,6 +87,15 @@ inner loop adds noise sqrt(eta') eps xi where SGLD adds sqrt(2 eta / beta) xi: i
 is beta = 2 / eps^2 = 2e8, a nearly zero temperature at which q is the gamma-proximal point of L
 plus tiny fluctuations.
 
+Minibatch heating. SGLD's minibatch gradient adds noise of covariance eta^2 Sigma per step to the
+injected 2 eta / beta; on a quadratic the stationary covariance then grows by Delta S with
+A Delta S + Delta S A = eta Sigma (first order in eta, A = H + gamma I), so <L>_q rises by
+tr(H Delta S)/2 <= tr(A Delta S)/2 = eta tr(Sigma) / 4, with near equality where gamma is below the
+curvature. flatscope estimates tr(Sigma) from 32 minibatch gradients at each of (up to) four chains'
+final states and
+reports this bound (``minibatch_heating``, loss units) beside the ratio eta beta sigma_top / 2 of
+the top direction (``minibatch_noise_ratio``), and warns when it exceeds 10% of <L>_q - L(w).
+
 The samplers are in :mod:`flatscope.samplers`.
 """
 
@@ -107,7 +116,7 @@ from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, Obj
 
 IS_MIN_ESS = 100.0
 RHAT_WARN = 1.1
-MINIBATCH_NOISE_WARN = 0.1
+MINIBATCH_NOISE_WARN = 0.1   # warn when the predicted minibatch bias of <L>_q exceeds 10% of <L>_q - L(w)
 TAIL_BATCHES = 10
 
 
@@ -418,7 +427,7 @@ class LocalEntropyResult:
                  "local_entropy_err", "local_entropy_mc_err", "local_entropy_quad_err", "local_entropy_direct",
                  "local_entropy_direct_err", "virial", "virial_sem", "dF_dgamma", "dF_dgamma_sem",
                  "dF_dgamma_direct", "dF_dgamma_direct_sem", "grad_norm", "grad_norm_err", "grad_noise_floor", "grad_norm_debiased",
-                 "step_size", "step_fraction", "accept_rate", "rhat", "ess", "minibatch_noise_ratio",
+                 "step_size", "step_fraction", "accept_rate", "rhat", "ess", "minibatch_noise_ratio", "minibatch_heating",
                  "wall_time_s", "grad_evals")
 
     def summary(self) -> dict:
@@ -595,16 +604,22 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     wall = np.zeros(K)
     evals = np.zeros(K, dtype=np.int64)
     noise_ratio = np.full(K, np.nan)
+    heating = np.full(K, np.nan)
     lam_used = np.full(K, np.nan)
 
-    def minibatch_noise_top(w: torch.Tensor) -> float:
-        """Top eigenvalue of the minibatch gradient's covariance at ``w`` (from 32 draws: rank <= 31)."""
+    def minibatch_noise(states: torch.Tensor) -> tuple[float, float]:
+        """(top eigenvalue, trace) of the minibatch gradient's covariance, averaged over the rows of
+        ``states``, from 32 draws at each."""
         reps = 32
-        _, Gm = pot.minibatch_loss_grad(w[None].expand(reps, n).contiguous(), minibatch, gen)
-        Gc = (Gm - Gm.mean(0)).double()
-        return float(torch.linalg.matrix_norm(Gc, ord=2) ** 2 / (reps - 1))
+        tops, traces = [], []
+        for w in states:
+            _, Gm = pot.minibatch_loss_grad(w[None].expand(reps, n).contiguous(), minibatch, gen)
+            Gc = (Gm - Gm.mean(0)).double()
+            tops.append(float(torch.linalg.matrix_norm(Gc, ord=2) ** 2 / (reps - 1)))
+            traces.append(float(Gc.pow(2).sum() / (reps - 1)))
+        return float(np.mean(tops)), float(np.mean(traces))
 
-    sigma_top = minibatch_noise_top(center) if sampler == "sgld" and minibatch else None
+    noise_center = minibatch_noise(center[None]) if sampler == "sgld" and minibatch else None
 
     W = None
     prev_gamma = None
@@ -646,9 +661,11 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         prev_gamma = g_k
         wall[k] = time.time() - t0
         evals[k] = run.grad_evals * chains
-        if sigma_top is not None:
+        if noise_center is not None:
             # where the chains are: the minibatch noise grows with the loss away from the minimum
-            noise_ratio[k] = run.step * beta * max(sigma_top, minibatch_noise_top(run.final[0])) / 2.0
+            top, trace = minibatch_noise(run.final[:4])
+            noise_ratio[k] = run.step * beta * max(top, noise_center[0]) / 2.0
+            heating[k] = run.step * trace / 4.0
 
     # ---------------------------------------------------------------- per-gamma statistics
     def stat(name):
@@ -722,10 +739,11 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         if sampler == "mala" and accept[k] < 0.15:
             warnings.append(f"gamma={gam[k]:.4g}: MALA acceptance {accept[k]:.3f} is low; chains barely move "
                             "(lower --step-size)")
-        if np.isfinite(noise_ratio[k]) and noise_ratio[k] > MINIBATCH_NOISE_WARN:
-            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise is {noise_ratio[k]:.2f}x the injected "
-                            "noise in its top direction, which heats the chain by up to that fraction "
-                            "(raise --minibatch, lower --step-size, or use --sampler mala)")
+        gap_k = abs(mean_loss[k] - center_loss)
+        if np.isfinite(heating[k]) and heating[k] > MINIBATCH_NOISE_WARN * gap_k:
+            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise heats the chains: it raises <L>_q by up to "
+                            f"{heating[k]:.2g} (eta tr Cov(g_minibatch) / 4), {heating[k] / gap_k:.0%} of "
+                            f"<L>_q - L(w) (raise --minibatch, lower --step-size, or use --sampler mala)")
     if sampler == "mala" and np.all(accept < 0.01):
         raise FlatscopeError(f"MALA accepted almost no proposal (rate {accept.max():.3g}): the step size is far "
                              "too large for this curvature; lower --step-size")
@@ -761,7 +779,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         "rhat": np.fmax(rhat["loss"], rhat["virial"]), "ess": np.fmin(ess["loss"], ess["virial"]),
         "rhat_loss": rhat["loss"], "rhat_sq_dist": rhat["sq_dist"], "rhat_virial": rhat["virial"],
         "ess_loss": ess["loss"], "ess_sq_dist": ess["sq_dist"], "ess_virial": ess["virial"],
-        "minibatch_noise_ratio": noise_ratio, "wall_time_s": wall, "grad_evals": evals,
+        "minibatch_noise_ratio": noise_ratio, "minibatch_heating": heating, "wall_time_s": wall, "grad_evals": evals,
     }
     return LocalEntropyResult(gamma=gam, beta=beta, n_params=n, center_loss=center_loss, center_grad_norm=gnorm,
                               lambda_max=lam, lambda_max_source=lam_src, sampler=sampler, chains=chains,
