@@ -115,7 +115,8 @@ from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, Obj
                         SamplerDivergence, effective_sample_size, power_lambda_max, run_chains, split_rhat)
 
 IS_MIN_ESS = 100.0
-RHAT_WARN = 1.1
+RHAT_WARN = 1.01     # Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021): R-hat < 1.01 and ESS > 400
+ESS_WARN = 400.0
 MINIBATCH_NOISE_WARN = 0.1   # warn when the predicted minibatch bias of <L>_q exceeds 10% of <L>_q - L(w)
 TAIL_BATCHES = 10
 
@@ -732,10 +733,13 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
 
     # ---------------------------------------------------------------- warnings
     for k in range(K):
-        bad = [q for q in ("loss", "virial") if np.isfinite(rhat[q][k]) and rhat[q][k] > RHAT_WARN]
+        bad = [f"R-hat({q}) {rhat[q][k]:.3f} > {RHAT_WARN}" for q in ("loss", "virial")
+               if np.isfinite(rhat[q][k]) and rhat[q][k] > RHAT_WARN]
+        bad += [f"ESS({q}) {ess[q][k]:.0f} < {ESS_WARN:.0f}" for q in ("loss", "virial")
+                if np.isfinite(ess[q][k]) and ess[q][k] < ESS_WARN]
         if bad:
-            warnings.append(f"gamma={gam[k]:.4g}: chains have not equilibrated (split R-hat "
-                            + ", ".join(f"{q} {rhat[q][k]:.3f}" for q in bad) + f" > {RHAT_WARN}); raise --steps/--burn-in")
+            warnings.append(f"gamma={gam[k]:.4g}: chains have not equilibrated or mixed enough ({', '.join(bad)}): "
+                            "the standard errors there are too small; raise --steps/--burn-in")
         if sampler == "mala" and accept[k] < 0.15:
             warnings.append(f"gamma={gam[k]:.4g}: MALA acceptance {accept[k]:.3f} is low; chains barely move "
                             "(lower --step-size)")
