@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         "machine": f"{platform.machine()} {cpu_name()}, torch {torch.__version__}, threads {a.threads}",
         "model": f"{ck.model_spec} ({obj.dim} parameters), {obj.n} training samples, batch {a.batch}",
         "sgd_steps_per_s": med(rec["sgd"]), "sgld_steps_per_s": med(rec["sgld"]),
-        "sgld_over_sgd": med(rec["ratio"]),
+        "sgld_over_sgd": med(rec["ratio"]), "sgld_over_sgd_range": [min(rec["ratio"]), max(rec["ratio"])],
         "chains": {},
     }
     for c in chains:
@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
             lo, vv = modes[("loop", c, full)], modes[("vmap", c, full)]
             ratios = [v / l for v, l in zip(vv, lo)]
             out["chains"][f"{c} chains, {'full batch' if full else f'minibatch {a.batch}'}"] = {
-                "loop_chain_steps_per_s": med(lo), "vmap_chain_steps_per_s": med(vv), "vmap_over_loop": med(ratios)}
+                "loop_chain_steps_per_s": med(lo), "vmap_chain_steps_per_s": med(vv), "vmap_over_loop": med(ratios),
+                "vmap_over_loop_range": [min(ratios), max(ratios)]}
     print(json.dumps(out, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
