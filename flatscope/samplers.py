@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -272,7 +272,8 @@ class ChainRun:
     ``loss``, ``sq_dist``, ``virial``: full traces ``(C, steps)`` (float64) of ``L(w')``,
     ``||w' - w||^2`` and ``(w' - w) . grad L(w')``; ``mean_params``: per-chain mean of ``w'``
     ``(C, dim)`` (float64); ``accept``: per-chain MALA acceptance rate (NaN for SGLD);
-    ``final``: the last states (warm starts); ``step``: the step size ``eta`` used after burn-in.
+    ``final``: the last states (warm starts); ``step``: the step size ``eta`` used after burn-in;
+    ``fraction``: eta (lambda_max + gamma) after MALA's adaptation (None without it).
     """
 
     loss: torch.Tensor
@@ -285,7 +286,6 @@ class ChainRun:
     diverged: torch.Tensor
     grad_evals: int
     fraction: float | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: float, init: torch.Tensor, *,

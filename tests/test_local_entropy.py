@@ -190,7 +190,8 @@ def test_closed_form_matches_direct_integration_and_identities():
     # large gamma: F -> L + (tr H / beta - |g|^2) / (2 gamma)
     big = 1e6
     c1 = np.trace(H) / beta - g @ g
-    assert quadratic_closed_form(H, g, L0, [big], beta)["local_entropy"][0] - L0 == pytest.approx(c1 / (2 * big), rel=1e-5)
+    gap = quadratic_closed_form(H, g, L0, [big], beta)["local_entropy"][0] - L0
+    assert gap == pytest.approx(c1 / (2 * big), rel=1e-5)
 
 
 _LU = np.concatenate([np.geomspace(1e-3, 1, 40), np.zeros(10)])

@@ -201,7 +201,8 @@ def quadratic_closed_form(H, g, L0: float, gammas, beta: float) -> dict:
         out["mean_shift"].append(shift)
         out["grad"].append(-gam * shift)
         out["mean_sq_dist"].append(np.sum(gq**2 / a**2) + np.sum(1 / a) / beta)
-        out["mean_loss"].append(L0 - np.sum(gq**2 / a) + 0.5 * np.sum(lam * gq**2 / a**2) + 0.5 * np.sum(lam / a) / beta)
+        out["mean_loss"].append(L0 - np.sum(gq**2 / a) + 0.5 * np.sum(lam * gq**2 / a**2)
+                                + 0.5 * np.sum(lam / a) / beta)
         out["virial"].append(-np.sum(gq**2 / a) + np.sum(lam * gq**2 / a**2) + np.sum(lam / a) / beta)
         out["local_entropy"].append(L0 - 0.5 * np.sum(gq**2 / a) + 0.5 / beta * np.sum(np.log1p(lam / gam)))
         out["dF_dgamma"].append(0.5 * np.sum(gq**2 / a**2) + 0.5 / beta * np.sum(1 / a - 1 / gam))
@@ -427,8 +428,9 @@ class LocalEntropyResult:
     JSON_KEYS = ("mean_loss", "mean_loss_sem", "mean_sq_dist", "mean_sq_dist_sem", "local_entropy",
                  "local_entropy_err", "local_entropy_mc_err", "local_entropy_quad_err", "local_entropy_direct",
                  "local_entropy_direct_err", "virial", "virial_sem", "dF_dgamma", "dF_dgamma_sem",
-                 "dF_dgamma_direct", "dF_dgamma_direct_sem", "grad_norm", "grad_norm_err", "grad_noise_floor", "grad_norm_debiased",
-                 "step_size", "step_fraction", "accept_rate", "rhat", "ess", "minibatch_noise_ratio", "minibatch_heating",
+                 "dF_dgamma_direct", "dF_dgamma_direct_sem", "grad_norm", "grad_norm_err", "grad_noise_floor",
+                 "grad_norm_debiased", "step_size", "step_fraction", "accept_rate", "rhat", "ess",
+                 "minibatch_noise_ratio", "minibatch_heating",
                  "wall_time_s", "grad_evals")
 
     def summary(self) -> dict:
@@ -450,7 +452,8 @@ class LocalEntropyResult:
             "gamma_min": float(self.gamma[0]), "gamma_max": float(self.gamma[-1]), "lambda_max": self.lambda_max,
             "max_rhat": float(np.nanmax(p["rhat"])) if np.any(np.isfinite(p["rhat"])) else math.nan,
             "min_ess": float(np.nanmin(p["ess"])) if np.any(np.isfinite(p["ess"])) else math.nan,
-            "min_accept_rate": float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"])) else math.nan,
+            "min_accept_rate": (float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"]))
+                                else math.nan),
             "is_min_ess": float(np.min(imp["ess"])) if imp else math.nan,
             "n_warnings": len(self.warnings),
         }
@@ -477,7 +480,8 @@ class LocalEntropyResult:
                "center_grad_norm": self.center_grad_norm, "lambda_max": self.lambda_max,
                "lambda_max_source": self.lambda_max_source, "sampler": self.sampler, "chains": self.chains,
                "steps": self.steps, "burn_in": self.burn_in, "thin": self.thin, "minibatch": self.minibatch,
-               "warm_start": self.warm_start, "integrator": self.integrator, "anchor": self.anchor, "tail": self.per_gamma["tail"],
+               "warm_start": self.warm_start, "integrator": self.integrator, "anchor": self.anchor,
+               "tail": self.per_gamma["tail"],
                "tail_err": self.per_gamma["tail_err"], "tail_gap": self.per_gamma["tail_gap"],
                "quadrature_rule": self.per_gamma["quadrature_rule"]}
         out.update({k: self.per_gamma[k] for k in self.JSON_KEYS if k in self.per_gamma})
@@ -529,7 +533,6 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     restarts that gamma with c / 4 (at most ``retries`` times, each recorded in ``warnings``); with
     an explicit ``step_size`` it raises :class:`~flatscope.samplers.SamplerDivergence`.
     """
-    t_start = time.time()
     if isinstance(target, Potential):
         pot = target
         if center is None:
@@ -699,8 +702,9 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         tail_gap = anchor - (center_loss + ti["tail"])
         tol = 3 * math.sqrt(anchor_err**2 + (0.5 * vir_sem[-1]) ** 2) + ti["tail_err"]
         if abs(tail_gap) > tol:
-            warnings.append(f"at gamma_max={gam[-1]:.4g} the asymptotic tail F ~ L + m/2 = {center_loss + ti['tail']:.6g} "
-                            f"and importance sampling F = {anchor:.6g} differ by {tail_gap:.3g} (> {tol:.2g}): the loss "
+            warnings.append(f"at gamma_max={gam[-1]:.4g} the asymptotic tail F ~ L + m/2 = "
+                            f"{center_loss + ti['tail']:.6g} and importance sampling F = {anchor:.6g} differ by "
+                            f"{tail_gap:.3g} (> {tol:.2g}): the loss "
                             "is not yet quadratic at this scale (ReLU kinks, a saturated softmax); F is anchored on "
                             "importance sampling")
     elif K > 1 and is_samples:
@@ -767,7 +771,8 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     traces["step"] = keep + burn_in
 
     per_gamma = {
-        "mean_loss": mean_loss, "mean_loss_sem": mean_loss_sem, "mean_sq_dist": mean_sq, "mean_sq_dist_sem": mean_sq_sem,
+        "mean_loss": mean_loss, "mean_loss_sem": mean_loss_sem,
+        "mean_sq_dist": mean_sq, "mean_sq_dist_sem": mean_sq_sem,
         "virial": vir, "virial_sem": vir_sem, "dF_dgamma": dF, "dF_dgamma_sem": dF_sem,
         "dF_dgamma_direct": dF_direct, "dF_dgamma_direct_sem": dF_direct_sem,
         "local_entropy": ti["local_entropy"], "local_entropy_err": ti["err"], "local_entropy_mc_err": ti["mc_err"],
@@ -789,5 +794,6 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
                               lambda_max=lam, lambda_max_source=lam_src, sampler=sampler, chains=chains,
                               steps=steps, burn_in=burn_in, thin=thin, minibatch=minibatch, warm_start=warm_start,
                               integrator=integrator if sampler == "sgld" else "mala",
-                              per_gamma=per_gamma, vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem},
+                              per_gamma=per_gamma,
+                              vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem},
                               traces=traces, importance=importance, warnings=warnings, anchor=ti["anchor"])

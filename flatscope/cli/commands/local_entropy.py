@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import click
+import torch
 
 from ...analyses.local_entropy import local_entropy, parse_gamma
 from ...errors import FlatscopeError
@@ -141,12 +142,12 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
             pot = ObjectivePotential(obj)
             lam = power_lambda_max(pot.hvp_at(obj.w0), obj.dim, iters=20, dtype=obj.dtype, device=obj.device,
                                    generator=run.generator(1))
-        gammas = grid * lam if relative else grid
         if relative and lam <= 0:
-            raise FlatscopeError("--gamma is relative to lambda_max (x suffix) but lambda_max is 0; give absolute values")
-        import torch
-
-        gen = run.generator(2) if obj.device.type == "cpu" else torch.Generator(device=obj.device).manual_seed(run.seed + 2)
+            raise FlatscopeError("--gamma is relative to lambda_max (x suffix) but lambda_max is 0; "
+                                 "give absolute values")
+        gammas = grid * lam if relative else grid
+        gen = (run.generator(2) if obj.device.type == "cpu"
+               else torch.Generator(device=obj.device).manual_seed(run.seed + 2))
         total = len(gammas) * (burn_in + steps)
         with run.progress(total, f"local-entropy {split}") as advance:
             res = local_entropy(obj, gammas, beta=beta, sampler=sampler, steps=steps, burn_in=burn_in, thin=thin,
@@ -158,8 +159,10 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
             run.warn(f"[{split}] {w}" if len(run.splits()) > 1 else w)
         results[split] = res
 
-    options = {"gamma": gamma_spec, "beta": beta_spec, "sampler": sampler, "integrator": integrator, "steps": steps, "burn_in": burn_in,
-               "thin": thin, "chains": chains, "step_size": step_spec, "minibatch": minibatch or "full", "is_samples": is_samples, "lambda_max": lambda_max, "warm_start": warm_start,
+    options = {"gamma": gamma_spec, "beta": beta_spec, "sampler": sampler, "integrator": integrator, "steps": steps,
+               "burn_in": burn_in, "thin": thin, "chains": chains, "step_size": step_spec,
+               "minibatch": minibatch or "full", "is_samples": is_samples, "lambda_max": lambda_max,
+               "warm_start": warm_start,
                "chain_mode": chain_mode}
     groups = {}
     for split, res in results.items():
