@@ -149,7 +149,8 @@ def test_parse_gamma_grammar():
     v, rel = parse_gamma("3, 1,2,1")
     assert not rel and np.allclose(v, [1, 2, 3])
     assert np.allclose(parse_gamma("0.5")[0], [0.5])
-    for bad in ("0", "-1", "1..0.1:3", "1..10", "a,b", "1..10:0", "1..10:x", "1x,2", "", "inf", "nan", "0..1:3"):
+    assert np.allclose(parse_gamma("1..10")[0], np.geomspace(1, 10, 10))  # the shared grammar's default N
+    for bad in ("0", "-1", "1..0.1:3", "a,b", "1..10:0", "1..10:x", "1x,2", "", "inf", "nan", "0..1:3"):
         with pytest.raises(FlatscopeError):
             parse_gamma(bad)
 

@@ -111,6 +111,7 @@ import numpy as np
 import torch
 
 from ..errors import FlatscopeError
+from ..grids import parse_grid
 from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, ObjectivePotential, Potential,
                         SamplerDivergence, effective_sample_size, power_lambda_max, run_chains, split_rhat)
 
@@ -125,58 +126,10 @@ TAIL_BATCHES = 10
 # The gamma grid grammar
 # ---------------------------------------------------------------------------------------------------
 def parse_gamma(spec: str) -> tuple[np.ndarray, bool]:
-    """Parse a coupling grid; returns (ascending unique values, relative).
-
-    Grammar (kept here; flatscope local-energy parses a sigma grid of the same shape, and the two
-    can share one parser later):
-
-    - ``A..B:K``: K values log-spaced from A to B inclusive (``1e-3..1e1:8``);
-    - ``a,b,c``: a list; ``a``: one value;
-    - a trailing ``x`` on every number makes it relative to the top Hessian eigenvalue:
-      ``0.1x..100x:7`` is 0.1 lambda_max ... 100 lambda_max.
-    """
-    s = str(spec).strip().replace(" ", "")
-    if not s:
-        raise FlatscopeError("--gamma is empty; give e.g. 1e-3..1e1:8, 0.1,1,10 or 0.1x..100x:7")
-    rel_flags = []
-
-    def num(tok: str) -> float:
-        rel = tok.endswith("x")
-        body = tok[:-1] if rel else tok
-        try:
-            v = float(body)
-        except ValueError:
-            raise FlatscopeError(f"--gamma: {tok!r} is not a number (grammar: A..B:K or a,b,c; "
-                                 "an x suffix means times lambda_max)") from None
-        rel_flags.append(rel)
-        return v
-
-    if ".." in s:
-        left, _, right = s.partition("..")
-        if ":" not in right:
-            raise FlatscopeError(f"--gamma: a range needs a count, e.g. {s}:8")
-        right, _, count = right.rpartition(":")
-        a, b = num(left), num(right)
-        try:
-            k = int(count)
-        except ValueError:
-            raise FlatscopeError(f"--gamma: the count after ':' must be an integer, got {count!r}") from None
-        if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
-            raise FlatscopeError(f"--gamma: every coupling must be positive and finite, got {spec!r}")
-        if k < 1:
-            raise FlatscopeError(f"--gamma: the count after ':' must be at least 1, got {k}")
-        if b < a:
-            raise FlatscopeError(f"--gamma: range {spec!r} must go from small to large")
-        if k == 1 and a != b:
-            raise FlatscopeError("--gamma: a range of one value needs A == B; use a count of at least 2")
-        vals = np.geomspace(a, b, k) if k > 1 else np.array([a])
-    else:
-        vals = np.array([num(t) for t in s.split(",")])
-    if len(set(rel_flags)) > 1:
-        raise FlatscopeError("--gamma: mix of absolute and relative (x) values; use one kind")
-    if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
-        raise FlatscopeError(f"--gamma: every coupling must be positive and finite, got {spec!r}")
-    return np.unique(vals), bool(rel_flags and rel_flags[0])
+    """The ``--gamma`` grid: (ascending distinct couplings γ > 0, relative), in the grammar of
+    :mod:`flatscope.grids` (shared with ``--sigma``); a trailing ``x`` on every number makes it
+    relative to the top Hessian eigenvalue: ``0.1x..100x:7`` is 0.1 λ_max ... 100 λ_max."""
+    return parse_grid(spec, option="--gamma", symbol="γ", positive=True, relative=True)
 
 
 # ---------------------------------------------------------------------------------------------------
