@@ -515,8 +515,8 @@ def test_cli_split_both_and_human_output(tmp_path, cli):
 @pytest.mark.parametrize("args, message", [
     (["--gamma", "0"], "positive"),
     (["--gamma", "-1,1"], "positive"),
-    (["--gamma", "1..0.1:3"], "small to large"),
-    (["--gamma", "1..10"], "count"),
+    (["--gamma", "1..0.1:3"], "end of a range must be above its start"),
+    (["--gamma", "1..10:0"], "at least 1"),
     (["--beta", "0"], "--beta"),
     (["--beta", "-2"], "--beta"),
     (["--chains", "0"], "--chains"),
