@@ -17,10 +17,8 @@ same seed stopped where its training loss first falls to the method's final trai
 trajectory is recorded by resuming ``train`` in small increments, which is bit-identical to one run).
 Differences to SGD are paired by seed; significance is a two-sided paired t-test over seeds.
 
-The three estimators below are deliberately small and local: the hessian and local-energy analyses
-are being written concurrently (issues for ``flatscope hessian`` / ``flatscope local-energy``).
-# TODO(flatscope.analyses): replace lambda_max / hutchinson_trace / local_energy with the library
-# functions once they are merged; the numbers should not change beyond their standard errors.
+The measures are flatscope's own: Lanczos for λ_max, Hutchinson for the trace (200 probes) and
+the local-energy analysis (200 draws, common random numbers across σ).
 
     python benchmarks/experiment_entropic.py --seeds 5 --epochs 30        # ~7 min on 1 shared thread
 """
@@ -39,7 +37,10 @@ import numpy as np
 import torch
 from scipy import stats
 
+from flatscope.analyses.hessian import top_eigenvectors
+from flatscope.analyses.local_energy import local_energy
 from flatscope.data import load_data
+from flatscope.linalg import trace
 from flatscope.models import build_model
 from flatscope.objective import Objective
 from flatscope.training import TrainConfig, train
@@ -54,50 +55,25 @@ METHODS = {   # the CLI defaults, plus the authors' Nesterov momentum on eSGD's 
 }
 
 
-# ------------------------------------------------------------------ local estimators (to be replaced)
-def lambda_max(obj: Objective, iters: int = 100, tol: float = 1e-5, seed: int = 0) -> float:
-    """Largest-magnitude Hessian eigenvalue by power iteration on obj.hvp (Rayleigh quotient)."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(obj.dim, generator=g, dtype=obj.dtype)
-    v /= v.norm()
-    lam = 0.0
-    for _ in range(iters):
-        hv = obj.hvp(v)
-        new = float(v @ hv)
-        v = hv / hv.norm()
-        if abs(new - lam) <= tol * abs(new):
-            return new
-        lam = new
-    return lam
+# ------------------------------------------------------------------ measures (flatscope's own analyses)
+def lambda_max(obj: Objective, seed: int = 0) -> float:
+    """Largest Hessian eigenvalue: Lanczos on exact HVPs (``flatscope.analyses.hessian``), tol 1e-5."""
+    return float(top_eigenvectors(obj, 1, seed=seed).eigenvalues[0])
 
 
-def hutchinson_trace(obj: Objective, probes: int = 200, chunk: int = 50, seed: int = 0) -> tuple[float, float]:
-    """tr(H) = E v^T H v over Rademacher v: (mean, standard error of the mean)."""
-    g = torch.Generator().manual_seed(seed)
-    vals = []
-    for start in range(0, probes, chunk):
-        k = min(chunk, probes - start)
-        V = (torch.randint(0, 2, (k, obj.dim), generator=g) * 2 - 1).to(obj.dtype)
-        vals.append((V * obj.hvp(V)).sum(1))
-    vals = torch.cat(vals).double().numpy()
-    return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(len(vals)))
+def hutchinson_trace(obj: Objective, probes: int = 200, seed: int = 0) -> tuple[float, float]:
+    """tr(H) by Hutchinson over Rademacher probes (``flatscope.linalg.trace``): (mean, standard error)."""
+    res = trace(obj.hvp_operator(), obj.dim, probes, method="hutchinson", seed=seed, device=obj.device)
+    return float(res.trace), float(res.stderr)
 
 
-def local_energy(obj: Objective, sigma: float, samples: int = 200, chunk: int = 100, seed: int = 0) -> dict:
-    """dE = E_z E(w + sigma z*w) - E(w) for the training error and loss, with standard errors."""
-    g = torch.Generator().manual_seed(seed)
-    base_loss, base_acc = obj.evaluate()
-    losses, errs = [], []
-    for start in range(0, samples, chunk):
-        k = min(chunk, samples - start)
-        Z = torch.randn(k, obj.dim, generator=g, dtype=obj.dtype)
-        ls, accs = obj.evaluate_many(obj.w0 + sigma * Z * obj.w0)
-        losses.append(ls.numpy())
-        errs.append(1.0 - accs.numpy())
-    losses, errs = np.concatenate(losses), np.concatenate(errs)
-    n = math.sqrt(len(losses))
-    return {"d_err": float(errs.mean() - (1 - base_acc)), "d_err_se": float(errs.std(ddof=1) / n),
-            "d_loss": float(losses.mean() - base_loss), "d_loss_se": float(losses.std(ddof=1) / n)}
+def local_energies(obj: Objective, sigmas, samples: int = 200, seed: int = 0) -> dict[float, dict]:
+    """dE(sigma) of the training error and loss with standard errors (``flatscope.analyses.local_energy``,
+    multiplicative noise, common random numbers across sigma)."""
+    c = local_energy(obj, np.asarray(sigmas, dtype=float), samples=samples, seed=seed).curves["train"]
+    return {float(s): {"d_err": float(c.delta_err_mean[i]), "d_err_se": float(c.delta_err_sem[i]),
+                       "d_loss": float(c.delta_loss_mean[i]), "d_loss_se": float(c.delta_loss_sem[i])}
+            for i, s in enumerate(sigmas)}
 
 
 # ------------------------------------------------------------------ training
@@ -131,8 +107,7 @@ def measure(model, data, sigmas, seed) -> dict:
     out = {"train_loss": obj.evaluate()[0], "test_loss": test[0], "test_acc": test[1],
            "lambda_max": lambda_max(obj, seed=seed)}
     out["trace"], out["trace_se"] = hutchinson_trace(obj, seed=seed)
-    for s in sigmas:
-        le = local_energy(obj, s, seed=seed)
+    for s, le in local_energies(obj, sigmas, seed=seed).items():
         out.update({f"{k}@{s:g}": v for k, v in le.items()})
     return out
 
@@ -140,7 +115,7 @@ def measure(model, data, sigmas, seed) -> dict:
 def pick_sigmas(model, data, grid=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)) -> tuple[list[float], dict]:
     """sigmas at which SGD's dE_err lies in [1%, 20%] (the informative range)."""
     obj = Objective(model, data.X_train, data.y_train, batch_size=2048)
-    scan = {s: local_energy(obj, s, samples=100)["d_err"] for s in grid}
+    scan = {s: v["d_err"] for s, v in local_energies(obj, grid, samples=100).items()}
     chosen = [s for s, d in scan.items() if 0.01 <= d <= 0.20]
     if len(chosen) > 2:
         chosen = [chosen[0], chosen[-1]]

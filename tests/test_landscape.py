@@ -245,6 +245,24 @@ def test_hessian_directions_give_the_eigenvalue_parabolas(linreg, tmp_path):
     assert "flatscope hessian" in one_error_line(r) and "--save-eigenvectors" in r.stderr
 
 
+def test_hessian_directions_are_computed_when_none_are_stored(linreg, tmp_path):
+    vals = np.linalg.eigvalsh(linreg["H"])[::-1]
+    out = tmp_path / "r.h5"
+    run_cli(linreg["ckpt"], "--2d", "--directions", "hessian", "--dtype", "float64", "--grid", "5,3", "-o", out)
+    t = tree(out, "hessian-2d")
+    V = t["directions"]["vectors"]
+    H = linreg["H"]
+    for i in range(2):  # Lanczos converged eigenpairs: residual below its tolerance 1e-5 * lambda_max
+        lam = V[i] @ H @ V[i]
+        assert lam == pytest.approx(vals[i], rel=1e-8)
+        assert np.linalg.norm(H @ V[i] - lam * V[i]) <= 1e-5 * vals[0]
+    X, Y = np.meshgrid(t["x"], t["y"])
+    d1, d2 = V
+    expected = (linreg["L"] + X * (linreg["g"] @ d1) + Y * (linreg["g"] @ d2)
+                + 0.5 * (X ** 2 * (d1 @ H @ d1) + 2 * X * Y * (d1 @ H @ d2) + Y ** 2 * (d2 @ H @ d2)))
+    np.testing.assert_allclose(t["train"]["loss"], expected, rtol=RTOL_F64, atol=0)
+
+
 # ------------------------------------------------------------------------------ interpolation
 def test_interpolation_endpoints_are_the_checkpoints_own_losses(mlp_pair, tmp_path):
     out = tmp_path / "r.h5"
@@ -394,7 +412,8 @@ def test_auto_batching_rule():
         X, y = load_data(ck.data_spec).split("train")
         assert choose_batching(Objective(ck.model, X, y, batch_size=2048)) == full           # 1347 samples/forward
         small = Objective(ck.model, X, y, batch_size=VMAP_MAX_SAMPLES)
-        assert choose_batching(small) == "vmap" and default_points_per_call(small, "vmap") == 8
+        assert choose_batching(small) == "vmap" and default_points_per_call(small, "vmap") == 32
+        assert choose_batching(Objective(ck.model, X, y, batch_size=256)) == "loop"
         assert default_points_per_call(Objective(ck.model, X, y, batch_size=64), "vmap") == 32
         assert choose_batching(small, "loop") == "loop"
         assert choose_batching(small, per_point_buffers=True) == "loop"

@@ -44,7 +44,7 @@ BN_MODES = ("eval", "recompute")
 # The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md) for
 # the digits MLP, CNN and ResNet: see choose_batching. VMAP_MAX_SAMPLES is the largest forward pass
 # (samples) at which vmap still won; VMAP_SAMPLES_PER_CALL sets the points per vmapped call.
-VMAP_MAX_SAMPLES = 512
+VMAP_MAX_SAMPLES = 128
 VMAP_SAMPLES_PER_CALL = 4096
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -64,6 +63,7 @@ import numpy as np
 import torch
 
 from ..errors import FlatscopeError
+from ..grids import parse_grid
 from ..objective import Objective, correct_count, loss_value
 from ..params import ParamLayout
 
@@ -76,71 +76,13 @@ _SLACK = 1e-9
 # ---------------------------------------------------------------------------------- σ grammar
 
 
-def _number(text: str, what: str, spec: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise FlatscopeError(f"--sigma {spec!r}: {what} {text.strip()!r} is not a number") from None
-    if not math.isfinite(x):
-        raise FlatscopeError(f"--sigma {spec!r}: {what} must be finite, got {text.strip()!r}")
-    if x < 0:
-        raise FlatscopeError(f"--sigma {spec!r}: σ is a noise scale and cannot be negative, got {x:g}")
-    return x
-
-
-def _range(item: str, spec: str) -> np.ndarray:
-    head, _, rest = item.partition("..")
-    parts = rest.split(":")
-    if len(parts) > 3:
-        raise FlatscopeError(f"--sigma {spec!r}: a range is a..b, a..b:N or a..b:N:lin|log, got {item.strip()!r}")
-    a = _number(head, "start", spec)
-    b = _number(parts[0], "end", spec)
-    n = 10
-    if len(parts) >= 2:
-        txt = parts[1].strip()
-        if not re.fullmatch(r"[+-]?\d+", txt):
-            raise FlatscopeError(f"--sigma {spec!r}: the number of points N must be a whole number, got {txt!r}")
-        n = int(txt)
-        if n < 1:
-            raise FlatscopeError(f"--sigma {spec!r}: the number of points N must be at least 1, got {n}")
-    scale = parts[2].strip().lower() if len(parts) == 3 else "log"
-    if scale not in ("lin", "log"):
-        raise FlatscopeError(f"--sigma {spec!r}: the spacing must be lin or log, got {parts[2].strip()!r}")
-    if b <= a:
-        raise FlatscopeError(f"--sigma {spec!r}: the end of a range must be above its start, got {a:g}..{b:g}")
-    if scale == "log":
-        if a <= 0:
-            raise FlatscopeError(f"--sigma {spec!r}: a log-spaced range needs a positive start, got {a:g} "
-                                 "(use :lin to start at 0)")
-        return np.geomspace(a, b, n)
-    return np.linspace(a, b, n)
-
-
 def parse_sigmas(spec: str) -> np.ndarray:
-    """Parse the ``--sigma`` grammar into a sorted array of distinct noise scales.
-
-    ``spec`` is a comma list of items; an item is a number or a range: ``a..b`` (10 log-spaced
-    points from a to b inclusive), ``a..b:N`` (N log-spaced points) or ``a..b:N:lin|log``. The union
-    is sorted and duplicates are dropped. σ must be ≥ 0 (0 is allowed in lists and linear ranges,
-    where δE(0) = 0 exactly) and a log range needs ``a > 0``; a range needs ``b > a``; ``N ≥ 1``
-    (``N = 1`` gives ``a``).
+    """The ``--sigma`` grid: sorted distinct noise scales σ ≥ 0 (grammar: :mod:`flatscope.grids`).
 
     >>> parse_sigmas("0.01..1:3").round(3).tolist()
     [0.01, 0.1, 1.0]
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise FlatscopeError("--sigma is empty; give e.g. 0.01..0.5, 0.01..0.5:20:lin or 0.05,0.1,0.2")
-    values: list[np.ndarray] = []
-    for item in spec.split(","):
-        if not item.strip():
-            raise FlatscopeError(f"--sigma {spec!r}: empty item in the comma list")
-        if ".." in item:
-            values.append(_range(item, spec))
-        else:
-            if ":" in item:
-                raise FlatscopeError(f"--sigma {spec!r}: {item.strip()!r} has ':N' but no range a..b")
-            values.append(np.array([_number(item, "σ", spec)]))
-    return np.unique(np.concatenate(values).astype(np.float64))
+    return parse_grid(spec, option="--sigma", symbol="σ")[0]
 
 
 # ---------------------------------------------------------------------------------- directions

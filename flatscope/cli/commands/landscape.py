@@ -16,7 +16,7 @@ from ... import results as store
 from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, choose_batching,
                                    compute, default_points_per_call, parse_grid, parse_range, plain_values)
 from ...checkpoint import load_checkpoint
-from ...directions import (BIAS_BN, NORMALIZATIONS, interpolation, pca_directions,
+from ...directions import (BIAS_BN, NORMALIZATIONS, Directions, interpolation, pca_directions,
                            random_directions, read_hessian_eigenvectors, read_landscape_directions,
                            trajectory_files)
 from ...errors import FlatscopeError
@@ -125,8 +125,8 @@ def _same(a, b) -> bool:
 @click.option("--2d/--1d", "two_d", default=None,
               help="A 2-D plane or a 1-D line. Default: 1-D, except PCA and three checkpoints (2-D).")
 @click.option("--directions", "kind", type=click.Choice(KINDS), default=None,
-              help="random (default), interp (implied by 2-3 checkpoints), hessian (top eigenvectors from "
-                   "--hessian-from), pca (of the training trajectory).")
+              help="random (default), interp (implied by 2-3 checkpoints), hessian (top eigenvectors of the "
+                   "train loss: stored or computed), pca (of the training trajectory).")
 @click.option("--range", "range_text", default=None, metavar="LO:HI[,LO:HI]",
               help="Coordinates along x (and y). Default -1:1; interp -0.5:1.5; pca 1.25x the path's extent; "
                    "--directions-from the stored slice's.")
@@ -139,7 +139,8 @@ def _same(a, b) -> bool:
               help="Random directions: zero 1-D parameters (biases, BatchNorm affine) or include them.")
 @click.option("--orthogonalize", is_flag=True, help="Random 2-D: make the second direction exactly orthogonal to the first.")
 @click.option("--hessian-from", default=None, metavar="RESULTS.h5",
-              help="File with /hessian/eigenvectors from `flatscope hessian --save-eigenvectors` (default: --out).")
+              help="File with /hessian/eigenvectors from `flatscope hessian --save-eigenvectors` [default: the "
+                   "results file if it holds them, else they are computed now by Lanczos].")
 @click.option("--trajectory", default=None, metavar="DIR",
               help="PCA: folder of checkpoints from `flatscope train --save-every K` (default: <checkpoint>-traj/).")
 @click.option("--directions-from", default=None, metavar="RESULTS.h5[:NAME]",
@@ -318,7 +319,7 @@ def _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, tr
         out["anchors"] = {"labels": [os.path.splitext(os.path.basename(p))[0] for p in paths], "coords": corners}
         out["anchors"].update({s: [v[s][0] for v in own] for s in objectives})
     elif kind == "hessian":
-        dirs = read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
+        dirs = _hessian_directions(run, layout, k, hessian_from)
     elif kind == "pca":
         ws, out["epochs"], folder = _trajectory(run, trajectory, layout)
         dirs = pca_directions(ws, first.w0, layout, k)
@@ -327,6 +328,32 @@ def _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, tr
         dirs, out["stored"] = read_landscape_directions(directions_from, layout)
     out["dirs"] = dirs.rounded(run.dtype)
     return out
+
+
+def _has_eigenvectors(path: str, k: int) -> bool:
+    import h5py
+
+    if not os.path.exists(path) or not h5py.is_hdf5(path):
+        return False
+    with h5py.File(path, "r") as f:
+        return "hessian/eigenvectors" in f and f["hessian/eigenvectors"].shape[0] >= k
+
+
+def _hessian_directions(run, layout, k: int, hessian_from: str | None):
+    """Stored eigenvectors (``--hessian-from``, or the results file when it holds enough), else the
+    top-k eigenvectors of the training loss computed now by Lanczos (``flatscope.analyses.hessian``)."""
+    if hessian_from is not None or _has_eigenvectors(run.out_path, k):
+        return read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
+    from ...analyses.hessian import top_eigenvectors
+
+    run.note(f"computing the top-{k} Hessian eigenvectors of the train loss (Lanczos)")
+    res = top_eigenvectors(run.objective("train"), k, seed=run.seed)
+    if not bool(np.all(res.converged)):
+        run.warn(f"Lanczos did not converge for every eigenvector (residuals {np.asarray(res.residuals).tolist()})")
+    return Directions(res.eigenvectors.detach().cpu().to(torch.float64), layout, "hessian",
+                      {"source": "computed (Lanczos, train loss)",
+                       "eigenvalues": np.asarray(res.eigenvalues, dtype=float).tolist(),
+                       "residuals": np.asarray(res.residuals, dtype=float).tolist()})
 
 
 def _ranges(kind: str, k: int, range_text, grid_text, plan: dict) -> tuple[list, list]:

@@ -40,16 +40,18 @@ def command(results, **common):
     files = [summarize(p) for p in results]
 
     def human(console):
+        from rich.markup import escape
+
         for info in files:
             console.print(f"[bold]{info['file']}[/bold]")
             if not info["analyses"]:
                 console.print("  (no analyses)")
             for name, a in info["analyses"].items():
                 p = a["provenance"]
-                console.print(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  {p.get('wall_time_s', 0):.1f} s  "
-                              f"seed {p.get('seed')}  {p.get('device', '')}")
+                console.print(escape(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  "
+                                     f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
                 for k, v in a["summary"].items():
                     txt = f"{v:.6g}" if isinstance(v, float) else str(v)
-                    console.print(f"      {k:<28} {txt}")
+                    console.print(escape(f"      {k:<30} {txt}"))
 
     run.emit(files[0] if len(files) == 1 else {"files": files}, human)

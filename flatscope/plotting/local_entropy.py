@@ -1,0 +1,142 @@
+"""Plots of ``flatscope local-entropy`` results (kind ``local_entropy``).
+
+- ``<base>.entropy``: F(gamma) and <L>_q against gamma (log x) with error bands, L(w) as a line and
+  the importance-sampling estimates of F as markers (crosses where its ESS is below 100); beside it
+  the gaps F - L(w) and <L>_q - L(w) on a log scale (symlog if a gap is not positive);
+- ``<base>.distance``: <|w'-w|^2>_q against gamma (log-log) beside the prior's n/(beta gamma), their
+  ratio (1 where the loss does not constrain q), and |grad F| = gamma |w - <w'>_q| with its Monte
+  Carlo noise floor (the norm that chain noise alone would give);
+- ``<base>.traces``: the stored (thinned) chain traces of L(w') at up to four couplings, one row per
+  results file.
+
+Several items (``flatscope plot a.h5 b.h5``) overlay in the first two figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import figure, register, save
+
+_COLORS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+
+
+def _arr(tree, key):
+    v = tree.get(key)
+    return None if v is None else np.asarray(v, dtype=float)
+
+
+@register("local_entropy")
+def plot(items, out_base, fmt):
+    paths = []
+    multi = len(items) > 1
+
+    # ---------------------------------------------------------------- F and <L> vs gamma
+    fig, (ax, axg) = figure(1, 2, figsize=(11.5, 4.3))
+    any_neg = False
+    for i, (label, t) in enumerate(items):
+        c = _COLORS[i % len(_COLORS)]
+        g = _arr(t, "gamma")
+        L0 = float(t["center_loss"])
+        F, Fe = _arr(t, "local_entropy"), np.nan_to_num(_arr(t, "local_entropy_err"))
+        mL, mLe = _arr(t, "mean_loss"), np.nan_to_num(_arr(t, "mean_loss_sem"))
+        pre = f"{label}: " if multi else ""
+        ax.plot(g, F, "-o", color=c, ms=4, label=f"{pre}F(γ) (TI)")
+        ax.fill_between(g, F - Fe, F + Fe, color=c, alpha=0.2, lw=0)
+        ax.plot(g, mL, "--s", color=c, ms=3, alpha=0.8, label=f"{pre}⟨L⟩_q")
+        ax.fill_between(g, mL - mLe, mL + mLe, color=c, alpha=0.12, lw=0)
+        ax.axhline(L0, color=c, lw=0.8, ls=":", label="L(w)" if i == 0 else None)
+        axg.errorbar(g, F - L0, yerr=Fe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}F(γ) − L(w)")
+        axg.errorbar(g, mL - L0, yerr=mLe, fmt="--s", color=c, ms=3, capsize=2, alpha=0.8,
+                     label=f"{pre}⟨L⟩_q − L(w)")
+        any_neg |= bool(np.any(F - L0 <= 0) or np.any(mL - L0 <= 0))
+        imp = t.get("importance")
+        if isinstance(imp, dict) and "local_entropy" in imp:
+            Fi, Fie, ess = (np.asarray(imp[k], dtype=float) for k in ("local_entropy", "local_entropy_err", "ess"))
+            ok = ess >= 100
+            for a, off in ((ax, 0.0), (axg, L0)):
+                if ok.any():
+                    a.errorbar(g[ok], Fi[ok] - off, yerr=Fie[ok], fmt="D", color=c, ms=5, capsize=2, mfc="white",
+                               label="F by importance sampling (ESS ≥ 100)" if a is ax and i == 0 else None)
+                if (~ok).any():
+                    a.plot(g[~ok], Fi[~ok] - off, "x", color=c, ms=6,
+                           label="F by importance sampling (ESS < 100: unreliable)" if a is ax and i == 0 else None)
+    t0 = items[0][1]
+    for a in (ax, axg):
+        a.set_xscale("log")
+        a.set_xlabel("coupling γ (scope 1/γ)")
+        a.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("loss")
+    axg.set_ylabel("gap to L(w)")
+    if any_neg:
+        axg.set_yscale("symlog", linthresh=max(1e-8, float(np.nanmin(np.abs(_arr(t0, "local_entropy")
+                                                                            - float(t0["center_loss"])))) or 1e-8))
+    else:
+        axg.set_yscale("log")
+    ax.set_title(f"local entropy, β={float(t0['beta']):.3g}, {t0.get('sampler', '')}")
+    axg.set_title("gaps (log scale): F − L(w) and ⟨L⟩_q − L(w)")
+    ax.legend(fontsize=7)
+    axg.legend(fontsize=7)
+    paths.append(save(fig, out_base, "entropy", fmt))
+
+    # ---------------------------------------------------------------- <|d|^2> and |grad F| vs gamma
+    fig, (a1, a3, a2) = figure(1, 3, figsize=(15.0, 4.0))
+    for i, (label, t) in enumerate(items):
+        c = _COLORS[i % len(_COLORS)]
+        g = _arr(t, "gamma")
+        pre = f"{label}: " if multi else ""
+        sq, sqe = _arr(t, "mean_sq_dist"), _arr(t, "mean_sq_dist_sem")
+        n, beta = float(t["n_params"]), float(t["beta"])
+        a1.errorbar(g, sq, yerr=sqe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}⟨‖w'−w‖²⟩_q")
+        gg = np.geomspace(g.min(), g.max(), 50)
+        a1.plot(gg, n / (beta * gg), ":", color="gray" if not multi else c, lw=1, label=f"{pre}prior n/(βγ)")
+        prior = n / (beta * g)
+        a3.errorbar(g, sq / prior, yerr=sqe / prior, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}ratio")
+        gn, gne, floor = _arr(t, "grad_norm"), _arr(t, "grad_norm_err"), _arr(t, "grad_noise_floor")
+        a2.errorbar(g, gn, yerr=gne, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}|∇F| = γ|w−⟨w'⟩|")
+        if floor is not None and np.any(np.isfinite(floor)):
+            a2.plot(g, floor, "--", color="gray" if not multi else c, lw=1.2, label=f"{pre}Monte Carlo noise floor")
+    a3.axhline(1.0, color="gray", lw=0.8, ls=":")
+    for a in (a1, a2, a3):
+        a.set_xscale("log")
+        a.set_xlabel("coupling γ")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
+    a1.set_yscale("log")
+    a2.set_yscale("log")
+    a1.set_ylabel("squared distance")
+    a3.set_ylabel("⟨‖w'−w‖²⟩_q / (n/(βγ))")
+    a2.set_ylabel("gradient norm")
+    a1.set_title("spread of q_γ around w")
+    a3.set_title("spread relative to the prior (1 = unconstrained)")
+    a2.set_title("local-entropy gradient (noise-limited near the floor)")
+    fig.tight_layout()
+    paths.append(save(fig, out_base, "distance", fmt))
+
+    # ---------------------------------------------------------------- chain traces
+    rows = len(items)
+    ncol = min(4, max(len(_arr(t, "gamma")) for _, t in items))
+    fig, axes = figure(rows, ncol, figsize=(3.3 * ncol, 2.8 * rows), squeeze=False)
+    for r, (label, t) in enumerate(items):
+        tr = t.get("traces") or {}
+        loss = np.asarray(tr["loss"]) if "loss" in tr else None
+        steps = np.asarray(tr["step"]) if "step" in tr else None
+        g = _arr(t, "gamma")
+        pick = np.unique(np.linspace(0, len(g) - 1, min(ncol, len(g))).round().astype(int))
+        for j in range(ncol):
+            ax = axes[r][j]
+            if loss is None or j >= len(pick):
+                ax.set_visible(False)
+                continue
+            k = pick[j]
+            for ch in range(loss.shape[1]):
+                ax.plot(steps, loss[k, ch], lw=0.7, alpha=0.8)
+            ax.axhline(float(t["mean_loss"][k]), color="k", lw=0.8, ls="--")
+            ax.set_title(f"{label + ': ' if multi else ''}γ={g[k]:.3g}  R̂={float(t['rhat'][k]):.3f}", fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("L(w') per chain", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    paths.append(save(fig, out_base, "traces", fmt))
+    return paths
