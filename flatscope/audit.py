@@ -13,7 +13,10 @@ Analyses (:data:`ANALYSES`, one registry entry each):
   ``shared/papers/entropic-algorithms-pittorino.md``; :mod:`flatscope.analyses.local_energy`),
   group ``/local_energy``;
 - ``landscape``: a slice along filter-normalized random directions (Li et al. 2018;
-  :mod:`flatscope.analyses.landscape`), group ``/landscape/<name>`` (default ``random-1d``).
+  :mod:`flatscope.analyses.landscape`), group ``/landscape/<name>`` (default ``random-1d``);
+- ``local_entropy`` (optional, not in the default suite: Langevin sampling costs more): the local
+  entropy F(γ) (``shared/papers/local-entropy-heat-variational-garcia-trillos.md``;
+  :mod:`flatscope.analyses.local_entropy`), group ``/local_entropy``, one split.
 
 The default suite (:data:`DEFAULT_SUITE`) is cheap enough for CI on a CPU: the top 3 eigenvalues and
 a 30-product Hutch++ trace, δE at 5 σ with 8 draws and the σ where the error rises by 0.01, and a
@@ -41,9 +44,8 @@ Caching. A step is not recomputed when the results file already holds its group 
 ``recompute=True`` always recomputes. The device is not part of the key (CPU and CUDA agree up to
 rounding).
 
-Adding an analysis (e.g. ``local_entropy`` once its command is on main) is one entry in
-:data:`ANALYSES`: the command module, the audit defaults, the group it writes, how its stored
-options compare, and its summary keys.
+Adding an analysis is one entry in :data:`ANALYSES`: the command module, the audit defaults, the
+group it writes, how its stored options compare, and its summary keys.
 """
 
 from __future__ import annotations
@@ -228,6 +230,53 @@ def _landscape_complete(g) -> str | None:
     return None
 
 
+def _local_entropy_group(step: "Step") -> str:
+    if len(step.splits) != 1:
+        raise FlatscopeError("suite step local_entropy analyses one split (with both it writes two groups): "
+                             "set split = \"train\" or \"test\" in its table, e.g. --set local_entropy.split=train")
+    return "local_entropy"
+
+
+def _local_entropy_norm(opts: dict) -> dict:
+    from .analyses.local_entropy import parse_gamma
+    from .cli.commands.local_entropy import parse_beta, parse_step
+
+    out = dict(opts)
+    try:
+        grid, relative = parse_gamma(str(opts.get("gamma")))
+        out["gamma"] = [grid.tolist(), relative]
+        out["beta"] = parse_beta(str(opts.get("beta")))
+        out["step_size"] = list(parse_step(str(opts.get("step_size"))))
+    except FlatscopeError:
+        out["gamma"] = None
+    return out
+
+
+def _local_entropy_expected(step: "Step", target: Target) -> dict:
+    from .cli.commands.local_entropy import parse_minibatch
+
+    p = dict(step.params)
+    spec = p.pop("minibatch_spec")
+    minibatch = None if p["sampler"] == "mala" else parse_minibatch(spec if spec is not None else "64")
+    if spec is None and minibatch is not None:   # the command caps the default at the split's size
+        minibatch = min(minibatch, int(target.run.split_data(step.splits[0])[0].shape[0]))
+    want = {"gamma": p.pop("gamma_spec"), "beta": p.pop("beta_spec"), "step_size": p.pop("step_spec"),
+            "minibatch": minibatch or "full", **p}
+    return _local_entropy_norm(want)
+
+
+def _local_entropy_keys(step: "Step") -> list:
+    from .analyses.local_entropy import LocalEntropyResult
+
+    one = {k: np.zeros(1) for k in ("local_entropy", "local_entropy_err", "mean_loss", "mean_sq_dist", "grad_norm",
+                                     "rhat", "ess", "accept_rate")}
+    res = LocalEntropyResult(gamma=np.ones(1), beta=1.0, n_params=1, center_loss=0.0, center_grad_norm=0.0,
+                             lambda_max=0.0, lambda_max_source="", sampler="", chains=1, steps=1, burn_in=0, thin=1,
+                             minibatch=None, warm_start="", integrator="", per_gamma=one, vectors={}, traces={},
+                             importance=None)
+    return list(res.summary())
+
+
 ANALYSES: dict[str, Analysis] = {a.name: a for a in [
     Analysis(
         name="hessian", command="hessian", kind="hessian", in_default_suite=True,
@@ -249,12 +298,19 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
         group=_landscape_group, expected=_landscape_expected, metric_keys=_landscape_keys,
         complete=_landscape_complete,
         describe="loss along a filter-normalized random direction (Li et al. 2018)"),
+    Analysis(
+        name="local_entropy", command="local_entropy", kind="local_entropy", in_default_suite=False,
+        defaults={"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
+        group=_local_entropy_group, expected=_local_entropy_expected, normalize=_local_entropy_norm,
+        metric_keys=_local_entropy_keys,
+        describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)"),
 ]}
 
 DEFAULT_SUITE = {a.name: {} for a in ANALYSES.values() if a.in_default_suite}
-# flatscope compare's default suite adds a cheap spectral density (4 probes x 40 Lanczos steps) for the
-# overlaid spectra; everything else is the audit's default.
-COMPARE_DEFAULTS = {"hessian": {"density": True, "probes": 4, "steps": 40}}
+# flatscope compare's default suite: the audit's, plus a cheap spectral density (4 probes x 40 Lanczos
+# steps) for the overlaid spectra, plus local entropy at the audit defaults.
+COMPARE_SUITE = {"hessian": {"density": True, "probes": 4, "steps": 40}, "local_energy": {}, "landscape": {},
+                 "local_entropy": {}}
 
 
 def analysis(name: str) -> Analysis:
@@ -450,7 +506,7 @@ def load_suite(path: str | None, *, only=None, sets=(), fail_if=(), compare: boo
     if path:
         return build_suite(read_toml(path), only=only, sets=sets, fail_if=fail_if, source=path)
     if compare:
-        table = {k: dict(COMPARE_DEFAULTS.get(k, {})) for k in DEFAULT_SUITE}
+        table = {k: dict(v) for k, v in COMPARE_SUITE.items()}
         return build_suite(table, only=only, sets=sets, fail_if=fail_if, source="default")
     return build_suite(None, only=only, sets=sets, fail_if=fail_if, source="default")
 

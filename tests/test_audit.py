@@ -58,6 +58,14 @@ target_error = 0.05
 [landscape]
 grid = 5
 """
+LE_TINY = """
+[local_entropy]
+gamma = "1,10"
+steps = 20
+burn_in = 5
+chains = 2
+thin = 5
+"""
 FAST = ["--max-samples", "64", "--threads", "1"]
 HOSTILE = ["__import__('os').system('touch PWNED') > 0",
            "hessian.lambda_max > __import__('os').system('touch PWNED')",
@@ -296,6 +304,28 @@ def test_a_group_written_by_the_command_is_reused(tmp_path):
     assert r.exit_code == 0 and out["steps"][0]["cached"] is True
 
 
+def test_optional_local_entropy_step(tmp_path):
+    ckpt = _copy(tmp_path, "mlp-sgd.pt")
+    suite = _suite(tmp_path, LE_TINY)
+    r, out = _audit(ckpt, suite, "--fail-if", "local_entropy.entropy_gap > 1e6")
+    assert r.exit_code == 0, r.stderr
+    _check_schema(out)
+    run = Run(checkpoint=str(ckpt), max_samples=64)
+    run.setup()
+    steps = au.plan(au.load_suite(str(suite)).steps, run)
+    assert list(out["metrics"]) == steps[0].metrics and steps[0].group == "local_entropy"
+    assert out["metrics"]["local_entropy.gamma_min"] == 1.0 and out["metrics"]["local_entropy.gamma_max"] == 10.0
+    r, again = _audit(ckpt, suite)
+    assert again["steps"][0]["cached"] and again["metrics"] == out["metrics"]
+    r, again = _audit(ckpt, suite, "--set", "local_entropy.gamma=10,1.0")        # the same grid, written otherwise
+    assert again["steps"][0]["cached"]
+    r, again = _audit(ckpt, suite, "--set", "local_entropy.chains=3")
+    assert not again["steps"][0]["cached"] and "option chains was 2" in again["steps"][0]["reason"]
+    assert "local_entropy" not in [s.name for s in au.load_suite(None).steps]          # not in the default suite
+    r = run_cli(["audit", ckpt, "--suite", suite, *FAST, "--split", "both"])
+    assert_one_line_error(r, 2, "analyses one split")
+
+
 # -------------------------------------------------------------------------------------------- caching
 def _steps(out) -> dict:
     return {s["analysis"]: s for s in out["steps"]}
@@ -392,7 +422,8 @@ class _Spy:
 def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     a, b = _copy(tmp, "mlp-sgd.pt"), _copy(tmp, "mlp-esgd.pt")
-    suite = _suite(tmp, TINY.replace("[hessian]\n", "[hessian]\ndensity = true\nprobes = 2\nsteps = 10\n"))
+    suite = _suite(tmp, TINY.replace("[hessian]\n", "[hessian]\ndensity = true\nprobes = 2\nsteps = 10\n")
+                   + LE_TINY)
     spy = _Spy()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(le_mod, "draw_normal", spy.draw_normal(le_mod.draw_normal))
@@ -462,7 +493,8 @@ def test_compare_json_table_interpolation_and_self_contained_report(compared):
     page = Path(out["report"]).read_text()
     assert re.search(r"(src|href)=\"(?!data:)", page) is None and "http" not in page.replace("http-equiv", "")
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(imgs) == len(out["plots"]) >= 5          # eigenvalues, density, δE, slice, interpolation
+    assert len(imgs) == len(out["plots"]) >= 6   # eigenvalues, density, δE, slice, F(γ), interpolation
+    assert any("overlay.local_entropy" in p for p in out["plots"])
     assert all(base64.b64decode(x)[:8] == b"\x89PNG\r\n\x1a\n" for x in imgs)
     for text in ("mlp-sgd", "mlp-esgd", "hessian.lambda_max", "local_energy.train_target_sigma",
                  "Interpolations", "Provenance", out["checkpoints"][0]["checkpoint_sha256"][:16]):
@@ -471,11 +503,17 @@ def test_compare_json_table_interpolation_and_self_contained_report(compared):
 
 def test_compare_reuses_cached_results(compared):
     tmp, (a, b), first, spy = compared
-    r = run_cli(["compare", a, b, "-o", tmp / "report", "--suite", tmp / "suite.toml", *FAST,
-                 "--interp-grid", "5", "--json"])
+    r = run_cli(["compare", a, b, "-o", tmp / "report2", "--suite", tmp / "suite.toml", *FAST,
+                 "--interp-grid", "5", "--json", "--step", "hessian", "--step", "landscape"])
     out = json.loads(r.stdout)
+    assert [s["analysis"] for s in out["checkpoints"][0]["steps"]] == ["hessian", "landscape"]
     assert all(s["cached"] for c in out["checkpoints"] for s in c["steps"])
-    assert out["interpolations"][0]["cached"] and out["metrics"] == first["metrics"]
+    assert out["metrics"] == {k: v for k, v in first["metrics"].items() if k.startswith(("hessian.", "landscape."))}
+    # interpolations live in the report folder: a new folder computes them again, the same folder reuses them
+    assert not out["interpolations"][0]["cached"]
+    r = run_cli(["compare", a, b, "-o", tmp / "report2", "--suite", tmp / "suite.toml", *FAST,
+                 "--interp-grid", "5", "--json", "--step", "hessian"])
+    assert json.loads(r.stdout)["interpolations"][0]["cached"]
 
 
 def test_compare_bad_input(tmp_path):

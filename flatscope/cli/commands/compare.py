@@ -64,7 +64,7 @@ def _caption(path: Path, what: str) -> str:
               help="Report folder (created if missing): index.html, the PNG plots, interpolations.h5.")
 @click.option("--suite", "suite_path", default=None, metavar="SUITE.toml",
               help="The analyses, as for flatscope audit (its fail_if is ignored). Default: the audit's default "
-                   "suite plus a spectral density (hessian density=true, probes=4, steps=40).")
+                   "suite plus a spectral density (hessian density=true, probes=4, steps=40) and local_entropy.")
 @click.option("--step", "only", multiple=True, type=click.Choice(sorted(ANALYSES)), metavar="ANALYSIS",
               help="Run only these analyses, in this order (repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="ANALYSIS.OPTION=VALUE",
