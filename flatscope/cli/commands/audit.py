@@ -59,28 +59,31 @@ def command(run, suite_path, only, sets, fail_if, recompute):
 
         console.print(f"[bold]audit[/bold] of {res.checkpoint} (sha256 {res.sha256[:12]}...), suite {res.suite}")
         console.print(f"results: {res.results}")
-        t = Table("step", "group", "result", "time", box=box.SIMPLE_HEAD)
+        t = Table("step", "group", "result", "time", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for r in res.records:
             how = "reused" if r.cached else "computed"
             wall = f" (computed in {r.wall_time_s:.1f} s)" if r.cached and r.wall_time_s is not None else ""
             t.add_row(r.analysis, f"/{r.group}", how, f"{r.seconds:.1f} s{wall}")
         console.print(t)
+        console.print()
         by_metric = {}
         for o in res.outcomes:
             by_metric.setdefault(o.threshold.metric, []).append(o)
-        t = Table(box=box.SIMPLE_HEAD)
+        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         t.add_column("metric", no_wrap=True, min_width=max(map(len, res.metrics), default=6))
         t.add_column("value", no_wrap=True)
-        t.add_column("threshold", no_wrap=True)
+        if res.outcomes:
+            t.add_column("threshold", no_wrap=True)
         for name, v in res.metrics.items():
             val = "-" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
             outs = by_metric.get(name, [])
             if not outs:
-                t.add_row(name, val, "")
+                t.add_row(name, val, *([""] if res.outcomes else []))
             for o in outs:
                 t.add_row(name, val, f"fail if {o.threshold.op} {o.threshold.value:g}: "
                           + ("[red]FAIL[/red]" if o.failed else "[green]pass[/green]"))
         console.print(t)
+        console.print()
         n_failed = sum(o.failed for o in res.outcomes)
         verdict = "[green]PASS[/green]" if res.passed else "[red]FAIL[/red]"
         console.print(f"verdict: {verdict} ({len(res.outcomes)} threshold(s), {n_failed} failed)  "

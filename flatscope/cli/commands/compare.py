@@ -50,7 +50,10 @@ def labels_for(paths: list[str]) -> list[str]:
 
 _CAPTIONS = {"eigenvalues": "top Hessian eigenvalues", "density": "Hessian spectral density (SLQ)",
              "per_layer": "per-tensor sharpness and trace", "curves": "local energy δE(σ) of loss and error rate",
-             "curve": "loss and accuracy along the slice", "contour": "loss contours", "surface": "loss surface"}
+             "curve": "loss and accuracy along the slice", "contour": "loss contours", "surface": "loss surface",
+             "entropy": "local entropy F(γ) and ⟨L⟩_q against the coupling γ",
+             "distance": "spread of the local Gibbs measure ⟨‖w′ − w‖²⟩_q against γ",
+             "traces": "sampler traces (loss per chain)"}
 
 
 def _caption(path: Path, what: str) -> str:
@@ -188,7 +191,7 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
         from rich import box
         from rich.table import Table
 
-        t = Table(box=box.SIMPLE_HEAD)
+        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         t.add_column("metric", overflow="fold")
         for m in members:
             t.add_column(m["label"], justify="right", no_wrap=True, min_width=10)
