@@ -350,7 +350,7 @@ def option_table(a: Analysis) -> dict[str, click.Option]:
 
 
 def _tokens(key: str, opt: click.Option, value, where: str) -> list[str]:
-    flag = [o for o in opt.opts if o.startswith("--")][0]
+    flag = next(o for o in opt.opts if o.startswith("--"))
     if opt.is_flag:
         if not isinstance(value, bool):
             raise FlatscopeError(f"{where}: option {key} is a switch; give true or false, not {value!r}")
@@ -468,6 +468,9 @@ def build_suite(table: dict | None = None, *, only: list[str] | None = None, set
                 raise FlatscopeError(f"{source}: unexpected top-level key {key!r}; a suite holds fail_if = [...] "
                                      f"and one [table] per analysis ({', '.join(ANALYSES)})")
             name = analysis(key).name
+            if "fail_if" in value:
+                raise FlatscopeError(f"{source}: fail_if is inside [{key}]; put it at the top of the file, "
+                                     "before the first [table]")
             if name in tables:
                 raise FlatscopeError(f"{source}: analysis {name} appears twice")
             tables[name] = {_norm_key(k): v for k, v in value.items()}
@@ -482,7 +485,7 @@ def build_suite(table: dict | None = None, *, only: list[str] | None = None, set
             picked[a.name] = tables.get(a.name, {})
         tables = picked
     for text in sets:
-        m = re.fullmatch(r"\s*([A-Za-z_-]+)\.([A-Za-z0-9_-]+)\s*=(.*)", text or "", re.S)
+        m = re.fullmatch(r"\s*([A-Za-z_-]+)\.([A-Za-z0-9_-]+)\s*=(.*)", text or "", re.DOTALL)
         if not m:
             raise FlatscopeError(f"--set {text!r}: expected ANALYSIS.OPTION=VALUE, e.g. hessian.top=5")
         a = analysis(m.group(1))
