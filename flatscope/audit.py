@@ -115,6 +115,7 @@ class Analysis:
     normalize: Callable[[dict], dict] = lambda stored: stored   # stored options -> comparable form
     complete: Callable[[object], str | None] = lambda g: None   # why a stored group is unusable
     denied: tuple = ()                             # command options an audit step may not set
+    validate: Callable[["Step"], None] = lambda step: None   # option checks that need no data (at plan time)
     describe: str = ""
 
 
@@ -122,6 +123,15 @@ def _hessian_keys(step: "Step") -> list:
     from .analyses.hessian import HessianResult
 
     return list(HessianResult(dim=0, n_samples=0, k=1, top=None).summary())
+
+
+def _one_split(name: str):
+    def group(step: "Step") -> str:
+        if len(step.splits) != 1:
+            raise FlatscopeError(f"suite step {name} analyses one split: set split = \"train\" or \"test\" in its "
+                                 f"table (e.g. --set {name}.split=train)")
+        return name
+    return group
 
 
 def _hessian_complete(g) -> str | None:
@@ -148,6 +158,23 @@ def _local_energy_expected(step: "Step", target: Target) -> dict:
         bn = "eval"          # the command does the same (with a warning)
     return {"sigma": parse_sigmas(p["sigma_spec"]).tolist(), "samples": _whole(p["samples"], "--samples", 2),
             "noise": p["noise"], "params": p["params"], "bn": bn, "target_error": eps}
+
+
+def _local_energy_validate(step: "Step") -> None:
+    from .analyses.local_energy import parse_sigmas
+    from .cli.commands.local_energy import _whole
+
+    p = step.params
+    parse_sigmas(p["sigma_spec"])
+    _whole(p["samples"], "--samples", 2)
+    _whole(p["chunk"], "--chunk", 1)
+    if p["target_error"] is not None:
+        try:
+            eps = float(p["target_error"])
+        except ValueError:
+            raise FlatscopeError(f"--target-error {p['target_error']!r} is not a number") from None
+        if not 0 < eps <= 1:
+            raise FlatscopeError(f"--target-error must be in (0, 1] (a rise of the error rate), got {eps:g}")
 
 
 def _local_energy_normalize(stored: dict) -> dict:
@@ -210,6 +237,14 @@ def _landscape_expected(step: "Step", target: Target) -> dict:
             "loss": run.loss_name, "data": target.data_spec}
 
 
+def _landscape_validate(step: "Step") -> None:
+    from .analyses.landscape import parse_grid, parse_range
+
+    kind, k = _landscape_plan(step)
+    parse_range(step.params["range_text"], k, (-1.0, 1.0))
+    parse_grid(step.params["grid_text"], k)
+
+
 def _landscape_keys(step: "Step") -> list:
     import torch
 
@@ -230,14 +265,7 @@ def _landscape_complete(g) -> str | None:
     return None
 
 
-def _local_entropy_group(step: "Step") -> str:
-    if len(step.splits) != 1:
-        raise FlatscopeError("suite step local_entropy analyses one split (with both it writes two groups): "
-                             "set split = \"train\" or \"test\" in its table, e.g. --set local_entropy.split=train")
-    return "local_entropy"
-
-
-def _local_entropy_norm(opts: dict) -> dict:
+def _local_entropy_norm(opts: dict, strict: bool = False) -> dict:
     from .analyses.local_entropy import parse_gamma
     from .cli.commands.local_entropy import parse_beta, parse_step
 
@@ -248,6 +276,8 @@ def _local_entropy_norm(opts: dict) -> dict:
         out["beta"] = parse_beta(str(opts.get("beta")))
         out["step_size"] = list(parse_step(str(opts.get("step_size"))))
     except FlatscopeError:
+        if strict:
+            raise
         out["gamma"] = None
     return out
 
@@ -263,6 +293,15 @@ def _local_entropy_expected(step: "Step", target: Target) -> dict:
     want = {"gamma": p.pop("gamma_spec"), "beta": p.pop("beta_spec"), "step_size": p.pop("step_spec"),
             "minibatch": minibatch or "full", **p}
     return _local_entropy_norm(want)
+
+
+def _local_entropy_validate(step: "Step") -> None:
+    from .cli.commands.local_entropy import parse_minibatch
+
+    p = step.params
+    _local_entropy_norm({"gamma": p["gamma_spec"], "beta": p["beta_spec"], "step_size": p["step_spec"]}, strict=True)
+    if p["minibatch_spec"] is not None:
+        parse_minibatch(p["minibatch_spec"])
 
 
 def _local_entropy_keys(step: "Step") -> list:
@@ -281,7 +320,7 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
     Analysis(
         name="hessian", command="hessian", kind="hessian", in_default_suite=True,
         defaults={"top": 3, "density": False, "trace_probes": 30},
-        group=lambda step: "hessian",
+        group=_one_split("hessian"),
         expected=lambda step, target: {k: v for k, v in step.params.items() if k != "hvp"},
         metric_keys=_hessian_keys, complete=_hessian_complete,
         describe="top eigenvalues (Lanczos) and the trace (Hutch++)"),
@@ -289,20 +328,20 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
         name="local_energy", command="local_energy", kind="local_energy", in_default_suite=True,
         defaults={"sigma": "0.01..1:5", "samples": 8, "target_error": 0.01},
         group=lambda step: "local_energy", expected=_local_energy_expected, normalize=_local_energy_normalize,
-        metric_keys=_local_energy_keys,
+        metric_keys=_local_energy_keys, validate=_local_energy_validate,
         describe="δE(σ) of loss and error under multiplicative weight noise, and the σ where the error rises by ε"),
     Analysis(
         name="landscape", command="landscape", kind="landscape", in_default_suite=True,
         defaults={"grid": 21},
         denied=("directions", "hessian_from", "trajectory", "directions_from", "resume"),
         group=_landscape_group, expected=_landscape_expected, metric_keys=_landscape_keys,
-        complete=_landscape_complete,
+        complete=_landscape_complete, validate=_landscape_validate,
         describe="loss along a filter-normalized random direction (Li et al. 2018)"),
     Analysis(
         name="local_entropy", command="local_entropy", kind="local_entropy", in_default_suite=False,
         defaults={"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
-        group=_local_entropy_group, expected=_local_entropy_expected, normalize=_local_entropy_norm,
-        metric_keys=_local_entropy_keys,
+        group=_one_split("local_entropy"), expected=_local_entropy_expected, normalize=_local_entropy_norm,
+        metric_keys=_local_entropy_keys, validate=_local_entropy_validate,
         describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)"),
 ]}
 
@@ -579,6 +618,10 @@ def plan(steps: list[Step], run) -> list[Step]:
         step.params = {k: v for k, v in ctx.params.items() if k not in _SHARED}
         s = ctx.params.get("split", run.split)
         step.splits = ["train", "test"] if s == "both" else [s]
+        try:
+            a.validate(step)
+        except FlatscopeError as exc:
+            raise FlatscopeError(f"{where}: {exc}") from None
         step.group = a.group(step)
         if step.group in groups:
             raise FlatscopeError(f"suite steps {groups[step.group]} and {a.name} would both write /{step.group}")

@@ -150,6 +150,13 @@ def test_unknown_metric_exits_2_before_computing_with_a_hint(tmp_path):
     ("[hessian]\n", ["--set", "hessian.top"], "expected ANALYSIS.OPTION=VALUE"),
     ("[hessian]\n", ["--step", "hessian", "--step", "hessian"], "given twice"),
     ("[landscape]\nname = 'a/b'\n", [], "use letters, digits"),
+    ("[hessian]\n[local_energy]\n", ["--split", "both"], "suite step hessian analyses one split"),
+    ("[hessian]\n[local_energy]\nsigma = '1..0.1'\n", [], "suite step local_energy: --sigma '1..0.1'"),
+    ("[hessian]\n[local_energy]\ntarget_error = 2\n", [], "must be in (0, 1]"),
+    ("[hessian]\n[local_energy]\nsamples = 1\n", [], "--samples must be at least 2"),
+    ("[hessian]\n[landscape]\nrange = '1:-1'\n", [], "suite step landscape: --range 1:-1"),
+    ("[hessian]\n[local_entropy]\ngamma = 'abc'\n", [], "suite step local_entropy: --gamma"),
+    ("[hessian]\n[local_entropy]\nbeta = '-1'\n", [], "--beta must be positive"),
 ])
 def test_bad_suites_exit_2_before_computing(suite_text, args, message, tmp_path):
     ckpt = _copy(tmp_path, "mlp-sgd.pt")
@@ -525,6 +532,8 @@ def test_compare_bad_input(tmp_path):
     assert_one_line_error(run_cli(["compare", a, b, "-o", tmp_path / "file"]), 2, "not a folder")
     assert_one_line_error(run_cli(["compare", a, b, "-o", tmp_path / "r", "--set", "hessian.topp=1"]), 2,
                           "unknown option")
+    assert_one_line_error(run_cli(["compare", a, b, "-o", tmp_path / "r", "--interp-range", "1:0"]), 2,
+                          "--range 1:0")
     assert not (tmp_path / "r").exists()
 
 

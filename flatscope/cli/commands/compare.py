@@ -14,6 +14,7 @@ import click
 
 from ... import __version__
 from ... import report as rep
+from ...analyses.landscape import parse_range
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
 from ...errors import FlatscopeError
 from ...params import ParamLayout
@@ -108,6 +109,8 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
     if len({os.path.abspath(p) for p in paths}) != len(paths):
         raise FlatscopeError("the same checkpoint is given twice")
     labels = labels_for(paths)
+    if interp:
+        parse_range(interp_range, 1, (-0.5, 1.5))      # fail before anything is computed or created
     suite = load_suite(suite_path, only=list(only) or None, sets=list(sets), compare=True)
     report = Path(report_dir)
     if report.exists() and not report.is_dir():
