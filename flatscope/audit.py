@@ -585,8 +585,9 @@ def shared_argv(run, split: str | None = None) -> list[str]:
 def plan(steps: list[Step], run) -> list[Step]:
     """Parse every step's options with its command's own parser and predict groups and metric names.
 
-    Nothing is loaded or computed. Unknown options and bad values (click types and choices) fail here,
-    as :class:`FlatscopeError` naming the step.
+    Nothing is loaded or computed. Unknown options, bad values (the command's click types and choices,
+    and the checks of :attr:`Analysis.validate`: σ and γ grids, ranges, grids, bounds) and steps that
+    would write the same group fail here, as :class:`FlatscopeError` naming the step.
     """
     groups: dict[str, str] = {}
     for step in steps:
