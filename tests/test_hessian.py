@@ -9,7 +9,6 @@ asks 1e-4 relative); stochastic estimates are held to 3 of their own standard er
 
 import hashlib
 import json
-import math
 
 import h5py
 import numpy as np

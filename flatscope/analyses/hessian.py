@@ -28,7 +28,7 @@ Quantities (``summary()`` names, thresholdable by ``flatscope audit`` as ``hessi
 
 Hessian-vector products (:class:`HessianOperator`): by default the gradient graph of every batch
 is built once (forward and backward with ``create_graph``) and each product is one more backward
-pass through it (double backward with a cached graph), measured 2-4x faster than rebuilding it or
+pass through it (double backward with a cached graph), measured 1.6-3.3x faster than rebuilding it or
 than forward-over-reverse (``torch.func.jvp`` of ``grad``, :meth:`Objective.hvp`) on the sample
 checkpoints (benchmarks/RESULTS.md). The cache holds one autograd graph per batch; ``hvp="jvp"``
 or ``"double-backward"`` keep only one batch in memory at a time.
