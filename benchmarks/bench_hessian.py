@@ -75,12 +75,16 @@ def rel_err(vals, ref):
 
 # ------------------------------------------------------------------ competitors (each counts its HVPs)
 
+class _Skip(Exception):
+    pass
+
+
 class Counter:
     def __init__(self):
         self.n = 0
 
 
-def run_pyhessian_top(model, X, y, k):
+def run_pyhessian_top(model, X, y, k, tol=1e-3):
     ph = importlib.import_module("pyhessian.hessian")
 
     c = Counter()
@@ -95,7 +99,7 @@ def run_pyhessian_top(model, X, y, k):
         m = copy.deepcopy(model)
         torch.manual_seed(0)
         h = ph.hessian(m, torch.nn.CrossEntropyLoss(), data=(X, y), cuda=False)
-        vals, _ = h.eigenvalues(top_n=k)          # defaults: maxIter=100, tol=1e-3 per eigenvalue
+        vals, _ = h.eigenvalues(top_n=k, tol=tol)  # defaults: maxIter=100, tol=1e-3 per eigenvalue
     finally:
         ph.hessian_vector_product = orig
     return np.array(vals), c.n
@@ -190,12 +194,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="mlp,cnn,resnet")
     ap.add_argument("--trace-seeds", type=int, default=5)
+    ap.add_argument("--cost-repeats", type=int, default=15)
+    ap.add_argument("--sections", default="cost,top,matched,design,trace,density",
+                    help="comma-separated subset of cost,top,matched,design,trace,density")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(1)
     print(f"# bench_hessian\n\nmachine: {machine()}\n")
     print(f"command: `OMP_NUM_THREADS=1 python benchmarks/bench_hessian.py --repeats {args.repeats} "
-          f"--models {args.models} --trace-seeds {args.trace_seeds}`\n")
+          f"--models {args.models} --trace-seeds {args.trace_seeds} --cost-repeats {args.cost_repeats} "
+          f"--sections {args.sections}`\n")
     rows_top, rows_cost, rows_design, rows_trace, rows_density, notes = [], [], [], [], [], []
+    rows_matched = []
     for name in args.models.split(","):
         ck = load_checkpoint(str(ROOT / "sample_checkpoints" / f"{name}-sgd.pt"))
         X, y = load_data(ck.data_spec).split("train")
@@ -206,19 +216,29 @@ def main():
         print(f"## {name}: {n} parameters, {o32.n} samples\n", file=sys.stderr)
 
         # reference
-        (ref_vals, _, ref), t_ref = timed(lambda: run_flatscope_top(o64, K, tol=1e-12, max_iter=3000))
-        (chk_vals, chk_n), _ = timed(lambda: run_scipy_eigsh_on_flatscope(o64, K))
-        notes.append(f"{name}: float64 reference top-5 {np.array2string(ref_vals, precision=6)}; "
-                     f"scipy eigsh on the float64 operator agrees to {rel_err(chk_vals, ref_vals):.1e} relative "
-                     f"(flatscope {ref.n_matvec} / eigsh {chk_n} float64 HVPs)")
+        if sections & {"top", "matched"}:
+            (ref_vals, _, ref), t_ref = timed(lambda: run_flatscope_top(o64, K, tol=1e-12, max_iter=3000))
+            (chk_vals, chk_n), _ = timed(lambda: run_scipy_eigsh_on_flatscope(o64, K))
+            notes.append(f"{name}: float64 reference top-5 {np.array2string(ref_vals, precision=6)}; "
+                         f"scipy eigsh on the float64 operator agrees to {rel_err(chk_vals, ref_vals):.1e} relative "
+                         f"(flatscope {ref.n_matvec} / eigsh {chk_n} float64 HVPs)")
 
         # 1. HVP cost
-        med = hvp_cost(o32, args.repeats)
-        rows_cost.append([name, n, f"{med['grad'] * 1e3:.1f}"] +
-                         [f"{med[m] * 1e3:.1f} ({med[m] / med['grad']:.2f}x)" for m in ("cached", "double-backward", "jvp")])
+        if "cost" in sections:
+            med = hvp_cost(o32, args.cost_repeats)
+            rows_cost.append([name, n, f"{med['grad'] * 1e3:.1f}"] +
+                             [f"{med[m] * 1e3:.1f} ({med[m] / med['grad']:.2f}x)" for m in ("cached", "double-backward", "jvp")])
+
+        # 2b. accuracy-matched: pyhessian's power iteration asked for a 1e-6 relative change
+        if "matched" in sections:
+            for label, fn in [("flatscope lanczos (tol 1e-5)", lambda: run_flatscope_top(o32, K)[:2]),
+                              ("pyhessian power iteration (tol 1e-6)",
+                               lambda: run_pyhessian_top(model, o32.X, o32.y, K, tol=1e-6))]:
+                (vals, cnt), dt = timed(fn)
+                rows_matched.append([name, label, f"{dt:.2f}", cnt, f"{rel_err(vals, ref_vals):.1e}"])
 
         # 2. top-5
-        methods = {
+        methods = {} if "top" not in sections else {
             "flatscope lanczos (tol 1e-5)": lambda: run_flatscope_top(o32, K)[:2],
             "scipy eigsh on flatscope HVPs": lambda: run_scipy_eigsh_on_flatscope(o32, K),
             "curvlinops + scipy eigsh": lambda: run_curvlinops_eigsh(model, o32.X, o32.y, K),
@@ -241,7 +261,7 @@ def main():
                     result[m] = None
                     notes.append(f"{name}: {m} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     traceback.print_exc()
-        base = statistics.median(times["flatscope lanczos (tol 1e-5)"])
+        base = statistics.median(times["flatscope lanczos (tol 1e-5)"]) if methods else 1.0
         for m in methods:
             if result.get(m) is None:
                 rows_top.append([name, m, "failed", "", "", ""])
@@ -251,7 +271,7 @@ def main():
             rows_top.append([name, m, f"{t:.2f}", f"{t / base:.1f}x", cnt, f"{rel_err(vals, ref_vals):.1e}"])
 
         # 3. Lanczos design (HVP counts)
-        for label, which, kw in [("top-5 b=1", "largest", {}), ("top-5 b=2", "largest", {"block_size": 2}),
+        for label, which, kw in [] if "design" not in sections else [("top-5 b=1", "largest", {}), ("top-5 b=2", "largest", {"block_size": 2}),
                                  ("top-5 b=4", "largest", {"block_size": 4}),
                                  ("top-5 b=1 restart at 20", "largest", {"max_basis": 20}),
                                  ("bottom-5 b=1", "smallest", {}),
@@ -262,12 +282,19 @@ def main():
             op.release()
             rows_design.append([name, label, r.n_matvec, r.n_restarts, f"{dt:.2f}", bool(r.all_converged)])
 
-        # 4. trace
-        op64 = HessianOperator(o64)
-        tref = trace(op64, n, 900, method="hutch++", seed=123)
-        op64.release()
+        # 4. trace (reference: float64 Hutch++ with 900 products; float32 with 300 for the density alone)
+        if "trace" in sections:
+            op64 = HessianOperator(o64)
+            tref = trace(op64, n, 900, method="hutch++", seed=123)
+            op64.release()
+        elif "density" in sections:
+            op = HessianOperator(o32)
+            tref = trace(op, n, 300, method="hutch++", seed=123)
+            op.release()
+            notes.append(f"{name}: density reference trace = float32 Hutch++ with 300 products: "
+                         f"{tref.trace:.5g} +- {tref.stderr:.2g}")
         tr_rows = {}
-        for meth in ("hutch++", "hutchinson"):
+        for meth in ("hutch++", "hutchinson") if "trace" in sections else ():
             ests, ses, dts = [], [], []
             for s in range(args.trace_seeds):
                 op = HessianOperator(o32)
@@ -276,6 +303,8 @@ def main():
                 ests.append(r.trace), ses.append(r.stderr), dts.append(dt)
             tr_rows[meth] = (np.mean(ests), np.std(ests, ddof=1), np.mean(ses), 60, statistics.median(dts))
         try:
+            if "trace" not in sections:
+                raise _Skip
             ph = importlib.import_module("pyhessian.hessian")
 
             c = Counter()
@@ -287,23 +316,33 @@ def main():
             ph.hessian_vector_product = orig
             tr_rows["pyhessian hutchinson (default tol 1e-3)"] = (np.mean(samples), float("nan"),
                                                                    np.std(samples, ddof=1) / math.sqrt(len(samples)), c.n, dt)
+        except _Skip:
+            pass
         except Exception as exc:
             notes.append(f"{name}: pyhessian trace failed: {type(exc).__name__}: {exc}")
         try:
+            if "trace" not in sections:
+                raise _Skip
             import hessian_eigenthings as he
 
             opx, c = eigenthings_operator(model, o32.X, o32.y)
             r, dt = timed(lambda: he.trace(opx, num_matvecs=60, method="hutch++", seed=0))
             tr_rows["eigenthings hutch++ (60)"] = (r.estimate, float("nan"), r.stderr, c.n, dt)
+        except _Skip:
+            pass
         except Exception as exc:
             notes.append(f"{name}: eigenthings trace failed: {type(exc).__name__}: {exc}")
         for meth, (m, sd, se, cnt, dt) in tr_rows.items():
             label = f"flatscope {meth} (60)" if meth in ("hutch++", "hutchinson") else meth
             rows_trace.append([name, label, f"{m:.5g}", "" if not np.isfinite(sd) else f"{sd:.2g}", f"{se:.2g}",
                                f"{(m - tref.trace) / tref.trace:+.1e}", cnt, f"{dt:.2f}"])
-        rows_trace.append([name, "reference: float64 hutch++ (900)", f"{tref.trace:.5g}", "", f"{tref.stderr:.2g}", "", 900, ""])
+        if "trace" in sections:
+            rows_trace.append([name, "reference: float64 hutch++ (900)", f"{tref.trace:.5g}", "", f"{tref.stderr:.2g}", "", 900, ""])
 
         # 5. density
+        if "density" not in sections:
+            print(f"done {name}", file=sys.stderr)
+            continue
         tr_over_n = tref.trace / n
         op = HessianOperator(o32)
         d, dt = timed(lambda: slq(op, n, 8, 80, seed=0))
@@ -317,24 +356,26 @@ def main():
 
             h = ph.hessian(copy.deepcopy(model), torch.nn.CrossEntropyLoss(), data=(o32.X, o32.y), cuda=False)
             try:
-                h.density(iter=80, n_v=1)
+                h.density(iter=2, n_v=1)
                 rows_density.append([name, "pyhessian density (PyPI 0.1)", "", "", "", "ran"])
-            except AttributeError as exc:
-                notes.append(f"{name}: pyhessian density as released on PyPI fails on torch {torch.__version__}: "
-                             f"AttributeError: {exc} (torch.eig was removed in torch 2.0); rerun with a torch.eig shim "
+            except (AttributeError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                notes.append(f"{name}: pyhessian density as released on PyPI (0.1) fails on torch {torch.__version__}: "
+                             f"{type(exc).__name__}: {first} (torch.eig is gone); rerun with a torch.eig shim "
                              "built on torch.linalg.eigh, which is what the repository fix does")
 
                 def eig_shim(T, eigenvectors=True):
                     w, V = torch.linalg.eigh(T)
                     return torch.stack([w, torch.zeros_like(w)], 1), V
 
+                saved_eig = torch.eig
                 torch.eig = eig_shim
                 c = Counter()
                 orig = ph.hessian_vector_product
                 ph.hessian_vector_product = lambda gg, p, vv: (setattr(c, "n", c.n + 1), orig(gg, p, vv))[1]
                 (nodes, weights), dt = timed(lambda: h.density(iter=80, n_v=8))
                 ph.hessian_vector_product = orig
-                del torch.eig
+                torch.eig = saved_eig
                 nodes, weights = np.array(nodes), np.array(weights)
                 pm = np.sum(nodes * weights, axis=1)
                 rows_density.append([name, "pyhessian density + eig shim (8 x 80)", c.n, f"{dt:.2f}",
@@ -365,16 +406,24 @@ def main():
             print("| " + " | ".join(str(x) for x in r) + " |")
         print()
 
-    print("### HVP cost (median ms per product over interleaved repeats; ratio to one gradient)\n")
-    table(["model", "params", "gradient ms", "cached double-backward", "double-backward", "jvp (fwd-over-rev)"], rows_cost)
-    print("### Top-5 eigenvalues (float32 models; error vs float64 reference)\n")
-    table(["model", "method", "wall s (median)", "time / flatscope", "HVPs", "max rel. error"], rows_top)
-    print("### Lanczos design: HVPs to tol 1e-5 (flatscope, float32)\n")
-    table(["model", "variant", "HVPs", "restarts", "wall s", "converged"], rows_design)
-    print("### Trace (estimate, spread over seeds, mean reported s.e., error vs reference)\n")
-    table(["model", "method", "estimate", "sd over seeds", "s.e.", "rel. error", "HVPs", "wall s"], rows_trace)
-    print("### Spectral density (mean of the density / (trace / n), with its s.e.)\n")
-    table(["model", "method", "HVPs", "wall s", "integral", "mean / (tr/n)"], rows_density)
+    if rows_cost:
+        print("### HVP cost (median ms per product over interleaved repeats; ratio to one gradient)\n")
+        table(["model", "params", "gradient ms", "cached double-backward", "double-backward", "jvp (fwd-over-rev)"], rows_cost)
+    if rows_top:
+        print("### Top-5 eigenvalues (float32 models; error vs float64 reference)\n")
+        table(["model", "method", "wall s (median)", "time / flatscope", "HVPs", "max rel. error"], rows_top)
+    if rows_matched:
+        print("### Top-5 at matched accuracy: pyhessian power iteration with tol 1e-6 (one run each)\n")
+        table(["model", "method", "wall s", "HVPs", "max rel. error"], rows_matched)
+    if rows_design:
+        print("### Lanczos design: HVPs to tol 1e-5 (flatscope, float32)\n")
+        table(["model", "variant", "HVPs", "restarts", "wall s", "converged"], rows_design)
+    if rows_trace:
+        print("### Trace (estimate, spread over seeds, mean reported s.e., error vs reference)\n")
+        table(["model", "method", "estimate", "sd over seeds", "s.e.", "rel. error", "HVPs", "wall s"], rows_trace)
+    if rows_density:
+        print("### Spectral density (mean of the density / (trace / n), with its s.e.)\n")
+        table(["model", "method", "HVPs", "wall s", "integral", "mean / (tr/n)"], rows_density)
     print("### Notes\n")
     for ln in notes:
         print(f"- {ln}")

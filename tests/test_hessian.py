@@ -9,7 +9,6 @@ asks 1e-4 relative); stochastic estimates are held to 3 of their own standard er
 
 import hashlib
 import json
-import math
 
 import h5py
 import numpy as np
@@ -165,7 +164,9 @@ def test_density_and_trace_against_dense_hessian(dense_case):
         blk = H[sl[name], sl[name]]
         assert abs(pl["lambda_max"][i] - np.linalg.eigvalsh(blk)[-1]) <= pl["residuals"][i] + 1e-12 * np.abs(H).max()
         assert abs(pl["trace"][i] - np.trace(blk)) <= 3 * pl["trace_stderr"][i] + 1e-12
-    assert pl["trace"].sum() == pytest.approx(res.traces.trace, rel=1e-10)
+    # blocks no larger than the trace budget (the biases here) are exact
+    small = pl["numel"] <= 45
+    assert small.any() and np.all(pl["trace_stderr"][small] == 0)
     # flatness summaries follow their definitions
     s = res.summary()
     assert s["effective_rank"] == pytest.approx(s["trace"] / s["lambda_max"])

@@ -28,7 +28,7 @@ Quantities (``summary()`` names, thresholdable by ``flatscope audit`` as ``hessi
 
 Hessian-vector products (:class:`HessianOperator`): by default the gradient graph of every batch
 is built once (forward and backward with ``create_graph``) and each product is one more backward
-pass through it (double backward with a cached graph), measured 2-4x faster than rebuilding it or
+pass through it (double backward with a cached graph), measured 1.6-3.3x faster than rebuilding it or
 than forward-over-reverse (``torch.func.jvp`` of ``grad``, :meth:`Objective.hvp`) on the sample
 checkpoints (benchmarks/RESULTS.md). The cache holds one autograd graph per batch; ``hvp="jvp"``
 or ``"double-backward"`` keep only one batch in memory at a time.
@@ -322,7 +322,9 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
     spectral density (:func:`flatscope.linalg.slq`, ``probes`` x ``steps`` products, Gaussian width
     ``sigma`` times the spread of the Ritz nodes, on ``n_grid`` points), the trace
     (:func:`flatscope.linalg.trace`, ``trace_probes`` products, with per-tensor block traces), and
-    with ``per_layer`` the top eigenvalue of every parameter tensor's diagonal block ``H[b, b]``.
+    with ``per_layer`` the top eigenvalue of every parameter tensor's diagonal block ``H[b, b]``
+    and its trace: from the trace run's products by the diagonal estimator, or exactly (``numel``
+    products, standard error 0) for a tensor no larger than ``trace_probes``.
 
     A non-finite product stops the analysis: the stages finished before it are kept, the failing
     stage keeps what it had, and ``nonfinite`` says where. A Lanczos run that does not reach
@@ -396,13 +398,14 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
             else:
                 res.traces = tr
         if res.nonfinite is None and per_layer:
-            res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, stage, tracked)
+            res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, trace_probes, stage, tracked)
     finally:
         op.release()
     return res
 
 
-def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, stage, tracked) -> dict:
+def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, trace_probes,
+               stage, tracked) -> dict:
     names = list(obj.layout.names)
     slices = obj.layout.slices()
     n = len(names)
@@ -419,6 +422,15 @@ def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max
                         seed=seed + 3 + i, device=obj.device)
             res.n_matvec += r.n_matvec
             out["n_matvec"][i] = r.n_matvec
+            if r.nonfinite_at is None and sl.stop - sl.start <= trace_probes:
+                # a block no larger than the trace budget: its trace exactly, from its unit vectors
+                t = trace(op.restrict(sl), sl.stop - sl.start, trace_probes, device=obj.device)
+                res.n_matvec += t.n_matvec
+                out["n_matvec"][i] += t.n_matvec
+                if t.nonfinite_at is None:
+                    out["trace"][i], out["trace_stderr"][i] = t.trace, 0.0
+                else:
+                    r.nonfinite_at = t.nonfinite_at
             if len(r.eigenvalues):
                 out["lambda_max"][i], out["residuals"][i] = r.eigenvalues[0], r.residuals[0]
                 out["converged"][i] = bool(r.converged[0])

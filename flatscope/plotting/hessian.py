@@ -87,7 +87,9 @@ def _per_layer_plot(items, out_base: Path, fmt: str) -> Path | None:
     items = [(lab, t) for lab, t in items if isinstance(t.get("per_layer"), dict)]
     if not items:
         return None
-    names = json.loads(items[0][1]["per_layer"]["names"])
+    names: list = []
+    for _, t in items:   # the union of tensor names, in order of first appearance
+        names += [nm for nm in json.loads(t["per_layer"]["names"]) if nm not in names]
     n, m = len(names), len(items)
     fig, axes = figure(1, 2, figsize=(11, max(3.0, 0.32 * n * max(1, m) + 1.2)), sharey=True)
     h = 0.8 / m

@@ -97,19 +97,21 @@ def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace
                 t.add_row(str(i), f"{v:.6g}", f"{r:.1e}", "yes" if c else "[red]no[/red]")
             console.print(t)
         lines = [
-            f"lambda_max      {s['lambda_max']:.6g}",
-            f"lambda_min      {s['lambda_min']:.6g}  (from {res.lambda_min[1]})",
-            f"lambda_max/l_{top:<2d} {s['lambda_ratio']:.4g}",
-            f"trace           {s['trace']:.6g} +- {s['trace_stderr']:.2g}  ({res.traces.method if res.traces else '-'})",
-            f"effective rank  {s['effective_rank']:.4g}  (trace / lambda_max)",
-            f"negative mass   {s['negative_mass']:.3g}  (fraction of eigenvalues < 0: {s['negative_fraction']:.3g})",
+            ("lambda_max", f"{s['lambda_max']:.6g}"),
+            ("lambda_min", f"{s['lambda_min']:.6g}  (from {res.lambda_min[1]})"),
+            (f"lambda_max/lambda_{top}", f"{s['lambda_ratio']:.4g}"),
+            ("trace", f"{s['trace']:.6g} +- {s['trace_stderr']:.2g}  ({res.traces.method if res.traces else '-'})"),
+            ("effective rank", f"{s['effective_rank']:.4g}  (trace / lambda_max)"),
+            ("negative mass", "n/a (needs --density)" if res.density is None else
+             f"{s['negative_mass']:.3g}  (fraction of eigenvalues < 0: {s['negative_fraction']:.3g})"),
         ]
         if res.density is not None:
             m, se = res.density.integral(lambda x: x)
-            lines.append(f"density         {res.density.n_probes} probes x {res.density.n_steps} steps, "
-                         f"mean {m:.4g} +- {se:.2g}, sigma {res.sigma:.3g}")
-        for ln in lines:
-            console.print(ln)
+            lines.append(("density", f"{res.density.n_probes} probes x {res.density.n_steps} steps, "
+                                     f"mean {m:.4g} +- {se:.2g}, sigma {res.sigma:.3g}"))
+        width = max(len(a) for a, _ in lines) + 2
+        for label, value in lines:
+            console.print(f"{label:<{width}}{value}", highlight=False)
         if res.per_layer is not None:
             pl = res.per_layer
             t = Table("tensor", "size", "top eigenvalue", "trace", title="per layer")
