@@ -26,12 +26,11 @@ Quantities (``summary()`` names, thresholdable by ``flatscope audit`` as ``hessi
 - ``converged``: whether every requested Ritz pair met ``||Hv - lambda v|| <= tol * |lambda_max|``.
 - ``n_matvec``: Hessian-vector products spent in total.
 
-Hessian-vector products (:class:`HessianOperator`): by default the gradient graph of every batch
-is built once (forward and backward with ``create_graph``) and each product is one more backward
-pass through it (double backward with a cached graph), measured 1.6-3.3x faster than rebuilding it or
-than forward-over-reverse (``torch.func.jvp`` of ``grad``, :meth:`Objective.hvp`) on the sample
-checkpoints (benchmarks/RESULTS.md). The cache holds one autograd graph per batch; ``hvp="jvp"``
-or ``"double-backward"`` keep only one batch in memory at a time.
+Hessian-vector products (:class:`HessianOperator`) are the objective's own: by default
+:meth:`Objective.hvp_operator` builds every batch's linearization once and each product is one
+more backward pass through it (reverse-over-reverse with a cache), measured faster than rebuilding
+it for every product (benchmarks/RESULTS.md). The cache holds one graph per batch;
+``hvp="double-backward"`` keeps only one batch in memory at a time.
 """
 
 from __future__ import annotations
@@ -49,22 +48,22 @@ from ..errors import FlatscopeError
 from ..linalg import EigResult, SLQResult, TraceResult, lanczos, slq, trace
 from ..objective import Objective
 
-HVP_MODES = ("auto", "cached", "double-backward", "jvp")
+HVP_MODES = ("auto", "cached", "double-backward")
 MAX_CACHED_BATCHES = 8
 
 
 class HessianOperator:
-    """``V -> H V`` for the Hessian of ``obj``'s split loss at ``w`` (default ``obj.w0``).
+    """``V -> H V`` for the Hessian of ``obj``'s split loss at ``w`` (default ``obj.w0``), counting
+    products; a thin wrapper over the objective's own products.
 
-    Call with a tensor of shape ``(dim,)`` or ``(b, dim)`` (any float dtype; computed in the
-    objective's dtype, returned in it). ``n_matvec`` counts the vectors multiplied so far.
-    ``restrict(sl)`` gives the operator of the diagonal block ``H[sl, sl]`` (products embed the
-    block vector in zeros and keep the block of the result).
+    Call with a tensor of shape ``(dim,)`` or ``(b, dim)``. ``n_matvec`` counts the vectors
+    multiplied so far. ``restrict(sl)`` gives the operator of the diagonal block ``H[sl, sl]``
+    (products embed the block vector in zeros and keep the block of the result).
 
-    ``mode``: ``cached`` (double backward through a gradient graph built once per batch and kept),
-    ``double-backward`` (the graph rebuilt for every product), ``jvp`` (forward-over-reverse,
-    :meth:`Objective.hvp`, several vectors per vmapped call), or ``auto`` = ``cached`` when the
-    split has at most 8 batches, else ``double-backward``.
+    ``mode``: ``cached`` (:meth:`Objective.hvp_operator`: each batch's linearization built once and
+    reused, one backward pass per product), ``double-backward`` (:meth:`Objective.hvp`: rebuilt for
+    every product, one batch in memory at a time), or ``auto`` = ``cached`` when the split has at
+    most ``MAX_CACHED_BATCHES`` batches, else ``double-backward``.
     """
 
     def __init__(self, obj: Objective, w: torch.Tensor | None = None, mode: str = "auto"):
@@ -75,49 +74,21 @@ class HessianOperator:
         n_batches = math.ceil(obj.n / obj.batch_size)
         self.mode = ("cached" if n_batches <= MAX_CACHED_BATCHES else "double-backward") if mode == "auto" else mode
         self.n_matvec = 0
-        self._graph = None
+        self._cached = None
 
     @property
     def dim(self) -> int:
         return self.obj.dim
 
-    def _gradient_graph(self):
-        wr = self.w.clone().requires_grad_(True)
-        g = torch.zeros_like(wr)
-        with torch.enable_grad():
-            for xb, yb, wt in self.obj.batches():
-                loss = self.obj._batch_loss(wr, xb, yb)
-                gb, = torch.autograd.grad(loss, wr, create_graph=True)
-                g = g + wt * gb
-        return wr, g
-
-    def _double_backward(self, V: torch.Tensor, keep: bool) -> torch.Tensor:
-        if keep:
-            if self._graph is None:
-                self._graph = self._gradient_graph()
-            wr, g = self._graph
-        else:
-            wr, g = self._gradient_graph()
-        out = torch.empty_like(V)
-        for i in range(V.shape[0]):
-            if not g.requires_grad:  # the loss does not depend on w at second order (e.g. constant)
-                out[i] = 0
-                continue
-            hv, = torch.autograd.grad(g, wr, V[i], retain_graph=keep or i + 1 < V.shape[0], allow_unused=True)
-            out[i] = 0 if hv is None else hv.detach()
-        return out
-
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        single = V.dim() == 1
-        V2 = self.obj._check_w(V.reshape(-1, V.shape[-1]))
-        if self.mode == "jvp":
-            out = self.obj.hvp(V2)
+        if self.mode == "cached":
+            if self._cached is None:
+                self._cached = self.obj.hvp_operator(self.w, max_cached_batches=MAX_CACHED_BATCHES)
+            out = self._cached(V)
         else:
-            with torch.enable_grad():
-                out = self._double_backward(V2, keep=self.mode == "cached")
-            out = self.obj._reduce(out)
-        self.n_matvec += V2.shape[0]
-        return out[0] if single else out
+            out = self.obj.hvp(V, self.w)
+        self.n_matvec += 1 if V.dim() == 1 else V.shape[0]
+        return out
 
     def restrict(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
         n = sl.stop - sl.start
@@ -131,8 +102,8 @@ class HessianOperator:
         return mv
 
     def release(self) -> None:
-        """Drop the cached gradient graph (frees its memory)."""
-        self._graph = None
+        """Drop the cached linearizations (frees their memory)."""
+        self._cached = None
 
 
 def top_eigenvectors(obj: Objective, k: int = 2, *, tol: float = 1e-5, max_iter: int | None = None,

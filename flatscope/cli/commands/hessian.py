@@ -39,7 +39,7 @@ from ..common import analysis_options, pass_run
               help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.")
 @click.option("--hvp", type=click.Choice(HVP_MODES), default="auto", show_default=True,
               help="How Hessian-vector products are taken: cached double backward (auto when the split "
-                   "fits in 8 batches), double-backward, or jvp (forward-over-reverse).")
+                   "fits in 8 batches), or double-backward (rebuilt per product, one batch in memory).")
 @pass_run
 def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace_method, per_layer,
             save_eigenvectors, tol, max_iter, block_size, hvp):
