@@ -8,13 +8,22 @@ a rank that dies brings the job down with an error instead of a hang. Then
 - :meth:`flatscope.objective.Objective.shard` gives each rank a contiguous shard of the split and
   all-reduces loss, accuracy counts, gradients and HVPs, normalized by the global sample count, so
   every analysis built on the objective is data-parallel without change;
-- only rank 0 prints, writes HDF5 and plots.
+- only rank 0 prints, writes HDF5 and plots;
+- ``landscape`` and ``local-energy`` can instead deal their points to the ranks
+  (``--parallel points``, :func:`map_rounds`, :func:`all_gather_objects`), every rank with the
+  whole data; ``train --opt rsgd`` puts replicas on ranks and ``--opt esgd`` splits minibatches
+  (see :mod:`flatscope.methods.rsgd` and :mod:`flatscope.methods.esgd`).
+
+Whatever a rank decides from its own shard (a batching mode from its shard's size) must be
+rank 0's decision broadcast to all (:func:`broadcast_object`, :func:`on_main`): ranks that take
+different code paths issue different collectives and fail.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +31,7 @@ import torch.distributed as dist
 from .errors import FlatscopeError
 
 DEFAULT_TIMEOUT_S = 300
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
@@ -97,6 +107,62 @@ def gather_objects(obj) -> list | None:
     out = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` on every rank, in rank order."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only, its value broadcast to every rank.
+
+    A :class:`FlatscopeError` raised by ``fn`` on rank 0 is raised on every rank, so that bad
+    input found by rank 0 (say, a missing results file to resume) stops all ranks with the same
+    one-line error instead of leaving them waiting in the next collective.
+    """
+    if not active():
+        return fn()
+    box = None
+    if is_main():
+        try:
+            box = ("ok", fn())
+        except FlatscopeError as exc:
+            box = ("error", str(exc))
+    kind, value = broadcast_object(box)
+    if kind == "error":
+        raise FlatscopeError(value)
+    return value
+
+
+def map_rounds(items: Sequence, fn: Callable) -> Iterator[tuple[int, object]]:
+    """Split ``items`` round-robin across ranks and bring the values of ``fn`` to rank 0.
+
+    In round ``r`` rank ``k`` computes ``fn(items[r * world + k])`` (nothing in the last round when
+    the items run out); the values are gathered to rank 0 once per round. Rank 0 gets ``(i, value)``
+    for every ``i`` in order, one round at a time, so it can save results as they arrive; the
+    other ranks get ``(i, value)`` for their own items only. In one process this is
+    ``((i, fn(item)) for i, item in enumerate(items))``.
+    """
+    world, me = world_size(), rank()
+    for first in range(0, len(items), world):
+        i = first + me
+        value = fn(items[i]) if i < len(items) else None
+        if world == 1:
+            yield i, value
+            continue
+        gathered = gather_objects((i, value))
+        if gathered is None:
+            if i < len(items):
+                yield i, value
+            continue
+        for j, v in gathered:
+            if j < len(items):
+                yield j, v
 
 
 def barrier() -> None:

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from . import distributed
 from . import methods
 from .checkpoint import save_checkpoint
 from .data import Dataset
@@ -183,7 +184,7 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
             raise FlatscopeError(f"the checkpoint already used {stream.evals} gradient evaluations "
                                  f"({stream.evals / bpe:g} epochs); ask for a larger --epochs or --budget to resume")
     traj_dir = None
-    if out and config.save_every:
+    if out and config.save_every and distributed.is_main():   # under torchrun rank 0 alone writes
         traj_dir = os.path.splitext(out)[0] + "-traj"
         os.makedirs(traj_dir, exist_ok=True)
 

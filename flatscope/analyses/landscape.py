@@ -41,6 +41,7 @@ from ..objective import Objective
 
 BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
+PARALLEL = ("data", "points")   # under torchrun: shard the data, or deal the grid points to the ranks
 # The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md) for
 # the digits MLP, CNN and ResNet: see choose_batching. VMAP_MAX_SAMPLES is the largest forward pass
 # (samples) at which vmap still won; VMAP_SAMPLES_PER_CALL sets the points per vmapped call.
@@ -401,7 +402,8 @@ def plain_values(objectives: dict[str, Objective], *, bn: str = "eval",
 def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batching: str = "auto",
             points_per_call: int | None = None, bn: str = "eval", bn_inputs: torch.Tensor | None = None,
             anchor_buffers: list[dict] | None = None, progress: Callable[[int], None] | None = None,
-            flush: Callable[[LandscapeResult], None] | None = None, flush_every: float = 10.0) -> LandscapeResult:
+            flush: Callable[[LandscapeResult], None] | None = None, flush_every: float = 10.0,
+            parallel: str = "data") -> LandscapeResult:
     """Fill the points of ``result`` that are not done yet; returns ``result``.
 
     ``objectives`` maps split to :class:`Objective` (all of the same model; the first one's ``w0`` is the
@@ -409,9 +411,18 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     vmapped call per chunk, or a loop over its points), so a resumed run evaluates the very same chunks. ``flush(result)`` is called at most
     every ``flush_every`` seconds and on the way out (even on KeyboardInterrupt) if anything is new.
     ``result.plain`` is filled with the plain evaluation at the origin.
+
+    ``parallel="points"`` (under torchrun, with objectives that are *not* sharded): the pending chunks
+    are dealt round-robin to the ranks (:func:`flatscope.distributed.map_rounds`) and gathered to
+    rank 0 after every round; only rank 0's ``result`` is complete, and only rank 0 should flush.
+    The chunks are those of one process, so the values are too.
     """
     if bn not in BN_MODES:
         raise FlatscopeError(f"unknown --bn {bn!r}; choose from {', '.join(BN_MODES)}")
+    if parallel not in PARALLEL:
+        raise FlatscopeError(f"unknown --parallel {parallel!r}; choose from {', '.join(PARALLEL)}")
+    if parallel == "points" and any(o.n != o.n_total for o in objectives.values()):
+        raise FlatscopeError("parallel='points' needs objectives over the whole split on every rank, not shards")
     first = next(iter(objectives.values()))
     if bn == "recompute" and bn_inputs is None:
         raise FlatscopeError("--bn recompute needs the training inputs")
@@ -432,21 +443,29 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     if not result.plain:
         result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     evaluators = {s: PointEvaluator(o) for s, o in objectives.items()} if mode == "loop" else None
+    chunks = [start + np.flatnonzero(~done[start:start + m]) for start in range(0, result.grid.size, m)]
+    chunks = [idx for idx in chunks if idx.size]
+
+    def evaluate(idx: np.ndarray) -> dict:
+        C = coords[torch.from_numpy(idx)]
+        W = dirs.points(origin, C)
+        buffers = None
+        if bn == "recompute":
+            Wd = W.to(first.dtype)
+            buffers = [first.recompute_bn(Wd[i], bn_inputs) for i in range(W.shape[0])]
+        elif anchor_buffers is not None:
+            buffers = [_mix_buffers(anchor_buffers, C[i], first.dtype) for i in range(W.shape[0])]
+        return evaluate_points(objectives, W, batching=mode, buffers=buffers, evaluators=evaluators)
+
+    if parallel == "points":
+        from .. import distributed
+
+        finished = ((chunks[i], vals) for i, vals in distributed.map_rounds(chunks, evaluate))
+    else:
+        finished = ((idx, evaluate(idx)) for idx in chunks)
     pending, last = False, time.monotonic()
     try:
-        for start in range(0, result.grid.size, m):
-            idx = start + np.flatnonzero(~done[start:start + m])
-            if idx.size == 0:
-                continue
-            C = coords[torch.from_numpy(idx)]
-            W = dirs.points(origin, C)
-            buffers = None
-            if bn == "recompute":
-                Wd = W.to(first.dtype)
-                buffers = [first.recompute_bn(Wd[i], bn_inputs) for i in range(W.shape[0])]
-            elif anchor_buffers is not None:
-                buffers = [_mix_buffers(anchor_buffers, C[i], first.dtype) for i in range(W.shape[0])]
-            vals = evaluate_points(objectives, W, batching=mode, buffers=buffers, evaluators=evaluators)
+        for idx, vals in finished:
             for s, (lv, av) in vals.items():
                 flat_loss[s][idx], flat_acc[s][idx] = lv, av
             done[idx] = True

@@ -371,20 +371,32 @@ def choose_batched(batched: str, device: torch.device, bn: str) -> bool:
 
 
 def _sweep(ev: _Evaluator, dirs: Directions, w0: torch.Tensor, sigmas, n: int, chunk: int,
-           progress: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray]:
+           progress: Callable[[int], None], points: bool = False) -> tuple[np.ndarray, np.ndarray]:
     L = np.empty((len(sigmas), n))
     E = np.empty((len(sigmas), n))
-    for j0 in range(0, n, chunk):
+    starts = list(range(0, n, chunk))
+    if points:  # this rank's chunks of draws (round-robin); the others' come by all-gather below
+        from .. import distributed
+
+        starts = starts[distributed.rank()::distributed.world_size()]
+    for j0 in starts:
         j1 = min(n, j0 + chunk)
         D = dirs.block(j0, j1)
         for i, s in enumerate(sigmas):
             L[i, j0:j1], E[i, j0:j1] = ev.points(w0, D, float(s))
             progress(j1 - j0)
+    if points:
+        mine = sum(min(n, j0 + chunk) - j0 for j0 in starts) * len(sigmas)
+        for part_starts, part_L, part_E in distributed.all_gather_objects(
+                (starts, [L[:, j0:j0 + chunk] for j0 in starts], [E[:, j0:j0 + chunk] for j0 in starts])):
+            for j0, lv, ev_ in zip(part_starts, part_L, part_E):
+                L[:, j0:j0 + chunk], E[:, j0:j0 + chunk] = lv, ev_
+        progress(n * len(sigmas) - mine)
     return L, E
 
 
 def _bisect(ev: _Evaluator, dirs, w0, sigmas, err_draws, base_err, eps, n, chunk, rtol, max_iter,
-            progress) -> TargetSigma:
+            progress, points: bool = False) -> TargetSigma:
     reached = np.nonzero(err_draws.mean(axis=1) >= eps * (1 - _SLACK))[0]
     if reached.size == 0:
         return TargetSigma(eps, float("nan"), False, float(sigmas[-1]), float("inf"), float(sigmas[-1]),
@@ -395,7 +407,7 @@ def _bisect(ev: _Evaluator, dirs, w0, sigmas, err_draws, base_err, eps, n, chunk
     it = evals = 0
     while hi - lo > rtol * hi and it < max_iter:
         mid = 0.5 * (lo + hi)
-        d = _sweep(ev, dirs, w0, [mid], n, chunk, progress)[1][0] - base_err
+        d = _sweep(ev, dirs, w0, [mid], n, chunk, progress, points)[1][0] - base_err
         if d.mean() >= eps * (1 - _SLACK):
             hi, d_hi = mid, d
         else:
@@ -409,7 +421,8 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
                  noise: str = "multiplicative", params: str = "all", bn: str = "eval",
                  bn_data: torch.Tensor | None = None, target_error: float | None = None,
                  batched: str | bool = "auto", chunk: int = 16, seed: int = 0, rtol: float = 1e-3,
-                 max_iter: int = 60, progress: Callable[[int], None] | None = None) -> LocalEnergyResult:
+                 max_iter: int = 60, progress: Callable[[int], None] | None = None,
+                 parallel: str = "data") -> LocalEnergyResult:
     """δE(σ) for loss and error rate on each split, with common random numbers across σ and splits.
 
     ``objectives``: one :class:`Objective` (reported as split ``"train"``) or ``{split: Objective}``
@@ -419,6 +432,12 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
     (in (0, 1]) adds the bisected σ at which the mean δE_err reaches it. ``batched``: ``auto``,
     ``on``/``True`` or ``off``/``False`` (see :func:`choose_batched`); ``chunk`` draws go through one
     vmapped call. ``progress(k)`` is called after every ``k`` evaluated points.
+
+    Under torchrun, ``parallel="data"`` takes sharded objectives (every evaluation is all-reduced);
+    ``parallel="points"`` takes objectives over the whole split on every rank and deals the chunks
+    of ``chunk`` draws round-robin to the ranks; every rank then gets all values (all-gather), so
+    the bisection takes the same steps everywhere. The chunks, hence the values, are those of one
+    process.
     """
     objs = {"train": objectives} if isinstance(objectives, Objective) else dict(objectives)
     if not objs:
@@ -440,6 +459,11 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
         raise FlatscopeError(f"unknown --noise {noise!r}; choose from {', '.join(NOISES)}")
     if bn not in BN_MODES:
         raise FlatscopeError(f"unknown --bn {bn!r}; choose from {', '.join(BN_MODES)}")
+    if parallel not in ("data", "points"):
+        raise FlatscopeError(f"unknown --parallel {parallel!r}; choose from data, points")
+    points = parallel == "points"
+    if points and any(o.n != o.n_total for o in objs.values()):
+        raise FlatscopeError("parallel='points' needs objectives over the whole split on every rank, not shards")
     first = next(iter(objs.values()))
     for name, o in objs.items():
         first.layout.check_same(o.layout, what=f"split {name}")
@@ -474,10 +498,10 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
             res.n_perturbed = int(mask.sum())
         ev = _Evaluator(obj, use_batched, bn_data if bn == "recompute" else None)
         base_loss, base_err = ev.base()
-        L, E = _sweep(ev, dirs, w0, sig, samples, int(chunk), progress)
+        L, E = _sweep(ev, dirs, w0, sig, samples, int(chunk), progress, points)
         curve = SplitCurve(name, base_loss, base_err, L - base_loss, E - base_err)
         if target_error is not None:
             curve.target = _bisect(ev, dirs, w0, sig, curve.delta_err_draws, base_err, float(target_error),
-                                   samples, int(chunk), rtol, max_iter, progress)
+                                   samples, int(chunk), rtol, max_iter, progress, points)
         res.curves[name] = curve
     return res

@@ -38,6 +38,12 @@ Conventions, and why:
   alone; since x itself is never evaluated during training, the result's running statistics are
   recomputed exactly at x over the training inputs whenever x is evaluated or saved (the authors'
   code likewise re-estimates them by a pass over the training set before validation).
+- **data-parallel** (under torchrun): every rank draws the same minibatch (the streams are seeded
+  alike), differentiates its contiguous slice of it and the slices' gradients are summed by
+  all-reduce with weights n_rank / n_batch, which is the minibatch gradient up to the order of
+  float summation (and, with dropout, up to the masks, which each rank draws for its slice); the noise comes from the same seeded generator on every rank, so every rank
+  holds the same iterates. Models with BatchNorm are refused: in train mode a slice's batch
+  statistics are not the minibatch's, so the gradient would not be the one-process gradient.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ import math
 
 import torch
 
+from .. import distributed
+from ..errors import FlatscopeError
 from . import register
 from ._flat import FlatNet, Param, gamma_at, momentum_update, nonneg, positive, unit_interval
 from .base import Method
@@ -81,6 +89,10 @@ class EntropySGD(Method):
     def __init__(self, model, loss_fn, config):
         super().__init__(model, loss_fn, config)
         self.net = FlatNet(model, loss_fn)
+        self.world = distributed.world_size()
+        if self.world > 1 and self.net.bn_modules:
+            raise FlatscopeError("data-parallel esgd under torchrun needs a model without BatchNorm: each rank's "
+                                 "slice of a minibatch would have its own batch statistics; run it in one process")
         self.x = self.net.get()
         self.xp = self.x.clone()
         self.mu = self.x.clone()
@@ -101,7 +113,7 @@ class EntropySGD(Method):
             self.mu.copy_(self.x)
         gamma = self.gamma
         xb, yb = stream.next("inner")
-        _, g = self.net.loss_and_grad(self.xp, xb, yb, buffers=None)
+        g = self._grad(xb, yb)
         if c.weight_decay:
             g = g + c.weight_decay * self.xp
         dx = g - gamma * (self.x - self.xp)
@@ -119,6 +131,16 @@ class EntropySGD(Method):
             self.x = esgd_outer_update(self.x, self.mu, gamma, lr, self.buf, c.momentum, c.nesterov)
             self.t += 1
             self.ell = 0
+
+    def _grad(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The minibatch gradient at x'; under torchrun summed from the ranks' slices of the minibatch."""
+        if self.world == 1:
+            return self.net.loss_and_grad(self.xp, xb, yb, buffers=None)[1]
+        lo, hi = distributed.shard_range(xb.shape[0], distributed.rank(), self.world)
+        g = torch.zeros_like(self.xp)
+        if hi > lo:   # the loss is a mean over the slice: weight it by the slice's share of the batch
+            g = self.net.loss_and_grad(self.xp, xb[lo:hi], yb[lo:hi], buffers=None)[1] * ((hi - lo) / xb.shape[0])
+        return distributed.all_reduce_sum(g)
 
     def result_model(self):
         self.net.set(self.x)

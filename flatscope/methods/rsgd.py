@@ -33,6 +33,15 @@ Execution: replicas as a Python loop over y gradient calls, or as stacked parame
 ``torch.func.vmap`` (one call for all). ``--replica-exec auto`` picks the loop below
 ``VMAP_FROM`` replicas and vmap from there on, the crossover measured on CPU in
 ``benchmarks/bench_rsgd_exec.py`` (see benchmarks/RESULTS.md).
+
+Under torchrun (``torchrun --nproc-per-node 3 -m flatscope train --opt rsgd --replicas 3``) the
+replicas are dealt to the ranks in contiguous blocks (one each when y = world size; y must be at
+least the world size). Every rank keeps the whole state (all replicas, momenta, data streams) but
+differentiates only its own replicas; each step one all-reduce of the (y, dim) gradient matrix,
+zero outside a rank's own rows, and one of the replicas' BatchNorm buffers give every rank the same
+exact values (a sum with zeros rounds nothing), so every rank computes the same center and the
+same update, bit for bit equal to one process with y replicas (the loop execution; without
+dropout, whose masks come from the process's global generator).
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ import math
 import torch
 from torch.func import grad_and_value, vmap
 
+from .. import distributed
+from ..errors import FlatscopeError
 from . import register
 from ._flat import FlatNet, Param, gamma_at, momentum_update, nonneg, positive, reinitialized
 from .base import Method
@@ -92,7 +103,13 @@ class ReplicatedSGD(Method):
         self.bufs = [{n: b.detach().clone() for n, b in m.named_buffers()} for m in inits]
         self.mom = torch.zeros_like(self.W)
         self.t = 0                                   # rounds done
-        self.exec = p["replica_exec"] if p["replica_exec"] != "auto" else ("vmap" if self.y >= VMAP_FROM else "loop")
+        self.world = distributed.world_size()
+        if self.world > 1 and self.y < self.world:
+            raise FlatscopeError(f"--replicas {self.y} is fewer than the {self.world} ranks: under torchrun every rank "
+                                 f"takes at least one replica (use --replicas {self.world} or more)")
+        self.own = range(*distributed.shard_range(self.y, distributed.rank(), self.world))  # replicas of this rank
+        n_own = len(self.own)
+        self.exec = p["replica_exec"] if p["replica_exec"] != "auto" else ("vmap" if n_own >= VMAP_FROM else "loop")
         self.streams = []
         self.last = {"pull": 0.0, "coupling_strength": 0.0}
 
@@ -107,24 +124,51 @@ class ReplicatedSGD(Method):
         return gamma_at(self.p["gamma"], self.p["gamma_growth"], self.t)
 
     def _batches(self, stream):
-        out = [stream.next("outer")]
-        for s in self.streams[1:]:
-            out.append(s.next())
+        """Every replica's minibatch (None for replicas of other ranks, whose streams only advance)."""
+        def draw(a: int, s, kind: str = "outer"):
+            if a in self.own:
+                return s.next(kind)
+            s.next_indices(kind)   # same stream position as the owner's, no copy of the batch
+            return None
+
+        out = [draw(0, stream)]
+        for a, s in enumerate(self.streams[1:], 1):
+            out.append(draw(a, s))
             stream.charge(1, "outer")
         return out
 
     def _grads(self, batches) -> torch.Tensor:
+        own = list(self.own)
         if self.exec == "loop":
-            return torch.stack([self.net.loss_and_grad(self.W[a], xb, yb, buffers=self.bufs[a])[1]
-                                for a, (xb, yb) in enumerate(batches)])
-        XB = torch.stack([b[0] for b in batches])
-        YB = torch.stack([b[1] for b in batches])
-        B = {n: torch.stack([bf[n] for bf in self.bufs]) for n in self.bufs[0]}
-        G, _ = vmap(grad_and_value(self.net._loss))(self.W, B, XB, YB)
+            G = [self.net.loss_and_grad(self.W[a], *batches[a], buffers=self.bufs[a])[1] for a in own]
+        else:
+            XB = torch.stack([batches[a][0] for a in own])
+            YB = torch.stack([batches[a][1] for a in own])
+            B = {n: torch.stack([self.bufs[a][n] for a in own]) for n in self.bufs[0]}
+            G, _ = vmap(grad_and_value(self.net._loss))(self.W[own[0]:own[-1] + 1], B, XB, YB)
+            for i, a in enumerate(own):
+                for n in self.bufs[a]:
+                    self.bufs[a][n].copy_(B[n][i])
+        if self.world == 1:
+            return torch.stack(G) if isinstance(G, list) else G
+        full = torch.zeros_like(self.W)
+        full[own[0]:own[-1] + 1] = torch.stack(G) if isinstance(G, list) else G
+        self._share_buffers()
+        return distributed.all_reduce_sum(full)
+
+    def _share_buffers(self) -> None:
+        """Every replica's buffers on every rank: each rank contributes its own replicas' (zeros elsewhere)."""
+        names = list(self.bufs[0])
+        if not names:
+            return
+        # one float64 row per replica (exact for float32/64 statistics and int64 counters below 2^53)
+        rows = torch.stack([torch.cat([bf[n].reshape(-1).to(torch.float64) for n in names]) for bf in self.bufs])
+        mine = torch.zeros(self.y, 1, dtype=torch.bool)
+        mine[self.own.start:self.own.stop] = True
+        rows = distributed.all_reduce_sum(torch.where(mine, rows, 0.0))
         for a, bf in enumerate(self.bufs):
-            for n in bf:
-                bf[n].copy_(B[n][a])
-        return G
+            for n, part in zip(names, torch.split(rows[a], [bf[n].numel() for n in names])):
+                bf[n].copy_(part.reshape(bf[n].shape))
 
     def step(self, stream, lr: float) -> None:
         p, c = self.p, self.config

@@ -12,6 +12,7 @@ import click
 import numpy as np
 import torch
 
+from ... import distributed
 from ... import results as store
 from ...analyses.landscape import (BATCHING, BN_MODES, Grid, LandscapeResult, axis, check_center, choose_batching,
                                    compute, default_points_per_call, parse_grid, parse_range, plain_values)
@@ -24,6 +25,8 @@ from ...models import is_factory_path
 from ...objective import Objective
 from ...params import ParamLayout
 from ..common import analysis_options, pass_run
+from ..parallel import objectives as split_objectives
+from ..parallel import parallel_option
 
 KINDS = ("random", "interp", "hessian", "pca")
 # Options that must be the same for --resume to continue a run (the rest only steer how it runs).
@@ -157,11 +160,12 @@ def _same(a, b) -> bool:
                    "per vmapped call, 8 to 32 points; 16 for a loop).")
 @click.option("--flush-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS",
               help="Write finished points to the results file at most this often (and on exit or Ctrl-C).")
+@parallel_option("grid points")
 @analysis_options
 @_many_checkpoints
 @pass_run
 def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bias_bn, orthogonalize, hessian_from,
-            trajectory, directions_from, name, resume, bn, batching, points_per_call, flush_every):
+            trajectory, directions_from, name, resume, bn, batching, points_per_call, flush_every, parallel):
     """Loss and accuracy on a line or plane through a checkpoint, along random (filter-normalized),
     Hessian, PCA or interpolation directions. Resumable: rerun with --resume after Ctrl-C or a kill.
 
@@ -176,6 +180,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
       flatscope landscape runs/mlp-sgd.pt --directions pca --trajectory runs/mlp-sgd-traj/
       flatscope landscape other.pt --directions-from results.h5   # same directions, another checkpoint
       flatscope landscape ckpt.pt --2d --resume                   # finish an interrupted run
+      torchrun --nproc-per-node 4 -m flatscope landscape ckpt.pt --2d --grid 101 --parallel points
     """
     started = time.time()
     paths = [run.checkpoint_path] + list(extra_checkpoints)
@@ -189,7 +194,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         parse_grid(grid_text, k)
 
     splits = run.splits()
-    objectives = {s: run.objective(s) for s in splits}
+    objectives = split_objectives(run, parallel)
     first = objectives[splits[0]]
     bn_inputs = None
     if bn == "recompute":
@@ -215,7 +220,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         "trajectory": dirs.info.get("trajectory"), "trajectory_epochs": plan["epochs"],
         "directions_from": dirs.info.get("source") if kind == "file" else None,
         "dtype": run.dtype_name, "loss": run.loss_name, "data": run.data_spec(), "split": run.split,
-        "max_samples": run.max_samples, "batch_size": run.batch_size,
+        "max_samples": run.max_samples, "batch_size": run.batch_size, "parallel": parallel,
     }
     result = LandscapeResult(name, dirs, grid, splits, anchors=plan["anchors"], options=options, dtype=run.dtype_name)
     if grid.index_of(*([0.0] * k)) is None:
@@ -234,13 +239,17 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
     result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     mode = choose_batching(first, batching, per_point_buffers)
-    options["batching"], options["points_per_call"] = mode, points_per_call or default_points_per_call(first, mode)
-    if not resume:
+    # Rank 0's choice for all: the auto rule looks at the forward size, and shards may differ by a sample.
+    mode, ppc = distributed.broadcast_object((mode, points_per_call or default_points_per_call(first, mode)))
+    options["batching"], options["points_per_call"] = mode, ppc
+    if not resume and run.is_main:
         with store.update(path) as f:
             store.write_analysis(f, group, result.to_tree(), kind="landscape", summary=result.summary(),
                                  options=options, provenance=run.provenance())
 
     def flush(res: LandscapeResult) -> None:
+        if not run.is_main:   # under torchrun only rank 0 writes (with --parallel points it alone has every point)
+            return
         with store.update(path) as f:
             g = f[group]
             g["done"][...] = res.done
@@ -255,7 +264,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
         with run.progress(grid.size - int(result.done.sum()), f"landscape {name}") as advance:
             compute(result, objectives, batching=mode, points_per_call=options["points_per_call"], bn=bn,
                     bn_inputs=bn_inputs, anchor_buffers=plan["anchor_buffers"], progress=advance, flush=flush,
-                    flush_every=flush_every)
+                    flush_every=flush_every, parallel=parallel)
     except KeyboardInterrupt:
         run.warn(f"interrupted: {int(result.done.sum())} of {grid.size} points are saved in {path}; "
                  "rerun the same command with --resume to finish")
@@ -374,7 +383,7 @@ def _ranges(kind: str, k: int, range_text, grid_text, plan: dict) -> tuple[list,
 
 def _resume(path: str, name: str, result: LandscapeResult) -> tuple[float, dict]:
     """Load the finished points of an interrupted run into ``result`` after checking it is the same run."""
-    old = _read_stored(path, name)
+    old = distributed.on_main(lambda: _read_stored(path, name))   # rank 0 reads, every rank continues alike
     options = result.options
     for key in RESUME_KEYS:
         if not _same(old["options"].get(key), options.get(key)):

@@ -8,6 +8,7 @@ from ...analyses.local_energy import (BATCHED, BN_MODES, DEFAULT_SIGMA, NOISES, 
                                       parse_sigmas)
 from ...errors import FlatscopeError
 from ..common import analysis_options, pass_run
+from ..parallel import objectives, parallel_option
 
 
 @click.command("local-energy")
@@ -32,10 +33,12 @@ from ..common import analysis_options, pass_run
               help="Evaluate draws in one vmapped call (on) or one at a time (off); auto: batched on "
                    "CUDA, one at a time on CPU (faster there, see benchmarks/RESULTS.md).")
 @click.option("--chunk", default="16", show_default=True, metavar="N",
-              help="Draws per vmapped call when batched (memory grows with N).")
+              help="Draws per vmapped call when batched (memory grows with N); under --parallel points "
+                   "the unit dealt to the ranks.")
+@parallel_option("noise draws")
 @analysis_options
 @pass_run
-def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, chunk):
+def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, chunk, parallel):
     """Local energy δE(σ) = E_z[E(w + σ z⊙w)] − E(w) of the loss and the error rate.
 
     The mean rise of the loss and of the error rate (1 − accuracy) under Gaussian weight noise of
@@ -49,6 +52,7 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
       flatscope local-energy ckpt.pt --sigma 0.05,0.1,0.2 --noise additive
       flatscope local-energy ckpt.pt --target-error 0.01   # σ where the error rises by 1 point
       flatscope local-energy ckpt.pt --params weights --noise filter --json
+      torchrun --nproc-per-node 4 -m flatscope local-energy ckpt.pt --samples 64 --parallel points
     """
     sigmas = parse_sigmas(sigma_spec)
     n = _whole(samples, "--samples", 2)
@@ -62,7 +66,7 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
         if not (0 < eps <= 1):
             raise FlatscopeError(f"--target-error must be in (0, 1] (a rise of the error rate), got {target_error}")
     choose_batched(batched, run.device, bn)  # fail on --batched on with --bn recompute before any work
-    objs = {split: run.objective(split) for split in run.splits()}
+    objs = objectives(run, parallel)
     first = next(iter(objs.values()))
     first.layout.mask(params)  # fail on a bad regex before any work
     bn_data = None
@@ -75,13 +79,14 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
     total = len(sigmas) * n * len(objs) + (12 * n * len(objs) if eps is not None else 0)
     with run.progress(total, "local energy") as advance:
         res = local_energy(objs, sigmas, samples=n, noise=noise, params=params, bn=bn, bn_data=bn_data,
-                           target_error=eps, batched=batched, chunk=chunk_n, seed=run.seed, progress=advance)
+                           target_error=eps, batched=batched, chunk=chunk_n, seed=run.seed, progress=advance,
+                           parallel=parallel)
     for split, c in res.curves.items():
         if c.target is not None and not c.target.reached:
             run.warn(f"{split}: the error rate never rose by {eps:g} up to σ = {c.target.lower_bound:.4g}; "
                      "target_sigma is null (widen --sigma)")
     options = {"sigma": sigma_spec, "samples": n, "noise": noise, "params": params, "bn": bn,
-               "target_error": eps, "batched": batched, "chunk": chunk_n}
+               "target_error": eps, "batched": batched, "chunk": chunk_n, "parallel": parallel}
     run.save("local_energy", res.to_tree(), kind="local_energy", summary=res.summary(), options=options)
     plots = run.plot("local_energy")
     payload = res.to_json()

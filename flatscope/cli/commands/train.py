@@ -8,6 +8,7 @@ import re
 import click
 from click.core import ParameterSource
 
+from ... import distributed
 from ... import methods
 from ... import results as store
 from ...checkpoint import load_checkpoint, sha256_file, save_checkpoint
@@ -17,7 +18,7 @@ from ...methods._flat import resolve_params
 from ...models import BUILTIN_MODELS, build_model, is_factory_path
 from ...objective import LOSSES
 from ...training import TrainConfig, train
-from ..common import Run, _json_dict, common_options
+from ..common import Run, _json_dict, common_options, resolve_device
 
 # Shared options and the methods they concern (an explicit one that a method ignores is an error).
 SHARED = {
@@ -25,6 +26,8 @@ SHARED = {
     "weight_decay": "weight decay", "schedule": "learning-rate schedule",
 }
 USES = {"adam": {"lr", "weight_decay", "schedule"}, "hr": {"weight_decay"}, "is": set()}
+# What runs under torchrun: rSGD with replicas on ranks, eSGD data-parallel.
+DISTRIBUTED = ("rsgd", "esgd")
 # What a resumed run keeps from its checkpoint (giving a different value is an error).
 KEPT_ON_RESUME = ("opt", "lr", "momentum", "nesterov", "weight_decay", "schedule", "batch_size", "seed")
 
@@ -115,13 +118,19 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
       flatscope train --model mlp --data digits --opt rsgd --replicas 3 -o runs/mlp-rsgd.pt
       flatscope train --model mlp --data digits --opt sgd --budget-from runs/mlp-esgd.pt -o runs/mlp-sgd-eq.pt
       flatscope train --resume runs/mlp-rsgd.pt --epochs 40 -o runs/mlp-rsgd-40.pt --log runs/rsgd.h5
+      torchrun --nproc-per-node 3 -m flatscope train --opt rsgd --replicas 3 -o runs/mlp-rsgd.pt
+
+    \b
+    Under torchrun: rsgd puts its replicas on the ranks (--replicas at least the number of ranks) and
+    esgd splits each minibatch across the ranks; every rank holds the same state and rank 0 writes.
     """
     method_kw = {k: rest.pop(k) for k in METHOD_PARAMS}
     extra = {k: v for k, v in method_kw.items() if v is not None}
-    run = Run(**rest)
+    asked = resolve_device(rest.get("device", "auto"))
+    run = Run(**dict(rest, device="cpu"))   # training runs on the CPU: under torchrun the gloo backend
     run.setup()
-    if run.device.type != "cpu":
-        run.warn(f"flatscope train runs on the CPU; --device {run.device_spec} is ignored")
+    if asked.type != "cpu":
+        run.warn(f"flatscope train runs on the CPU; --device {rest.get('device', 'auto')} is ignored")
     ctx = click.get_current_context()
     explicit = {n for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
     if budget is not None and budget < 1:
@@ -162,10 +171,12 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
     if resume is not None:
         model, data, loss, model_spec, data_spec, config, state = _resume(run, resume, explicit, extra, locals())
         opt = config.opt
+        _check_distributed(opt)
     else:
         cls = methods.get(opt)
         resolve_params(opt, cls.PARAMS, extra)      # fail fast on bad hyperparameters
         _check_shared(opt, explicit)
+        _check_distributed(opt)
         data_spec = {"name": data_name, "kwargs": data_kwargs or {}}
         data = load_data(data_spec, allow_import=is_factory_path(data_name))
         loss = loss or ("ce" if data.classification else "mse")
@@ -180,7 +191,8 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                              save_every=save_every, extra=extra)
         state = None
     _cast_data(data, run.dtype if resume is None else next(model.parameters()).dtype)
-    os.makedirs(folder, exist_ok=True)
+    if run.is_main:
+        os.makedirs(folder, exist_ok=True)
     n_batches = -(-data.X_train.shape[0] // max(1, min(config.batch_size, data.X_train.shape[0])))
     total = config.budget if config.budget is not None else int(round(config.epochs * n_batches))
     with run.progress(total, f"train {opt}") as advance:
@@ -190,7 +202,9 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
     if resume is not None:
         record["resumed_from"] = {"path": os.path.abspath(resume), "sha256": state["sha256"],
                                   "grad_evals": state["grad_evals"]}
-    save_checkpoint(out, model, model_spec, data_spec, loss, record)
+    record["world_size"] = distributed.world_size()
+    if run.is_main:   # every rank holds the same result; rank 0 writes it
+        save_checkpoint(out, model, model_spec, data_spec, loss, record)
     run.note(f"wrote {out}")
     h = record["history"]
     method_logs = {k: h[k][-1] for k in h if k not in ("epoch", "grad_evals", "wall_time_s", "train_loss",
@@ -202,7 +216,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                "train_loss": h["train_loss"][-1], "train_acc": h["train_acc"][-1],
                "test_loss": (h.get("test_loss") or [None])[-1], "test_acc": (h.get("test_acc") or [None])[-1],
                "final": method_logs, "warnings": record["warnings"], "log": None}
-    if log_path is not None:
+    if log_path is not None and run.is_main:
         payload["log"] = _write_log(run, log_path, out, record, payload, data_spec, loss)
 
     def human(console):
@@ -219,6 +233,12 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                                     if not re.fullmatch(r"replica_dist_\d+", k)))
 
     run.emit(payload, human)
+
+
+def _check_distributed(opt: str) -> None:
+    if distributed.world_size() > 1 and opt not in DISTRIBUTED:
+        raise FlatscopeError(f"--opt {opt} does not run under torchrun (it would train the same model on every rank); "
+                             f"use {' or '.join(DISTRIBUTED)}, or run {opt} in one process")
 
 
 def _check_shared(opt: str, explicit: set) -> None:
