@@ -252,6 +252,61 @@ class Objective:
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
 
+class PointEvaluator:
+    """:meth:`Objective.evaluate` at one point after another, with less fixed cost per point.
+
+    The weights of each point are put into a private copy of the objective's module as views
+    (``param.data = w[slice].view(shape)``, no copy) and the module is called directly, instead of
+    unflattening ``w`` and going through ``functional_call`` at every point. Batches, weights,
+    float64 accumulation and (under torchrun) the reduction are those of :meth:`Objective.evaluate`,
+    and the values agree with it bit for bit (tested); in one process the sums are kept in Python
+    floats (the same IEEE float64 operations, fewer tiny tensor ops). Neither the objective nor the
+    user's model is touched. Landscape grids and local-energy draws evaluate points through it.
+    """
+
+    def __init__(self, obj: "Objective"):
+        self.obj = obj
+        self.model = copy.deepcopy(obj.model)
+        named = dict(self.model.named_parameters())
+        self.params = [(named[n], o, k, shape) for n, o, k, shape in
+                       zip(obj.layout.names, obj.layout.offsets, obj.layout.numels, obj.layout.shapes)]
+        for p, *_ in self.params:
+            p.requires_grad_(False)
+        self.buffers = dict(self.model.named_buffers())
+        self._own_buffers = True
+
+    def _set_buffers(self, buffers: dict | None) -> None:
+        if buffers is None and self._own_buffers:
+            return
+        src = self.obj.buffers if buffers is None else buffers
+        for name, b in self.buffers.items():
+            b.copy_(src[name])
+        self._own_buffers = buffers is None
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor, buffers: dict | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) at ``w`` (flat, on the objective's device and dtype)."""
+        obj = self.obj
+        for p, o, k, shape in self.params:
+            p.data = w[o:o + k].view(shape)
+        self._set_buffers(buffers)
+        if obj.n_total != obj.n:  # a data-parallel shard: tensor sums, reduced across ranks
+            loss = torch.zeros((), dtype=torch.float64, device=obj.device)
+            correct = torch.zeros((), dtype=torch.float64, device=obj.device)
+            for xb, yb, wt in obj.batches():
+                out = self.model(xb)
+                loss += wt * loss_value(out, yb, obj.loss_name).to(torch.float64)
+                correct += correct_count(out, yb)
+            return float(obj._reduce(loss)), float(obj._reduce(correct)) / obj.n_total
+        loss, correct = 0.0, 0
+        for xb, yb, wt in obj.batches():
+            out = self.model(xb)
+            loss += wt * float(loss_value(out, yb, obj.loss_name))
+            if obj.classification:
+                correct += int((out.argmax(-1) == yb).sum())
+        return loss, (correct / obj.n_total if obj.classification else float("nan"))
+
+
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:
     """Dense Hessian of the split loss by torch.func.hessian (small models only; for tests)."""
     from torch.func import hessian

@@ -37,7 +37,7 @@ import torch
 
 from ..directions import Directions
 from ..errors import FlatscopeError
-from ..objective import Objective
+from ..objective import Objective, PointEvaluator  # noqa: F401  (PointEvaluator: re-exported)
 
 BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
@@ -318,55 +318,6 @@ def _mix_buffers(anchor_buffers: list[dict], coord: torch.Tensor, dtype: torch.d
         else:
             out[name] = b0
     return out
-
-
-class PointEvaluator:
-    """``Objective.evaluate`` at one point after another, with less fixed cost per point.
-
-    The weights of each point are put into a private copy of the objective's module as views
-    (``param.data = w[slice].view(shape)``, no copy) and the module is called directly, instead of
-    unflattening ``w`` and going through ``functional_call`` at every point; batches, weights,
-    float64 accumulation and reduction are those of :meth:`Objective.evaluate`, and the values agree
-    with it bit for bit (tested). Neither the objective nor the user's model is touched.
-    """
-
-    def __init__(self, obj: Objective):
-        import copy
-
-        self.obj = obj
-        self.model = copy.deepcopy(obj.model)
-        named = dict(self.model.named_parameters())
-        self.params = [(named[n], o, k, shape) for n, o, k, shape in
-                       zip(obj.layout.names, obj.layout.offsets, obj.layout.numels, obj.layout.shapes)]
-        for p, *_ in self.params:
-            p.requires_grad_(False)
-        self.buffers = dict(self.model.named_buffers())
-        self._own_buffers = True
-
-    def _set_buffers(self, buffers: dict | None) -> None:
-        if buffers is None and self._own_buffers:
-            return
-        src = self.obj.buffers if buffers is None else buffers
-        for name, b in self.buffers.items():
-            b.copy_(src[name])
-        self._own_buffers = buffers is None
-
-    @torch.no_grad()
-    def __call__(self, w: torch.Tensor, buffers: dict | None = None) -> tuple[float, float]:
-        from ..objective import correct_count, loss_value
-
-        obj = self.obj
-        for p, o, k, shape in self.params:
-            p.data = w[o:o + k].view(shape)
-        self._set_buffers(buffers)
-        loss = torch.zeros((), dtype=torch.float64, device=obj.device)
-        correct = torch.zeros((), dtype=torch.float64, device=obj.device)
-        for xb, yb, wt in obj.batches():
-            out = self.model(xb)
-            loss += wt * loss_value(out, yb, obj.loss_name).to(torch.float64)
-            correct += correct_count(out, yb)
-        loss, correct = obj._reduce(loss), obj._reduce(correct)
-        return float(loss), float(correct) / obj.n_total
 
 
 def evaluate_points(objectives: dict[str, Objective], W: torch.Tensor, *, batching: str,

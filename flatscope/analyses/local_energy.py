@@ -54,7 +54,6 @@ statistics). Both paths give the same numbers up to float rounding.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -64,7 +63,7 @@ import torch
 
 from ..errors import FlatscopeError
 from ..grids import parse_grid
-from ..objective import Objective, correct_count, loss_value
+from ..objective import Objective, PointEvaluator
 from ..params import ParamLayout
 
 NOISES = ("multiplicative", "additive", "filter")
@@ -152,55 +151,29 @@ class Directions:
 # ---------------------------------------------------------------------------------- evaluation
 class _Evaluator:
     """Loss and error rate at the points ``w0 + σ d_j``: vmapped (``Objective.evaluate_many``), one
-    at a time, or one at a time with BatchNorm statistics recomputed at each point.
-
-    The plain loop does not go through ``functional_call``: it keeps a private copy of the model
-    whose parameters are views of one flat buffer, writes each point into the buffer with a single
-    ``add`` and calls the module directly, summing loss and correct predictions over the split's
-    batches exactly as :meth:`Objective.evaluate` does. For small models this halves the overhead
-    per point (benchmarks/RESULTS.md).
+    at a time (:class:`flatscope.objective.PointEvaluator`: each point written into one flat buffer
+    with a single ``add``, the module called directly; for small models this halves the overhead
+    per point, benchmarks/RESULTS.md), or one at a time with BatchNorm statistics recomputed at
+    each point.
     """
 
     def __init__(self, obj: Objective, batched: bool, bn_data: torch.Tensor | None):
         self.obj, self.batched, self.bn_data = obj, batched, bn_data
-        self.model = None
+        self.point = None
         if not batched and bn_data is None:
-            self.model = copy.deepcopy(obj.model).eval()
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            if tuple(n for n, _ in named) != obj.layout.names:
-                raise FlatscopeError("the model's parameters do not match the objective's layout")
+            self.point = PointEvaluator(obj)
             self.flat = obj.w0.detach().clone()
-            for (_, p), sl, shape in zip(named, obj.layout.slices().values(), obj.layout.shapes):
-                p.requires_grad_(False)
-                p.data = self.flat[sl].view(shape)
-            self.sharded = obj.n_total != obj.n   # a data-parallel shard: sums are reduced across ranks
 
-    @torch.no_grad()
     def _in_place(self) -> tuple[float, float]:
-        obj = self.obj
-        if self.sharded:  # data-parallel objective: reduce tensors across ranks, as evaluate does
-            loss = torch.zeros((), dtype=torch.float64, device=obj.device)
-            correct = torch.zeros((), dtype=torch.float64, device=obj.device)
-            for xb, yb, wt in obj.batches():
-                out = self.model(xb)
-                loss += wt * loss_value(out, yb, obj.loss_name).to(torch.float64)
-                correct += correct_count(out, yb)
-            return float(obj._reduce(loss)), float(obj._reduce(correct)) / obj.n_total
-        # the same sums in Python floats (float64, exact same rounding), fewer tiny tensor ops
-        loss, correct = 0.0, 0
-        for xb, yb, wt in obj.batches():
-            out = self.model(xb)
-            loss += wt * float(loss_value(out, yb, obj.loss_name))
-            if obj.classification:
-                correct += int((out.argmax(-1) == yb).sum())
-        return loss, (correct / obj.n_total if obj.classification else float("nan"))
+        """Loss and accuracy at the point held in ``self.flat``."""
+        return self.point(self.flat)
 
     def _one(self, w: torch.Tensor) -> tuple[float, float]:
         bufs = None if self.bn_data is None else self.obj.recompute_bn(w, self.bn_data)
         return self.obj.evaluate(w, bufs)
 
     def base(self) -> tuple[float, float]:
-        if self.model is not None:
+        if self.point is not None:
             self.flat.copy_(self.obj.w0)
             loss, acc = self._in_place()
         else:
@@ -216,7 +189,7 @@ class _Evaluator:
         else:
             vals = []
             for d in D:
-                if self.model is not None:
+                if self.point is not None:
                     torch.add(w0, d, alpha=sigma, out=self.flat)
                     vals.append(self._in_place())
                 else:
