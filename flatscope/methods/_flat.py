@@ -194,6 +194,14 @@ class FlatNet:
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
     @torch.no_grad()
+    def materialize(self, w: torch.Tensor, X: torch.Tensor) -> torch.nn.Module:
+        """The model with weights ``w`` and, if it has BatchNorm, statistics recomputed exactly at ``w``
+        over the training inputs ``X`` (the result of the single-point methods)."""
+        self.set(w)
+        if self.bn_modules:
+            self.load_buffers(self.exact_bn_buffers(w, X))
+        return self.model
+
     def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         for n, b in self.model.named_buffers():
             b.copy_(buffers[n])

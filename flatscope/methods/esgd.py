@@ -143,10 +143,7 @@ class EntropySGD(Method):
         return distributed.all_reduce_sum(g)
 
     def result_model(self):
-        self.net.set(self.x)
-        if self.net.bn_modules:
-            self.net.load_buffers(self.net.exact_bn_buffers(self.x, self.stream.X))
-        return self.model
+        return self.net.materialize(self.x, self.stream.X)
 
     def epoch_logs(self) -> dict[str, float]:
         return {"gamma": self.gamma, "eff_outer_step": self.last["eff_outer_step"],

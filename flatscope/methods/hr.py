@@ -94,10 +94,7 @@ class HeatRegularization(Method):
                 self.k += 1
 
     def result_model(self):
-        self.net.set(self.xk)
-        if self.net.bn_modules:
-            self.net.load_buffers(self.net.exact_bn_buffers(self.xk, self.stream.X))
-        return self.model
+        return self.net.materialize(self.xk, self.stream.X)
 
     def epoch_logs(self) -> dict[str, float]:
         return {"tau": self.tau, "outer_steps": self.k}

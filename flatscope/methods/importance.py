@@ -122,10 +122,7 @@ class ImportanceSampling(Method):
             self.k += 1
 
     def result_model(self):
-        self.net.set(self.x)
-        if self.net.bn_modules:
-            self.net.load_buffers(self.net.exact_bn_buffers(self.x, self.stream.X))
-        return self.model
+        return self.net.materialize(self.x, self.stream.X)
 
     def epoch_logs(self) -> dict[str, float]:
         return {"tau": self.tau, "ess": self.last_ess, "outer_steps": self.k}
