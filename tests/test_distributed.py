@@ -44,6 +44,7 @@ def _worker(rank, world, port, path, queue, fail_rank):
         hv = obj.hvp_operator()(v)
         if rank == 0:
             queue.put((loss, acc, g.numpy(), hv.numpy(), obj.n))  # numpy: pickled by value
+        dist.barrier()  # both ranks done with gloo before either tears it down (avoids an abort at exit)
     finally:
         dist.destroy_process_group()
 

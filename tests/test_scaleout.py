@@ -109,6 +109,7 @@ def _worker(rank, world, port, d):
             for ext, text in (("out", r.stdout), ("err", r.stderr)):
                 with open(f"{d}/{name}.rank{rank}.{ext}", "w") as f:
                     f.write(text)
+        dist.barrier()  # both ranks done with gloo before either tears it down (avoids an abort at exit)
     finally:
         dist.destroy_process_group()
 
