@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .errors import FlatscopeError
 
 DEFAULT_TIMEOUT_S = 300
+_OWNED = False   # whether flatscope created the process group (then it also tears it down)
 T = TypeVar("T")
 
 
@@ -64,8 +65,10 @@ def init_from_env(device: torch.device) -> None:
     timeout = datetime.timedelta(seconds=float(os.environ.get("FLATSCOPE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    global _OWNED
     try:
         dist.init_process_group(backend=backend, timeout=timeout)
+        _OWNED = True
     except Exception as exc:
         raise FlatscopeError(f"cannot join the torchrun process group ({backend}): {str(exc).splitlines()[0]}") from None
 
@@ -168,6 +171,19 @@ def map_rounds(items: Sequence, fn: Callable) -> Iterator[tuple[int, object]]:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def finish() -> None:
+    """End a successful run: wait for every rank, then tear the process group down.
+
+    Leaving it to interpreter exit lets one rank destroy its communicator threads while another is
+    still using them, which aborts the process (seen as SIGABRT, exit -6, under torchrun).
+    """
+    global _OWNED
+    if active() and _OWNED:
+        dist.barrier()
+        dist.destroy_process_group()
+        _OWNED = False
 
 
 def shutdown() -> None:

@@ -332,7 +332,9 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            distributed.finish()  # under torchrun: every rank done before gloo/NCCL is torn down
+            return out
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except FlatscopeError as exc:
