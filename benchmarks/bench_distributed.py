@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,17 +46,8 @@ sys.path.insert(0, str(ROOT))
 WORK = {"mlp": (300, 320), "cnn": (40, 64), "resnet": (20, 64)}
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
-
-
 # ------------------------------------------------------------------------------------------ worker
 def worker(model: str) -> None:
-    import numpy as np
     import torch
 
     from flatscope import distributed

@@ -27,9 +27,7 @@ import argparse
 import copy
 import importlib
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -46,18 +44,9 @@ from flatscope.checkpoint import load_checkpoint  # noqa: E402
 from flatscope.data import load_data  # noqa: E402
 from flatscope.linalg import lanczos, slq, trace  # noqa: E402
 from flatscope.objective import Objective  # noqa: E402
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 K = 5
-
-
-def machine() -> str:
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        name = platform.processor() or "?"
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{name}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {dev}"
 
 
 def timed(fn):

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,9 @@ from flatscope.checkpoint import load_checkpoint  # noqa: E402
 from flatscope.data import load_data  # noqa: E402
 from flatscope.directions import interpolation, random_directions  # noqa: E402
 from flatscope.objective import Objective  # noqa: E402
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TRAIN_ARGS = {"mlp": ["--epochs", "30"], "cnn": ["--epochs", "20"], "resnet": ["--epochs", "10"]}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 def timed(fn):

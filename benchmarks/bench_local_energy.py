@@ -20,9 +20,7 @@ Usage: python benchmarks/bench_local_energy.py [--repeats 3] [--threads 1] [--mo
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -31,14 +29,7 @@ from flatscope.analyses.local_energy import local_energy, parse_sigmas
 from flatscope.checkpoint import load_checkpoint
 from flatscope.data import load_data
 from flatscope.objective import Objective
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown CPU"
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def timed(fn) -> tuple[float, float]:

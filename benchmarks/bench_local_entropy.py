@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,14 +32,7 @@ from flatscope.checkpoint import load_checkpoint  # noqa: E402
 from flatscope.data import load_data  # noqa: E402
 from flatscope.objective import Objective  # noqa: E402
 from flatscope.samplers import ObjectivePotential, run_chains  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def sgd_rate(model, X, y, batch, steps, gen) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from torch.func import grad, jvp
 from flatscope.checkpoint import load_checkpoint
 from flatscope.data import load_data
 from flatscope.objective import Objective
+
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
-    print(f"torch {torch.__version__}, 1 thread, {cpu.strip()}\n")
+    print(machine() + "\n")
     print("| model | params | gradient ms | fwd-over-rev | rev-over-rev (`hvp`) | cached (`hvp_operator`) |")
     print("|---|---|---|---|---|---|")
     for name in ("mlp", "cnn", "resnet"):
