@@ -105,6 +105,24 @@ class Objective:
     def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, buffers=None) -> torch.Tensor:
         return loss_value(self._forward(self.layout.unflatten(w), x, buffers), y, self.loss_name)
 
+    def batch_loss(self, w: torch.Tensor, inputs, targets) -> torch.Tensor:
+        """Mean loss of one batch at flat ``w`` (functional: works under ``grad``/``vmap``)."""
+        return self._batch_loss(w, inputs, targets)
+
+    def module_loss(self, module: torch.nn.Module, inputs, targets) -> torch.Tensor:
+        """Mean loss of one batch through ``module`` called directly (a copy of ``self.model``)."""
+        return loss_value(module(inputs), targets, self.loss_name)
+
+    def minibatch(self, idx: torch.Tensor):
+        """``(inputs, targets)`` of the samples ``idx`` of this split (any leading index shape)."""
+        return self.X[idx], self.y[idx]
+
+    def subset(self, idx) -> "Objective":
+        """An objective over the samples ``idx`` of this split only (same model, loss and batching)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.X.device)
+        return Objective(self.model, self.X[idx], self.y[idx], loss=self.loss_name, batch_size=self.batch_size,
+                         device=self.device, dtype=self.dtype, train_mode=self.model.training)
+
     def _check_w(self, w: torch.Tensor) -> torch.Tensor:
         if w.shape[-1] != self.dim:
             raise FlatscopeError(f"parameter vector has {w.shape[-1]} entries, the model {self.dim}")

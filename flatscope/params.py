@@ -55,7 +55,7 @@ class ParamLayout:
         """Views of ``w`` (shape ``(..., size)``) as named tensors; works under torch.func transforms."""
         parts = torch.split(w, self.numels, dim=-1)
         lead = w.shape[:-1]
-        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        return {n: p.reshape(tuple(lead) + tuple(s)) for n, p, s in zip(self.names, parts, self.shapes)}
 
     def mask(self, which: str = "all") -> torch.Tensor:
         """Boolean mask over the flat vector: ``all``, ``weights`` (tensors of 2+ dims) or a name regex."""
