@@ -289,7 +289,7 @@ def _local_entropy_expected(step: "Step", target: Target) -> dict:
     spec = p.pop("minibatch_spec")
     minibatch = None if p["sampler"] == "mala" else parse_minibatch(spec if spec is not None else "64")
     if spec is None and minibatch is not None:   # the command caps the default at the split's size
-        minibatch = min(minibatch, int(target.run.split_data(step.splits[0])[0].shape[0]))
+        minibatch = min(minibatch, len(target.run.split_source(step.splits[0])))
     want = {"gamma": p.pop("gamma_spec"), "beta": p.pop("beta_spec"), "step_size": p.pop("step_spec"),
             "minibatch": minibatch or "full", **p}
     return _local_entropy_norm(want)

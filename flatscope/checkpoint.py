@@ -11,8 +11,9 @@ A flatscope checkpoint is a ``.pt`` dict that ``torch.load(..., weights_only=Tru
                                                        # gradient evaluations, versions, wall time
 
 Also accepted: a bare state_dict, or a dict holding ``state_dict`` / ``model_state_dict`` /
-``model`` (with a model given by the caller), and a ``torch.export`` program (``.pt2``), which
-needs no model code. Files are always loaded with ``weights_only=True``; a pickle that would need
+``model`` (with a model given by the caller), a ``.safetensors`` file of weights (with a model
+given by the caller), a Hugging Face model folder (``config.json`` + safetensors weights, see
+:mod:`flatscope.hf`), and a ``torch.export`` program (``.pt2``), which needs no model code. Files are always loaded with ``weights_only=True``; a pickle that would need
 anything else is refused before any of it runs.
 """
 
@@ -95,6 +96,47 @@ def _load_export(path: str) -> torch.nn.Module:
     return module
 
 
+def _sha256_folder(path: str) -> str:
+    """sha256 over the config and weight files of a model folder (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and (name.endswith((".json", ".safetensors"))):
+            h.update(name.encode())
+            h.update(sha256_file(full).encode())
+    return h.hexdigest()
+
+
+def _load_safetensors(path: str) -> dict:
+    """A safetensors file as a state_dict (the format holds tensors only: nothing to run)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise FlatscopeError(".safetensors checkpoints need the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:
+        raise FlatscopeError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+
+
+def _fill_tied(model: torch.nn.Module, state: dict) -> dict:
+    """safetensors files store a tied tensor once: fill the other names from the model's own aliases."""
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state]
+    if not missing:
+        return state
+    by_ptr: dict[int, str] = {}
+    for k, t in own.items():
+        if k in state:
+            by_ptr.setdefault(t.data_ptr(), k)
+    out = dict(state)
+    for k in missing:
+        src = by_ptr.get(own[k].data_ptr())
+        if src is not None:
+            out[k] = state[src]
+    return out
+
+
 def _check_finite(model: torch.nn.Module, path: str) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if torch.is_floating_point(t) and not torch.isfinite(t).all():
@@ -112,8 +154,28 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
     if not os.path.exists(path):
         raise FlatscopeError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        raise FlatscopeError(f"{path} is a directory, not a checkpoint")
+        from .hf import build_hf_model, is_hf_folder
+
+        if not is_hf_folder(path):
+            raise FlatscopeError(f"{path} is a directory, not a checkpoint (nor a Hugging Face folder with config.json)")
+        if model_spec is not None:
+            raise FlatscopeError(f"{path} is a Hugging Face folder: its config names the architecture; drop --model")
+        model = build_hf_model(path)
+        if not allow_nonfinite:
+            _check_finite(model, path)
+        return Checkpoint(path, model, {"name": f"hf:{path}"}, None, None, kind="hf", sha256=_sha256_folder(path))
     digest = sha256_file(path)
+    if path.endswith(".safetensors"):
+        state = _load_safetensors(path)
+        if model_spec is None:
+            raise FlatscopeError(f"{path} holds weights only: name its architecture with --model NAME "
+                                 "(and --model-kwargs JSON)")
+        model = build_model(model_spec, allow_import=allow_import)
+        load_state_dict_strict(model, _fill_tied(model, state))
+        if not allow_nonfinite:
+            _check_finite(model, path)
+        model.eval()
+        return Checkpoint(path, model, model_spec, None, None, kind="safetensors", sha256=digest)
     if path.endswith(".pt2"):
         model = _load_export(path)
         if not allow_nonfinite:

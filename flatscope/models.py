@@ -5,12 +5,15 @@ A model spec is ``{"name": NAME, "kwargs": {...}}``. ``NAME`` is a built-in (``m
 names it on the command line (:func:`build_model` with ``allow_import=True``), never because a
 checkpoint says so.
 
-Every built-in takes flat inputs of shape ``(N, in_features)`` and reshapes internally where it
-needs images, so datasets are always stored flat.
+Every built-in takes inputs of shape ``(N, in_features)`` or ``(N, C, H, W)`` and reshapes
+internally. ``torchvision:NAME`` builds a torchvision architecture (``--model-kwargs`` such as
+``{"num_classes": 10}``, no pretrained weights); ``hf:DIR`` builds the architecture of a local Hugging
+Face folder from its config (see :mod:`flatscope.hf`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Any, Callable
@@ -128,8 +131,32 @@ class ResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class FlatLinear(nn.Linear):
+    """``nn.Linear`` on flattened inputs (so that image-shaped data works; same state_dict keys)."""
+
+    def forward(self, x):
+        return super().forward(x.flatten(1) if x.dim() > 2 else x)
+
+
 def _linear(in_features: int = 64, out_features: int = 1, bias: bool = True) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
+    return FlatLinear(in_features, out_features, bias=bias)
+
+
+def _torchvision_model(name: str, **kwargs) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, **kwargs)``: the architecture only (weights come
+    from the checkpoint; nothing is downloaded)."""
+    try:
+        import torchvision
+    except Exception:
+        raise FlatscopeError("torchvision:NAME models need torchvision: pip install 'flatscope[vision]'") from None
+    if kwargs.get("weights") not in (None, "None"):
+        raise FlatscopeError("torchvision models are built without pretrained weights (nothing is downloaded); "
+                             "the weights come from the checkpoint")
+    kwargs.pop("weights", None)
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (ValueError, KeyError):
+        raise FlatscopeError(f"torchvision has no model {name!r}") from None
 
 
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -140,8 +167,14 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+LIBRARY_PREFIXES = ("torchvision:", "hf:")
+
+
 def is_factory_path(name: str) -> bool:
-    return ":" in name and name not in BUILTIN_MODELS
+    """A ``pkg.module:factory`` path (user code, imported only when typed), not a built-in or a
+    library model (``torchvision:NAME``, ``hf:DIR``)."""
+    return isinstance(name, str) and ":" in name and name not in BUILTIN_MODELS \
+        and not name.startswith(LIBRARY_PREFIXES)
 
 
 def _import_factory(path: str) -> Callable[..., Any]:
@@ -167,12 +200,25 @@ def build_model(spec: dict, *, allow_import: bool = False) -> nn.Module:
     ``allow_import`` must be true for a ``pkg.module:factory`` name; the CLI sets it only when the
     factory was given on the command line.
     """
+    if not isinstance(spec, dict):
+        raise FlatscopeError(f"the model spec must be a dict with a name, not {type(spec).__name__}")
     name = spec.get("name")
-    kwargs = dict(spec.get("kwargs") or {})
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise FlatscopeError(f"the model spec's kwargs must be a JSON object, not {type(kwargs).__name__}")
+    kwargs = dict(kwargs)
     if not isinstance(name, str) or not name:
         raise FlatscopeError("the model spec has no name")
+    if name.startswith("hf:"):
+        if kwargs:
+            raise FlatscopeError("hf:DIR models take their configuration from DIR/config.json, not --model-kwargs")
+        from .hf import build_hf_model
+
+        return build_hf_model(name[3:], load_weights=False)
     if name in BUILTIN_MODELS:
         factory = BUILTIN_MODELS[name]
+    elif name.startswith("torchvision:"):
+        factory = functools.partial(_torchvision_model, name.partition(":")[2])
     elif is_factory_path(name):
         if not allow_import:
             raise FlatscopeError(
@@ -184,7 +230,9 @@ def build_model(spec: dict, *, allow_import: bool = False) -> nn.Module:
                              "or give pkg.module:factory")
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
+    except FlatscopeError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise FlatscopeError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise FlatscopeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")

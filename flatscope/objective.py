@@ -1,72 +1,129 @@
 """The loss of a model over a data split as a function of its flat parameter vector.
 
-:class:`Objective` is the one abstraction every analysis shares. For a flat vector ``w`` it gives
+:class:`Objective` is the one abstraction every analysis shares. For a flat vector ``w`` of the
+model's trainable parameters it gives
 
 - ``loss(w)`` and ``evaluate(w) -> (loss, accuracy)``: exact over the whole split, the mean over
-  samples (batches of unequal size are weighted by their sample count);
+  the loss's terms (samples; counted tokens for ``lm``), each batch weighted by its count;
 - ``loss_and_grad(w)``: value and gradient (torch.func.grad);
-- ``hvp(v, w)``: Hessian-vector products, reverse-over-reverse (``vjp`` of ``grad``); ``v`` may hold
-  several vectors as rows, which are pushed through one ``vmap``-ed call per batch;
-  ``hvp_operator(w)`` reuses the linearization across many products at one point;
+- ``hvp(v, w)``: Hessian-vector products; ``v`` may hold several vectors as rows.
+  ``hvp_mode="exact"`` is reverse-over-reverse (``vjp`` of ``grad``), run with PyTorch's math
+  attention kernel so that ``scaled_dot_product_attention`` has a second derivative;
+  ``"fd"`` is the central difference of two gradients, which works wherever a gradient works
+  (fused kernels, sharded models); ``"auto"`` takes the exact mode and falls back to ``fd`` with a
+  note when a layer has no double backward. ``hvp_operator(w)`` reuses the linearization across
+  many products at one point;
 - ``evaluate_many(W)``: loss and accuracy at several points (rows of ``W``) in one vmapped call;
-- ``minibatch_loss_and_grad(w, idx)``: for samplers and trainers.
+- ``minibatch(idx)``, ``batch_loss(w, inputs, targets)``, ``subset(idx)``: for samplers and trainers.
+
+The data is a :class:`flatscope.sources.Source`: tensors in memory (kept on ``device``), or a
+map-style ``Dataset``/HDF5 file streamed batch by batch. Inputs keep their shape and dtype (image
+batches stay ``N x C x H x W``, token ids stay integer; dict inputs are passed as keyword
+arguments). The model's output may be a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``
+(``.logits``, or ``output=KEY``). Only parameters with ``requires_grad`` are in ``w`` (frozen ones
+stay fixed); tied parameters appear once.
 
 It is deterministic: the model runs in eval mode (BatchNorm uses its running statistics,
 dropout is off) unless ``train_mode=True`` is asked for. It owns device and dtype: the model's
-parameters and buffers and the data live on ``device`` in ``dtype``.
+floating parameters and buffers and the floating inputs live on ``device`` in ``dtype``.
 
 Data-parallel use only adds a reduction: every per-split sum goes through ``self._reduce`` and the
-normalizer is the global sample count (see ``shard``).
+normalizer is the global count (see ``shard``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from .errors import FlatscopeError
+from .losses import BUILTIN_LOSSES, Loss, Metric, extract_output, make_loss
 from .params import ParamLayout
+from .sources import Source, TensorSource, as_source, describe, to_device
 
-LOSSES = ("ce", "mse")
-
-
-def loss_value(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """torch's mean-reduction loss of outputs ``out`` against targets ``y``."""
-    if loss == "ce":
-        if torch.is_floating_point(y):
-            raise FlatscopeError("loss 'ce' needs integer class labels; use --loss mse for float targets")
-        return F.cross_entropy(out, y)
-    if loss == "mse":
-        if torch.is_floating_point(y):
-            return F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
-        return F.mse_loss(out, F.one_hot(y, out.shape[-1]).to(out.dtype))
-    raise FlatscopeError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+LOSSES = BUILTIN_LOSSES
+HVP_MODES = ("auto", "exact", "fd")
 
 
-def correct_count(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Number of correct argmax predictions (NaN for regression targets)."""
-    if torch.is_floating_point(y):
-        return torch.full((), float("nan"), dtype=torch.float64, device=out.device)
-    return (out.argmax(-1) == y).sum(-1).to(torch.float64)
+def loss_value(out: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
+    """The mean loss of outputs ``out`` against targets ``y`` (``loss``: a name or a :class:`Loss`)."""
+    return make_loss(loss).mean(out, y)
+
+
+def correct_count(out: torch.Tensor, y: torch.Tensor, loss="ce") -> torch.Tensor:
+    """Number of correct predictions (NaN for regression targets)."""
+    return make_loss(loss).correct(out, y)
+
+
+def call_model(model: torch.nn.Module, params_and_buffers, inputs, output: str | None = None) -> torch.Tensor:
+    """``model(inputs)`` with the given parameters: a tensor is the one positional argument, a tuple
+    or list are positional arguments, a dict are keyword arguments; the output is read by
+    :func:`flatscope.losses.extract_output`."""
+    if isinstance(inputs, dict):
+        out = functional_call(model, params_and_buffers, (), inputs)
+    elif isinstance(inputs, (tuple, list)):
+        out = functional_call(model, params_and_buffers, tuple(inputs))
+    else:
+        out = functional_call(model, params_and_buffers, (inputs,))
+    return extract_output(out, output)
+
+
+def run_module(module: torch.nn.Module, inputs, output: str | None = None) -> torch.Tensor:
+    """``module(inputs)`` called directly, with the calling convention of :func:`call_model`."""
+    if isinstance(inputs, dict):
+        out = module(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        out = module(*inputs)
+    else:
+        out = module(inputs)
+    return extract_output(out, output)
+
+
+def second_order_kernels():
+    """A context in which attention runs PyTorch's math kernel, which has a double backward
+    (the fused flash/memory-efficient kernels do not)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def fd_step(w: torch.Tensor, v: torch.Tensor) -> float:
+    """The central-difference step for ``H v``: ``eps^(1/3) * max(1, |w|_rms) / |v|_rms`` scaled so
+    that the relative perturbation of ``w`` is about ``eps^(1/3)`` (truncation error O(h^2) and
+    rounding error O(eps/h) balanced for the dtype)."""
+    eps = torch.finfo(w.dtype).eps
+    wn = float(w.double().norm()) / math.sqrt(w.numel())
+    vn = float(v.double().norm()) / math.sqrt(v.numel())
+    if vn == 0:
+        return 0.0
+    return eps ** (1 / 3) * max(1.0, wn) / vn
 
 
 class Objective:
-    def __init__(self, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, loss: str = "ce",
-                 batch_size: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, train_mode: bool = False, n_total: int | None = None):
-        if loss not in LOSSES:
-            raise FlatscopeError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-        if X.shape[0] == 0:
-            raise FlatscopeError("the data split is empty")
+    def __init__(self, model: torch.nn.Module, X=None, y=None, *, data: Source | None = None, loss="ce",
+                 metric: Metric | None = None, output: str | None = None, batch_size: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, train_mode: bool = False,
+                 n_total: int | None = None, hvp_mode: str = "auto", workers: int = 0):
+        self.loss_fn: Loss = make_loss(loss)
+        self.loss_name = self.loss_fn.name
+        self.metric = metric
+        self.output = output
+        if hvp_mode not in HVP_MODES:
+            raise FlatscopeError(f"unknown HVP mode {hvp_mode!r}; choose {', '.join(HVP_MODES)}")
+        self.hvp_mode = hvp_mode
+        self.hvp_info: dict = {"requested": hvp_mode}
+        self.notes: list[str] = []
         if batch_size is not None and batch_size < 1:
             raise FlatscopeError(f"--batch-size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.loss_name = loss
         # A private copy: the user's model is never touched.
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype)
         self.model.train(train_mode)
@@ -74,36 +131,140 @@ class Objective:
         self.buffers = {n: b for n, b in self.model.named_buffers()}
         self.w0 = self.layout.flatten({n: p.detach() for n, p in self.model.named_parameters()
                                        if p.requires_grad}).clone()
-        self.X = X.to(device=self.device, dtype=dtype)
-        self.y = y.to(self.device) if not torch.is_floating_point(y) else y.to(self.device, dtype)
-        self.n = int(self.X.shape[0])
-        self.n_total = int(n_total) if n_total is not None else self.n
+        source = data if data is not None else as_source(X, y, workers=workers)
+        if isinstance(source, TensorSource):
+            source = source.to(self.device, dtype)
+        self.source = source
+        self.n = len(source)
+        if self.n == 0:
+            raise FlatscopeError("the data split is empty")
         self.batch_size = int(batch_size) if batch_size else max(self.n, 1)
-        self.classification = not torch.is_floating_point(self.y)
-        if self.classification and self.loss_name == "ce":
-            with torch.no_grad():
-                out = self._forward(self.layout.unflatten(self.w0), self.X[:1], self.buffers)
-            if int(self.y.max()) >= out.shape[-1]:
-                raise FlatscopeError(f"labels go up to {int(self.y.max())} but the model has {out.shape[-1]} outputs")
+        if not source.in_memory and not batch_size:
+            self.batch_size = 256
         self._reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self._counts: list[int] | None = None
+        self._count_total: float | None = None
+        self._n_total = int(n_total) if n_total is not None else None
+        self._probe()
+
+    # ------------------------------------------------------------------ data
+    @property
+    def n_total(self) -> int:
+        """Samples in the whole split (all ranks)."""
+        return self._n_total if self._n_total is not None else self.n
+
+    @property
+    def X(self):
+        """The split's inputs (in-memory data only)."""
+        if not isinstance(self.source, TensorSource):
+            raise FlatscopeError("this analysis needs the data in memory; the split is streamed")
+        return self.source.inputs
+
+    @property
+    def y(self):
+        if not isinstance(self.source, TensorSource):
+            raise FlatscopeError("this analysis needs the data in memory; the split is streamed")
+        return self.source.targets
+
+    @property
+    def classification(self) -> bool:
+        return self.loss_fn.name in ("ce", "lm") or (self.loss_fn.name == "mse" and isinstance(self.source, TensorSource)
+                                                     and not torch.is_floating_point(self.source.targets))
+
+    def _on_device(self, x, y):
+        return to_device(x, self.device, self.dtype), to_device(y, self.device,
+                                                                self.dtype if torch.is_floating_point(y) else None)
+
+    def _raw_batches(self):
+        for i, (x, y) in enumerate(self.source.batches(self.batch_size)):
+            yield i, *self._on_device(x, y)
+
+    def _count(self, y) -> int:
+        return self.loss_fn.count(None, y)
+
+    def _batch_counts(self) -> list[int]:
+        if self._counts is None:
+            if isinstance(self.source, TensorSource) or self.loss_fn.name not in ("ce", "lm"):
+                if isinstance(self.source, TensorSource):
+                    self._counts = [self._count(y) for _, y in self.source.batches(self.batch_size)]
+                else:
+                    self._counts = [min(self.batch_size, self.n - s) for s in range(0, self.n, self.batch_size)]
+            else:  # token counts of a streamed split: one pass over its targets
+                self._counts = [self._count(y) for _, y in self.source.batches(self.batch_size)]
+        return self._counts
+
+    @property
+    def count_total(self) -> float:
+        """The normalizer of the split mean: samples, or counted tokens (all ranks)."""
+        if self._count_total is None:
+            local = torch.tensor(float(sum(self._batch_counts())), dtype=torch.float64, device=self.device)
+            self._count_total = float(self._reduce(local))
+            if self._count_total == 0:
+                raise FlatscopeError("the split has no counted targets (every target is ignore_index -100)")
+        return self._count_total
+
+    def batches(self):
+        """(inputs_b, targets_b, weight_b) over the split on the objective's device; weight_b is the
+        batch's share of the split mean (count_b / count_total)."""
+        total = self.count_total
+        for (i, x, y), c in zip(self._raw_batches(), self._batch_counts()):
+            if c:
+                yield x, y, c / total
+
+    def minibatch(self, idx: torch.Tensor):
+        """``(inputs, targets)`` of the samples ``idx`` of this split (any leading index shape for data in memory)."""
+        if isinstance(self.source, TensorSource):
+            return self.source.take(idx)
+        return self._on_device(*self.source.take(idx.cpu() if isinstance(idx, torch.Tensor) else idx))
+
+    def subset(self, idx) -> "Objective":
+        """An objective over the samples ``idx`` of this split only (same model, loss and batching)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        return Objective(self.model, data=self.source.subset(idx), loss=self.loss_fn, metric=self.metric,
+                         output=self.output, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
+                         train_mode=self.model.training, hvp_mode=self.hvp_mode)
+
+    @contextlib.contextmanager
+    def _guard(self, i: int, x):
+        """Errors of one batch become one clear line that names the batch and its shapes."""
+        try:
+            yield
+        except FlatscopeError:
+            raise
+        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FlatscopeError(f"the model failed on batch {i} (inputs {describe(x)}): {msg}") from None
+
+    def _probe(self) -> None:
+        """Run the model on the first samples: outputs and targets must fit the loss."""
+        x, y = self.source.first(2)
+        x, y = self._on_device(x, y)
+        with torch.no_grad(), self._guard(0, x):
+            out = self._forward(self.layout.unflatten(self.w0), x, self.buffers)
+        if not torch.is_floating_point(out):
+            raise FlatscopeError(f"the model returns {out.dtype} outputs; a loss needs floating outputs")
+        self.loss_fn.check(out, y)
+        self.out_shape = tuple(out.shape[1:])
+        if isinstance(self.source, TensorSource) and self.loss_fn.name in ("ce", "lm", "mse") \
+                and not torch.is_floating_point(self.source.targets):
+            t = self.source.targets
+            valid = t[t != -100]
+            if valid.numel() and (int(valid.max()) >= out.shape[-1] or int(valid.min()) < 0):
+                raise FlatscopeError(f"labels go up to {int(valid.max())} but the model has {out.shape[-1]} outputs"
+                                     if int(valid.min()) >= 0 else f"negative class label {int(valid.min())}")
+        if self.metric is not None:
+            self.metric(out, y)
 
     # ------------------------------------------------------------------ basics
     @property
     def dim(self) -> int:
         return self.layout.size
 
-    def batches(self):
-        """(X_b, y_b, weight_b) over the split, weight_b = n_b / N_total."""
-        for start in range(0, self.n, self.batch_size):
-            xb = self.X[start:start + self.batch_size]
-            yb = self.y[start:start + self.batch_size]
-            yield xb, yb, xb.shape[0] / self.n_total
+    def _forward(self, params: dict, x, buffers: dict | None = None) -> torch.Tensor:
+        return call_model(self.model, (params, self.buffers if buffers is None else buffers), x, self.output)
 
-    def _forward(self, params: dict, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-        return functional_call(self.model, (params, self.buffers if buffers is None else buffers), (x,))
-
-    def _batch_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, buffers=None) -> torch.Tensor:
-        return loss_value(self._forward(self.layout.unflatten(w), x, buffers), y, self.loss_name)
+    def _batch_loss(self, w: torch.Tensor, x, y, buffers=None) -> torch.Tensor:
+        return self.loss_fn.mean(self._forward(self.layout.unflatten(w), x, buffers), y)
 
     def batch_loss(self, w: torch.Tensor, inputs, targets) -> torch.Tensor:
         """Mean loss of one batch at flat ``w`` (functional: works under ``grad``/``vmap``)."""
@@ -111,37 +272,37 @@ class Objective:
 
     def module_loss(self, module: torch.nn.Module, inputs, targets) -> torch.Tensor:
         """Mean loss of one batch through ``module`` called directly (a copy of ``self.model``)."""
-        return loss_value(module(inputs), targets, self.loss_name)
-
-    def minibatch(self, idx: torch.Tensor):
-        """``(inputs, targets)`` of the samples ``idx`` of this split (any leading index shape)."""
-        return self.X[idx], self.y[idx]
-
-    def subset(self, idx) -> "Objective":
-        """An objective over the samples ``idx`` of this split only (same model, loss and batching)."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.X.device)
-        return Objective(self.model, self.X[idx], self.y[idx], loss=self.loss_name, batch_size=self.batch_size,
-                         device=self.device, dtype=self.dtype, train_mode=self.model.training)
+        return self.loss_fn.mean(run_module(module, inputs, self.output), targets)
 
     def _check_w(self, w: torch.Tensor) -> torch.Tensor:
         if w.shape[-1] != self.dim:
             raise FlatscopeError(f"parameter vector has {w.shape[-1]} entries, the model {self.dim}")
         return w.to(device=self.device, dtype=self.dtype)
 
+    def _score(self, out, y) -> torch.Tensor:
+        """The accuracy numerator of a batch: correct predictions, or count x metric."""
+        if self.metric is not None:
+            return self.metric(out, y) * self._count(y)
+        return self.loss_fn.correct(out, y)
+
     # ------------------------------------------------------------------ values
     @torch.no_grad()
     def evaluate(self, w: torch.Tensor | None = None, buffers: dict | None = None) -> tuple[float, float]:
-        """(mean loss, accuracy) over the whole split; accuracy is NaN for regression targets."""
+        """(mean loss, accuracy or metric) over the whole split; accuracy is NaN for regression targets."""
         w = self.w0 if w is None else self._check_w(w)
         params = self.layout.unflatten(w)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        for xb, yb, wt in self.batches():
-            out = self._forward(params, xb, buffers)
-            loss += wt * loss_value(out, yb, self.loss_name).to(torch.float64)
-            correct += correct_count(out, yb)
+        total = self.count_total
+        for (i, xb, yb), c in zip(self._raw_batches(), self._batch_counts()):
+            if not c:
+                continue
+            with self._guard(i, xb):
+                out = self._forward(params, xb, buffers)
+                loss += (c / total) * self.loss_fn.mean(out, yb).to(torch.float64)
+                correct += self._score(out, yb)
         loss, correct = self._reduce(loss), self._reduce(correct)
-        return float(loss), float(correct) / self.n_total
+        return float(loss), float(correct) / total
 
     def loss(self, w: torch.Tensor | None = None) -> float:
         return self.evaluate(w)[0]
@@ -153,16 +314,29 @@ class Objective:
         bufs = self.buffers if buffers is None else buffers
 
         def one(w, xb, yb):
-            out = functional_call(self.model, (self.layout.unflatten(w), bufs), (xb,))
-            return loss_value(out, yb, self.loss_name).to(torch.float64), correct_count(out, yb)
+            out = call_model(self.model, (self.layout.unflatten(w), bufs), xb, self.output)
+            return self.loss_fn.mean(out, yb).to(torch.float64), self.loss_fn.correct(out, yb)
 
         losses = torch.zeros(W.shape[0], dtype=torch.float64, device=self.device)
         correct = torch.zeros(W.shape[0], dtype=torch.float64, device=self.device)
+        use_vmap = self.metric is None
         for xb, yb, wt in self.batches():
-            lb, cb = vmap(one, in_dims=(0, None, None))(W, xb, yb)
+            if use_vmap:
+                try:
+                    lb, cb = vmap(one, in_dims=(0, None, None))(W, xb, yb)
+                except (RuntimeError, NotImplementedError):  # a layer vmap cannot batch: one point at a time
+                    use_vmap = False
+            if not use_vmap:
+                rows = [self._point(W[r], xb, yb, bufs) for r in range(W.shape[0])]
+                lb = torch.stack([r[0] for r in rows])
+                cb = torch.stack([r[1] for r in rows])
             losses += wt * lb
             correct += cb
-        return self._reduce(losses), self._reduce(correct) / self.n_total
+        return self._reduce(losses), self._reduce(correct) / self.count_total
+
+    def _point(self, w, xb, yb, bufs):
+        out = call_model(self.model, (self.layout.unflatten(w), bufs), xb, self.output)
+        return self.loss_fn.mean(out, yb).to(torch.float64), self._score(out, yb)
 
     # ------------------------------------------------------------------ derivatives
     def loss_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -170,30 +344,91 @@ class Objective:
         g = torch.zeros_like(w)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         gv = grad_and_value(self._batch_loss)
-        for xb, yb, wt in self.batches():
-            gb, lb = gv(w, xb, yb)
-            g += wt * gb
-            loss += wt * lb.detach().to(torch.float64)
+        total = self.count_total
+        for (i, xb, yb), c in zip(self._raw_batches(), self._batch_counts()):
+            if not c:
+                continue
+            with self._guard(i, xb):
+                gb, lb = gv(w, xb, yb)
+            g += (c / total) * gb
+            loss += (c / total) * lb.detach().to(torch.float64)
         return float(self._reduce(loss)), self._reduce(g)
 
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss_and_grad(w)[1]
 
+    def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        g = grad(self._batch_loss)
+        out = torch.zeros_like(v)
+        with second_order_kernels():
+            for xb, yb, wt in self.batches():
+                _, pullback = vjp(lambda p: g(p, xb, yb), w)
+                out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
+        return self._reduce(out)
+
+    def _fd_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Central difference ``(g(w + h v) - g(w - h v)) / 2h`` of the split gradient, row by row."""
+        rows = v.reshape(-1, v.shape[-1])
+        out = torch.zeros_like(rows)
+        for r in range(rows.shape[0]):
+            h = fd_step(w, rows[r])
+            if h == 0:
+                continue
+            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)
+        return out.reshape(v.shape)
+
+    def resolve_hvp_mode(self) -> str:
+        """``exact`` or ``fd``: for ``auto``, try an exact product on two samples first; a layer with no
+        double backward switches to ``fd`` with a note (``hvp_info``)."""
+        if self.hvp_mode != "auto":
+            self.hvp_info.setdefault("mode", self.hvp_mode)
+            return self.hvp_mode
+        try:
+            small = self.subset(torch.arange(min(2, self.n)))
+            small.hvp_mode = "exact"
+            small._exact_hvp(torch.ones_like(self.w0), self.w0)
+            mode = "exact"
+        except (RuntimeError, NotImplementedError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            mode = "fd"
+            note = (f"exact Hessian-vector products are not available for this model ({first[:160]}); "
+                    "using --hvp fd (central differences of gradients)")
+            self.notes.append(note)
+            self.hvp_info["fallback_reason"] = first[:300]
+        self.hvp_mode = mode
+        self.hvp_info["mode"] = mode
+        return mode
+
     def hvp(self, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """H(w) v for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (k products in one vmapped call).
 
-        Reverse-over-reverse (``vjp`` of ``grad``; H is symmetric). It was measured faster than
-        forward-over-reverse on CPU (benchmarks/RESULTS.md) and, unlike it, works on every layer
-        (forward-mode through ``nn.Linear`` under MSE hits a torch ZeroTensor error).
+        Reverse-over-reverse (``vjp`` of ``grad``; H is symmetric) in the exact mode: measured faster
+        than forward-over-reverse on CPU (benchmarks/RESULTS.md) and, unlike it, it works on every
+        layer; central differences of gradients in the ``fd`` mode.
         """
         w = self.w0 if w is None else self._check_w(w)
         v = self._check_w(v)
-        g = grad(self._batch_loss)
-        out = torch.zeros_like(v)
-        for xb, yb, wt in self.batches():
-            _, pullback = vjp(lambda p: g(p, xb, yb), w)
-            out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
-        return self._reduce(out)
+        if self.resolve_hvp_mode() == "fd":
+            return self._fd_hvp(v, w)
+        return self._exact_hvp(v, w)
+
+    def fd_accuracy(self, w: torch.Tensor | None = None, samples: int = 64, seed: int = 0) -> float | None:
+        """The relative difference ``|H v - H_fd v| / |H v|`` on one random probe ``v`` over the first
+        ``samples`` samples, where an exact product is possible (else None); stored in ``hvp_info``."""
+        w = self.w0 if w is None else self._check_w(w)
+        small = self.subset(torch.arange(min(samples, self.n)))
+        v = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        v = (v / v.norm()).to(self.device, self.dtype)
+        try:
+            exact = small._exact_hvp(v, w)
+        except (RuntimeError, NotImplementedError):
+            self.hvp_info["fd_rel_error"] = None
+            return None
+        approx = small._fd_hvp(v, w)
+        rel = float((exact - approx).double().norm() / exact.double().norm().clamp_min(1e-300))
+        self.hvp_info["fd_rel_error"] = rel
+        self.hvp_info["fd_probe_samples"] = small.n
+        return rel
 
     def hvp_operator(self, w: torch.Tensor | None = None, max_cached_batches: int = 8) -> Callable:
         """``matvec(v) = H(w) v`` for repeated use at one point (Lanczos, Hutchinson).
@@ -201,22 +436,24 @@ class Objective:
         For up to ``max_cached_batches`` batches the per-batch linearizations are built once and
         reused, so each product costs one backward pass instead of a gradient plus a backward
         pass; beyond that (large data) it falls back to :meth:`hvp`, which holds one batch's graph
-        at a time.
+        at a time. In the ``fd`` mode every product is two split gradients.
         """
         w = self.w0 if w is None else self._check_w(w)
         n_batches = -(-self.n // self.batch_size)
-        if n_batches > max_cached_batches:
+        if self.resolve_hvp_mode() == "fd" or n_batches > max_cached_batches:
             return lambda v: self.hvp(v, w)
         g = grad(self._batch_loss)
         pullbacks = []
-        for xb, yb, wt in self.batches():
-            pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
+        with second_order_kernels():
+            for xb, yb, wt in self.batches():
+                pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._check_w(v)
             out = torch.zeros_like(v)
-            for wt, pb in pullbacks:
-                out += wt * (pb(v)[0] if v.dim() == 1 else vmap(pb)(v)[0])
+            with second_order_kernels():
+                for wt, pb in pullbacks:
+                    out += wt * (pb(v)[0] if v.dim() == 1 else vmap(pb)(v)[0])
             return self._reduce(out)
 
         return matvec
@@ -224,7 +461,7 @@ class Objective:
     def minibatch_loss_and_grad(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradient on the samples ``idx`` of this split (no reduction across ranks)."""
         w = self._check_w(w)
-        g, loss = grad_and_value(self._batch_loss)(w, self.X[idx], self.y[idx])
+        g, loss = grad_and_value(self._batch_loss)(w, *self.minibatch(idx))
         return loss.detach(), g
 
     # ------------------------------------------------------------------ data parallel
@@ -232,7 +469,7 @@ class Objective:
         """Keep only this rank's contiguous shard of the split; all-reduce every sum.
 
         Losses, accuracy counts, gradients and HVPs are summed over ranks with weights
-        ``n_batch / N_total`` (the global sample count), so the result equals the single-process
+        ``count_batch / count_total`` (the global count), so the result equals the single-process
         value up to floating-point summation order. Under torchrun, ``Run.objective`` calls this.
         """
         from . import distributed
@@ -240,8 +477,10 @@ class Objective:
         rank = distributed.rank() if rank is None else rank
         world = distributed.world_size() if world is None else world
         start, stop = distributed.shard_range(self.n, rank, world)
-        self.X, self.y = self.X[start:stop], self.y[start:stop]
+        self._n_total = self.n
+        self.source = self.source.shard(start, stop)
         self.n = stop - start
+        self._counts, self._count_total = None, None
         if world > 1:
             self._reduce = distributed.all_reduce_sum
         return self
@@ -251,8 +490,9 @@ class Objective:
         return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
 
     @torch.no_grad()
-    def recompute_bn(self, w: torch.Tensor, X: torch.Tensor) -> dict:
-        """Buffers with BatchNorm statistics recomputed at ``w`` over the inputs ``X``.
+    def recompute_bn(self, w: torch.Tensor, X=None) -> dict:
+        """Buffers with BatchNorm statistics recomputed at ``w`` over the inputs ``X`` (a tensor or tree
+        of inputs, an :class:`Objective` or a :class:`~flatscope.sources.Source`; default: this split).
 
         Running mean and variance are reset and re-estimated with ``momentum=None`` (torch's
         cumulative average over batches) in train mode; other buffers are kept.
@@ -264,9 +504,21 @@ class Objective:
             bn.reset_running_stats()
             bn.momentum = None
         m.train()
-        X = X.to(device=self.device, dtype=self.dtype)
-        for start in range(0, X.shape[0], self.batch_size):
-            m(X[start:start + self.batch_size])
+        if X is None:
+            X = self
+        if isinstance(X, Objective):
+            for xb, _, _ in X.batches():
+                run_module(m, xb, self.output)
+        elif isinstance(X, Source):
+            for xb, _ in X.batches(self.batch_size):
+                run_module(m, to_device(xb, self.device, self.dtype), self.output)
+        else:
+            from .sources import tree_len, tree_map
+
+            X = to_device(X, self.device, self.dtype)
+            n = tree_len(X)
+            for start in range(0, n, self.batch_size):
+                run_module(m, tree_map(lambda t: t[start:start + self.batch_size], X), self.output)
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
 
@@ -312,17 +564,16 @@ class PointEvaluator:
             loss = torch.zeros((), dtype=torch.float64, device=obj.device)
             correct = torch.zeros((), dtype=torch.float64, device=obj.device)
             for xb, yb, wt in obj.batches():
-                out = self.model(xb)
-                loss += wt * loss_value(out, yb, obj.loss_name).to(torch.float64)
-                correct += correct_count(out, yb)
-            return float(obj._reduce(loss)), float(obj._reduce(correct)) / obj.n_total
-        loss, correct = 0.0, 0
+                out = run_module(self.model, xb, obj.output)
+                loss += wt * obj.loss_fn.mean(out, yb).to(torch.float64)
+                correct += obj._score(out, yb)
+            return float(obj._reduce(loss)), float(obj._reduce(correct)) / obj.count_total
+        loss, correct = 0.0, 0.0
         for xb, yb, wt in obj.batches():
-            out = self.model(xb)
-            loss += wt * float(loss_value(out, yb, obj.loss_name))
-            if obj.classification:
-                correct += int((out.argmax(-1) == yb).sum())
-        return loss, (correct / obj.n_total if obj.classification else float("nan"))
+            out = run_module(self.model, xb, obj.output)
+            loss += wt * float(obj.loss_fn.mean(out, yb))
+            correct += float(obj._score(out, yb))
+        return loss, correct / obj.count_total
 
 
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,7 +38,9 @@ from . import methods
 from .checkpoint import save_checkpoint
 from .data import Dataset
 from .errors import FlatscopeError
-from .objective import Objective, loss_value
+from .losses import make_loss
+from .objective import Objective
+from .sources import Source, TensorSource, to_device
 
 EVAL_KINDS = ("outer", "inner", "extra", "forward")
 
@@ -67,9 +69,13 @@ class TrainConfig:
 class BatchStream:
     """Minibatches from seeded per-epoch permutations; counts gradient evaluations by kind."""
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
-        self.X, self.y = X, y
-        self.n = int(X.shape[0])
+    def __init__(self, X, y, batch_size: int, seed: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
+        self.source = X if isinstance(X, Source) else TensorSource(X, y, "train")
+        self.dtype, self.device = dtype, torch.device(device)
+        if isinstance(self.source, TensorSource):
+            self.source = self.source.to(self.device, dtype)
+        self.n = len(self.source)
         self.batch_size = min(int(batch_size), self.n)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.perm = torch.randperm(self.n, generator=self.gen)
@@ -95,9 +101,25 @@ class BatchStream:
         self.charge(1, kind)
         return idx
 
-    def next(self, kind: str = "outer") -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.next_indices(kind)
-        return self.X[idx], self.y[idx]
+    @property
+    def X(self):
+        """The training inputs: a tensor (tree) in memory, else the streamed source itself."""
+        return self.source.inputs if isinstance(self.source, TensorSource) else self.source
+
+    @property
+    def y(self):
+        return self.source.targets if isinstance(self.source, TensorSource) else None
+
+    def take(self, idx: torch.Tensor):
+        """The samples ``idx`` on the training device (floating inputs in the training dtype)."""
+        if isinstance(self.source, TensorSource):
+            return self.source.take(idx)
+        x, y = self.source.take(idx)
+        return to_device(x, self.device, self.dtype), to_device(y, self.device,
+                                                                self.dtype if torch.is_floating_point(y) else None)
+
+    def next(self, kind: str = "outer"):
+        return self.take(self.next_indices(kind))
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos, "evals": self.evals,
@@ -127,9 +149,10 @@ def lr_at(config: TrainConfig, evals: int, budget: int) -> float:
     return config.lr * lr_factor(config.schedule, evals, budget)
 
 
-def evaluate_model(model: torch.nn.Module, data: Dataset, loss: str, split: str) -> tuple[float, float]:
-    X, y = data.split(split)
-    return Objective(model, X, y, loss=loss, batch_size=4096).evaluate()
+def evaluate_model(model: torch.nn.Module, data: Dataset, loss, split: str) -> tuple[float, float]:
+    p = next(model.parameters())
+    return Objective(model, data=data.source(split), loss=loss, batch_size=4096, device=p.device,
+                     dtype=p.dtype).evaluate()
 
 
 def budget_of(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -149,12 +172,15 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
     if config.batch_size < 1:
         raise FlatscopeError(f"--batch-size must be at least 1, got {config.batch_size}")
     torch.manual_seed(config.seed)
-    stream = BatchStream(data.X_train, data.y_train, config.batch_size, config.seed)
+    p0 = next(model.parameters())
+    stream = BatchStream(data.source("train"), None, config.batch_size, config.seed, dtype=p0.dtype, device=p0.device)
     bpe = stream.batches_per_epoch
     budget = budget_of(config, bpe)
     if budget < 1:
         raise FlatscopeError("the training budget must be at least one gradient evaluation")
-    method = methods.get(config.opt)(model, lambda m, xb, yb: loss_value(m(xb), yb, loss), config)
+    loss_fn = make_loss(loss)   # a name, or a Loss the CLI built (a custom pkg.module:fn only when typed)
+    loss = loss_fn.name
+    method = methods.get(config.opt)(model, lambda m, xb, yb: loss_fn.mean(m(xb), yb), config)
     if budget < method.evals_per_step:
         raise FlatscopeError(f"a budget of {budget} evaluations is less than one step of --opt {config.opt} "
                              f"({method.evals_per_step} evaluations)")
@@ -192,9 +218,9 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
         result = method.result_model()
         was_training = result.training
         row = {"epoch": stream.evals / bpe, "grad_evals": stream.evals, "wall_time_s": time.time() - wall0}
-        row["train_loss"], row["train_acc"] = evaluate_model(result, data, loss, "train")
-        if data.X_test is not None:
-            row["test_loss"], row["test_acc"] = evaluate_model(result, data, loss, "test")
+        row["train_loss"], row["train_acc"] = evaluate_model(result, data, loss_fn, "train")
+        if data.test is not None:
+            row["test_loss"], row["test_acc"] = evaluate_model(result, data, loss_fn, "test")
         if method.lr is not None:
             row["lr"] = method.lr * lr_factor(config.schedule, stream.evals, budget)
         row.update(method.epoch_logs())

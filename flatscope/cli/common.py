@@ -25,10 +25,10 @@ import torch
 
 from .. import __version__
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..data import Dataset, load_data, subsample
+from ..data import Dataset, load_data, subsample_source
 from ..errors import FlatscopeError
 from ..models import is_factory_path
-from ..objective import LOSSES, Objective
+from ..objective import Objective
 from .. import distributed
 from .. import results as store
 
@@ -36,7 +36,8 @@ STATE = {"verbose": False}
 
 COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
 ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite")
+                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite",
+                 "label_smoothing", "metric", "output", "hvp", "workers")
 
 
 def _json_dict(ctx, param, value):
@@ -80,15 +81,29 @@ def analysis_options(f: Callable) -> Callable:
     """The checkpoint argument and the data/model/output options of every analysis."""
     opts = [
         click.argument("checkpoint", type=click.Path(dir_okay=True)),
-        click.option("--model", default=None, metavar="NAME|pkg.module:factory",
-                     help="Architecture for a bare state_dict (or to override the stored one)."),
+        click.option("--model", default=None, metavar="NAME|torchvision:NAME|hf:DIR|pkg.module:factory",
+                     help="Architecture for a bare state_dict or .safetensors file (or to override the stored one)."),
         click.option("--model-kwargs", default=None, callback=_json_dict, metavar="JSON",
                      help="Keyword arguments for --model, as a JSON object."),
         click.option("--data", default=None, metavar="SPEC",
-                     help="Override the data stored in the checkpoint: digits, teacher, npz:PATH, h5:PATH, pkg.module:factory."),
+                     help="Override the data stored in the checkpoint: digits, mnist1d, teacher, npz:PATH, h5:PATH, "
+                          "torchvision:NAME, hf-disk:PATH, pkg.module:factory (a Dataset, (X, y) or dict of arrays)."),
         click.option("--data-kwargs", default=None, callback=_json_dict, metavar="JSON",
                      help="Keyword arguments for --data, as a JSON object."),
-        click.option("--loss", type=click.Choice(LOSSES), default=None, help="Override the checkpoint's loss."),
+        click.option("--loss", default=None, metavar="ce|lm|bce|mse|pkg.module:fn",
+                     help="Override the checkpoint's loss; lm is next-token cross-entropy over sequences, "
+                          "pkg.module:fn a function fn(outputs, targets) -> mean loss."),
+        click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+                     help="Label smoothing of the ce/lm loss."),
+        click.option("--metric", default=None, metavar="pkg.module:fn",
+                     help="fn(outputs, targets) -> mean value, reported instead of accuracy."),
+        click.option("--output", default=None, metavar="KEY",
+                     help="Which model output the loss is taken of (default: the tensor, .logits, or the first)."),
+        click.option("--hvp", type=click.Choice(["auto", "exact", "fd"]), default="auto", show_default=True,
+                     help="Hessian-vector products: exact (double backward), fd (central difference of two "
+                          "gradients), auto (exact, fd where a layer has no double backward)."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="DataLoader worker processes for a streamed dataset."),
         click.option("--split", type=click.Choice(["train", "test", "both"]), default="train", show_default=True,
                      help="Which data split the loss is taken over."),
         click.option("--batch-size", type=int, default=2048, show_default=True,
@@ -144,7 +159,8 @@ class Run:
     def __init__(self, device="auto", seed=0, dtype="float32", threads=None, as_json=False, quiet=False,
                  verbose=False, checkpoint=None, model=None, model_kwargs=None, data=None, data_kwargs=None,
                  loss=None, split="train", batch_size=None, max_samples=None, out=None, plot=False,
-                 plot_format="png", allow_nonfinite=False):
+                 plot_format="png", allow_nonfinite=False, label_smoothing=0.0, metric=None, output=None,
+                 hvp="auto", workers=0):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
         self.checkpoint_path, self.model_name, self.model_kwargs = checkpoint, model, model_kwargs
@@ -152,6 +168,10 @@ class Run:
         self.split, self.batch_size, self.max_samples = split, batch_size, max_samples
         self.out_arg, self.do_plot, self.plot_format = out, plot, plot_format
         self.allow_nonfinite = allow_nonfinite
+        self.label_smoothing, self.metric_name, self.output_key = label_smoothing, metric, output
+        self.hvp_mode, self.workers = hvp, workers
+        self._loss_obj = None
+        self._metric_obj = None
         self.started = time.time()
         self._ckpt: Checkpoint | None = None
         self._data: Dataset | None = None
@@ -226,22 +246,53 @@ class Run:
     def loss_name(self) -> str:
         name = self.loss_override or self.checkpoint.loss
         if not name:
-            raise FlatscopeError(f"{self.checkpoint_path} names no loss; pass --loss ce|mse")
+            raise FlatscopeError(f"{self.checkpoint_path} names no loss; pass --loss ce|lm|bce|mse|pkg.module:fn")
         return name
+
+    @property
+    def loss(self):
+        """The :class:`flatscope.losses.Loss` (a custom ``pkg.module:fn`` only when typed as --loss)."""
+        if self._loss_obj is None:
+            from ..losses import make_loss
+
+            typed = self.loss_override is not None and self.loss_override == self.loss_name
+            self._loss_obj = make_loss(self.loss_name, label_smoothing=self.label_smoothing, allow_import=typed)
+        return self._loss_obj
+
+    @property
+    def metric(self):
+        if self._metric_obj is None and self.metric_name is not None:
+            from ..losses import make_metric
+
+            self._metric_obj = make_metric(self.metric_name, allow_import=True)
+        return self._metric_obj
 
     def splits(self) -> list[str]:
         return ["train", "test"] if self.split == "both" else [self.split]
 
-    def split_data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        X, y = self.data.split(split)
-        return subsample(X, y, self.max_samples, self.seed)
+    def split_source(self, split: str):
+        """The split's :class:`~flatscope.sources.Source`, subsampled by --max-samples."""
+        src = self.data.source(split)
+        if self.workers and hasattr(src, "workers"):
+            src.workers = self.workers
+        return subsample_source(src, self.max_samples, self.seed)
 
-    def objective(self, split: str | None = None, **kwargs) -> Objective:
+    def split_data(self, split: str):
+        """``(X, y)`` of a split held in memory (streamed splits: :meth:`split_source`)."""
+        src = self.split_source(split)
+        if not hasattr(src, "inputs"):
+            return src, None
+        return src.inputs, src.targets
+
+    def objective(self, split: str | None = None, model: torch.nn.Module | None = None, shard: bool = True,
+                  **kwargs) -> Objective:
         split = split or self.splits()[0]
-        X, y = self.split_data(split)
-        obj = Objective(self.checkpoint.model, X, y, loss=self.loss_name, batch_size=self.batch_size,
-                        device=self.device, dtype=self.dtype, **kwargs)
-        return obj.shard() if distributed.active() else obj
+        obj = Objective(self.checkpoint.model if model is None else model, data=self.split_source(split),
+                        loss=self.loss, metric=self.metric, output=self.output_key, batch_size=self.batch_size,
+                        device=self.device, dtype=self.dtype, hvp_mode=self.hvp_mode, **kwargs)
+        for note in obj.notes:
+            self.note(note)
+        return obj.shard() if shard and distributed.active() else obj
 
     # ------------------------------------------------------------------ output
     @property

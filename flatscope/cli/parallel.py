@@ -32,5 +32,4 @@ def objectives(run, parallel: str) -> dict[str, Objective]:
     if parallel == "data":
         return {s: run.objective(s) for s in run.splits()}
     # Run.objective without the shard() it applies under torchrun
-    return {s: Objective(run.checkpoint.model, *run.split_data(s), loss=run.loss_name, batch_size=run.batch_size,
-                         device=run.device, dtype=run.dtype) for s in run.splits()}
+    return {s: run.objective(s, shard=False) for s in run.splits()}

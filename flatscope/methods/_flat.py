@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.func import functional_call
+from ..sources import Source, to_device, tree_len, tree_map
 
 from ..errors import FlatscopeError
+from ..objective import call_model, run_module
 from ..params import ParamLayout
 
 
@@ -151,7 +152,7 @@ class FlatNet:
 
     def _loss(self, w, buffers, xb, yb):
         params = self.layout.unflatten(w)
-        return self.loss_fn(lambda x: functional_call(self.model, (params, buffers), (x,)), xb, yb)
+        return self.loss_fn(lambda x: call_model(self.model, (params, buffers), x), xb, yb)
 
     def loss_and_grad(self, w: torch.Tensor, xb, yb, buffers: dict | None) -> tuple[float, torch.Tensor]:
         """Minibatch loss and gradient at ``w``.
@@ -189,8 +190,12 @@ class FlatNet:
                 mod.reset_running_stats()
                 mod.momentum = None
                 mod.train()
-        for start in range(0, X.shape[0], chunk):
-            m(X[start:start + chunk])
+        if isinstance(X, Source):
+            for xb, _ in X.batches(chunk):
+                run_module(m, to_device(xb, self.device, self.dtype))
+        else:
+            for start in range(0, tree_len(X), chunk):
+                run_module(m, tree_map(lambda t: t[start:start + chunk], X))
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ class ImportanceSampling(Method):
         else:
             stream.charge(1, "forward")
         xs = self.x + math.sqrt(self.tau) * self.net.randn(self.gen)
-        f = self.net.loss_at(xs, stream.X[self.idx], stream.y[self.idx])
+        f = self.net.loss_at(xs, *stream.take(self.idx))
         self.acc.add(xs, -p["beta"] * f)
         self.j += 1
         if self.j == p["inner_steps"]:

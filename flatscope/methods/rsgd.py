@@ -117,7 +117,8 @@ class ReplicatedSGD(Method):
         super().setup(stream)
         from ..training import BatchStream
 
-        self.streams = [stream] + [BatchStream(stream.X, stream.y, stream.batch_size, s) for s in self.seeds[1:]]
+        self.streams = [stream] + [BatchStream(stream.source, None, stream.batch_size, s, dtype=stream.dtype,
+                                                device=stream.device) for s in self.seeds[1:]]
 
     @property
     def gamma(self) -> float:

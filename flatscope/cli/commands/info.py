@@ -15,7 +15,10 @@ def describe(run) -> dict:
     info = {
         "checkpoint": os.path.abspath(ck.path), "sha256": ck.sha256, "kind": ck.kind,
         "model": ck.model_spec, "n_params": ck.n_params,
-        "parameters": [{"name": n, "shape": list(p.shape)} for n, p in ck.model.named_parameters()],
+        "n_trainable": ck.n_params,
+        "n_frozen": sum(p.numel() for p in ck.model.parameters() if not p.requires_grad),
+        "parameters": [{"name": n, "shape": list(p.shape), "trainable": bool(p.requires_grad)}
+                       for n, p in ck.model.named_parameters()],
         "data": None, "loss": None, "metrics": {},
     }
     if run.data_name is None and not ck.data_spec:
@@ -23,10 +26,10 @@ def describe(run) -> dict:
     else:
         info["data"], info["loss"] = run.data_spec(), run.loss_name
         data = run.data
-        info["n_train"] = int(data.X_train.shape[0])
-        info["n_test"] = 0 if data.X_test is None else int(data.X_test.shape[0])
+        info["n_train"] = len(data.train)
+        info["n_test"] = 0 if data.test is None else len(data.test)
         for split in ("train", "test"):
-            if split == "test" and data.X_test is None:
+            if split == "test" and data.test is None:
                 continue
             loss, acc = run.objective(split).evaluate()
             info["metrics"][split] = {"loss": loss, "accuracy": acc}
@@ -57,7 +60,8 @@ def command(run):
         console.print(f"[bold]{info['checkpoint']}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
         m = info["model"] or {}
         console.print(f"model   {m.get('name', '(torch.export program)')} {m.get('kwargs', '')}")
-        console.print(f"params  {info['n_params']:,} in {len(info['parameters'])} tensors")
+        frozen = f", {info['n_frozen']:,} frozen" if info["n_frozen"] else ""
+        console.print(f"params  {info['n_params']:,} trainable{frozen} in {len(info['parameters'])} tensors")
         if info["data"]:
             console.print(f"data    {info['data']['name']} {info['data'].get('kwargs') or ''}  "
                           f"({info.get('n_train')} train / {info.get('n_test')} test), loss {info['loss']}")

@@ -22,7 +22,6 @@ from ...directions import (BIAS_BN, NORMALIZATIONS, Directions, interpolation, p
                            trajectory_files)
 from ...errors import FlatscopeError
 from ...models import is_factory_path
-from ...objective import Objective
 from ...params import ParamLayout
 from ..common import analysis_options, pass_run
 from ..parallel import objectives as split_objectives
@@ -202,7 +201,7 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
             run.warn("--bn recompute: the model has no BatchNorm; nothing to recompute")
             bn = "eval"
         else:
-            bn_inputs = run.split_data("train")[0]
+            bn_inputs = run.split_source("train")
     plan = _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, trajectory, directions_from,
                        norm=norm, bias_bn=bias_bn, orthogonalize=orthogonalize)
     dirs, k = plan["dirs"], plan["dirs"].k
@@ -317,8 +316,7 @@ def _directions(run, kind, k, paths, objectives, bn, bn_inputs, hessian_from, tr
     elif kind == "interp":
         others = [_load_like(run, p, layout, "checkpoint") for p in paths[1:]]
         out["shas"] += [c.sha256 for c in others]
-        other_objs = [{s: Objective(c.model, *run.split_data(s), loss=run.loss_name, batch_size=run.batch_size,
-                                    device=run.device, dtype=run.dtype) for s in objectives} for c in others]
+        other_objs = [{s: run.objective(s, model=c.model, shard=False) for s in objectives} for c in others]
         dirs = interpolation(first.w0, [next(iter(o.values())).w0 for o in other_objs], layout)
         out["default_range"] = (-0.5, 1.5)
         if first.has_batchnorm() and bn == "eval":

@@ -72,7 +72,7 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
     bn_data = None
     if bn == "recompute":
         if first.has_batchnorm():
-            bn_data = run.split_data("train")[0]
+            bn_data = run.split_source("train")
         else:
             run.warn("the model has no BatchNorm layers; --bn recompute changes nothing")
             bn = "eval"

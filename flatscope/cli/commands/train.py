@@ -13,10 +13,10 @@ from ... import methods
 from ... import results as store
 from ...checkpoint import load_checkpoint, sha256_file, save_checkpoint
 from ...data import load_data
+from ...losses import make_loss
 from ...errors import FlatscopeError
 from ...methods._flat import resolve_params
 from ...models import BUILTIN_MODELS, build_model, is_factory_path
-from ...objective import LOSSES
 from ...training import TrainConfig, train
 from ..common import Run, _json_dict, common_options, resolve_device
 
@@ -75,7 +75,8 @@ def _epilog() -> str:
 @click.option("--data", "data_name", default="digits", show_default=True, metavar="SPEC",
               help="digits, teacher, npz:PATH, h5:PATH or pkg.module:factory.")
 @click.option("--data-kwargs", default=None, callback=_json_dict, metavar="JSON")
-@click.option("--loss", type=click.Choice(LOSSES), default=None, help="Default: ce for labels, mse for float targets.")
+@click.option("--loss", default=None, metavar="ce|lm|bce|mse|pkg.module:fn",
+              help="Default: ce for labels, mse for float targets.")
 @click.option("--opt", default="sgd", show_default=True, metavar="|".join(methods.names()),
               help="Optimizer (listed below; details in the README).")
 @click.option("--lr", type=float, default=None, metavar="FLOAT",
@@ -179,7 +180,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         _check_distributed(opt)
         data_spec = {"name": data_name, "kwargs": data_kwargs or {}}
         data = load_data(data_spec, allow_import=is_factory_path(data_name))
-        loss = loss or ("ce" if data.classification else "mse")
+        loss = make_loss(loss or ("ce" if data.classification else "mse"), allow_import=True)
         kwargs = dict(model_kwargs or {})
         if model_name in BUILTIN_MODELS:
             kwargs.setdefault("in_features", data.in_features)
@@ -190,13 +191,15 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                              schedule=schedule, batch_size=batch_size, epochs=epochs, budget=budget, seed=run.seed,
                              save_every=save_every, extra=extra)
         state = None
-    _cast_data(data, run.dtype if resume is None else next(model.parameters()).dtype)
     if run.is_main:
         os.makedirs(folder, exist_ok=True)
-    n_batches = -(-data.X_train.shape[0] // max(1, min(config.batch_size, data.X_train.shape[0])))
+    n_train = len(data.train)
+    n_batches = -(-n_train // max(1, min(config.batch_size, n_train)))
     total = config.budget if config.budget is not None else int(round(config.epochs * n_batches))
     with run.progress(total, f"train {opt}") as advance:
-        record = train(model, data, loss, config, model_spec=model_spec, data_spec=data_spec, out=out,
+        loss_obj = make_loss(loss)
+        loss = loss_obj.name
+        record = train(model, data, loss_obj, config, model_spec=model_spec, data_spec=data_spec, out=out,
                        progress=advance, resume_state=state and state["resume"],
                        history=state and state["history"], on_warning=run.warn)
     if resume is not None:
@@ -246,14 +249,6 @@ def _check_shared(opt: str, explicit: set) -> None:
     bad = sorted(n for n in explicit & set(SHARED) if n not in uses)
     if bad:
         raise FlatscopeError(f"{', '.join('--' + n.replace('_', '-') for n in bad)} does not apply to --opt {opt}")
-
-
-def _cast_data(data, dtype) -> None:
-    data.X_train = data.X_train.to(dtype)
-    data.X_test = None if data.X_test is None else data.X_test.to(dtype)
-    if data.classification is False:
-        data.y_train = data.y_train.to(dtype)
-        data.y_test = None if data.y_test is None else data.y_test.to(dtype)
 
 
 def _resume(run, path: str, explicit: set, extra: dict, given: dict):
