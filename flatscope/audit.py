@@ -575,6 +575,16 @@ def shared_argv(run, split: str | None = None) -> list[str]:
         argv += ["--data-kwargs", json.dumps(run.data_kwargs)]
     if run.loss_override is not None:
         argv += ["--loss", run.loss_override]
+    if run.label_smoothing:
+        argv += ["--label-smoothing", repr(float(run.label_smoothing))]
+    if run.metric_name is not None:
+        argv += ["--metric", run.metric_name]
+    if run.output_key is not None:
+        argv += ["--output", run.output_key]
+    if run.hvp_mode != "auto":
+        argv += ["--hvp", run.hvp_mode]
+    if run.workers:
+        argv += ["--workers", str(run.workers)]
     if run.allow_nonfinite:
         argv.append("--allow-nonfinite")
     if run.verbose:

@@ -225,13 +225,18 @@ class Objective:
                          train_mode=self.model.training, hvp_mode=self.hvp_mode)
 
     @contextlib.contextmanager
-    def _guard(self, i: int, x):
-        """Errors of one batch become one clear line that names the batch and its shapes."""
+    def _guard(self, i: int, x, derivatives: bool = False):
+        """Errors of one batch become one clear line that names the batch and its shapes (with
+        ``derivatives``, a missing double backward stays a RuntimeError for the ``auto`` fallback)."""
         try:
             yield
         except FlatscopeError:
             raise
+        except NotImplementedError:
+            raise
         except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+            if derivatives and isinstance(exc, RuntimeError) and ("derivative" in str(exc) or "backward" in str(exc)):
+                raise
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FlatscopeError(f"the model failed on batch {i} (inputs {describe(x)}): {msg}") from None
 
@@ -361,9 +366,10 @@ class Objective:
         g = grad(self._batch_loss)
         out = torch.zeros_like(v)
         with second_order_kernels():
-            for xb, yb, wt in self.batches():
-                _, pullback = vjp(lambda p: g(p, xb, yb), w)
-                out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
+            for i, (xb, yb, wt) in enumerate(self.batches()):
+                with self._guard(i, xb, derivatives=True):
+                    _, pullback = vjp(lambda p: g(p, xb, yb), w)
+                    out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
         return self._reduce(out)
 
     def _fd_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -445,8 +451,9 @@ class Objective:
         g = grad(self._batch_loss)
         pullbacks = []
         with second_order_kernels():
-            for xb, yb, wt in self.batches():
-                pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
+            for i, (xb, yb, wt) in enumerate(self.batches()):
+                with self._guard(i, xb, derivatives=True):
+                    pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._check_w(v)
@@ -577,11 +584,14 @@ class PointEvaluator:
 
 
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense Hessian of the split loss by torch.func.hessian (small models only; for tests)."""
-    from torch.func import hessian
+    """Dense Hessian of the split loss, reverse-over-reverse (``jacrev`` of ``grad``; small models only,
+    for tests). ``torch.func.hessian`` (forward-over-reverse) is not used: through
+    ``scaled_dot_product_attention`` it returns an asymmetric matrix on torch 2.13."""
+    from torch.func import jacrev
 
     w = obj.w0 if w is None else obj._check_w(w)
     H = torch.zeros(obj.dim, obj.dim, dtype=w.dtype, device=w.device)
-    for xb, yb, wt in obj.batches():
-        H += wt * hessian(obj._batch_loss)(w, xb, yb)
+    with second_order_kernels():
+        for xb, yb, wt in obj.batches():
+            H += wt * jacrev(grad(obj._batch_loss))(w, xb, yb)
     return H

@@ -72,7 +72,6 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from .errors import FlatscopeError
-from .objective import loss_value
 
 SAMPLERS = ("sgld", "mala")
 INTEGRATORS = ("lm", "euler")
@@ -179,7 +178,7 @@ class ObjectivePotential(Potential):
         self.n_samples = obj.n
         self.chain_mode = chain_mode
         self.block = int(block)
-        gv = grad_and_value(obj._batch_loss)
+        gv = grad_and_value(obj.batch_loss)
         self._gv_shared = vmap(gv, in_dims=(0, None, None))
         self._gv_own = vmap(gv, in_dims=(0, 0, 0))
         self._fm = None
@@ -195,7 +194,7 @@ class ObjectivePotential(Potential):
         m, params, flat = self._fm
         with torch.no_grad():
             flat.copy_(w)
-        loss = loss_value(m(xb), yb, self.obj.loss_name)
+        loss = self.obj.module_loss(m, xb, yb)
         grads = torch.autograd.grad(loss, params)
         return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
 
@@ -221,12 +220,12 @@ class ObjectivePotential(Potential):
         C = W.shape[0]
         idx = torch.randint(obj.n, (C, int(m)), generator=gen, device=gen.device).to(obj.device)
         if self._mode(C, int(m)) == "vmap":
-            g, lo = self._gv_own(W, obj.X[idx], obj.y[idx])
+            g, lo = self._gv_own(W, *obj.minibatch(idx))
             return lo.double(), g
         if C == 1:
-            lo, g = self._loop_one(W[0], obj.X[idx[0]], obj.y[idx[0]])
+            lo, g = self._loop_one(W[0], *obj.minibatch(idx[0]))
             return lo.double()[None], g[None]
-        pairs = [self._loop_one(W[c], obj.X[idx[c]], obj.y[idx[c]]) for c in range(C)]
+        pairs = [self._loop_one(W[c], *obj.minibatch(idx[c])) for c in range(C)]
         return torch.stack([p[0] for p in pairs]).double(), torch.stack([p[1] for p in pairs])
 
     def losses(self, W):

@@ -39,7 +39,7 @@ from .checkpoint import save_checkpoint
 from .data import Dataset
 from .errors import FlatscopeError
 from .losses import make_loss
-from .objective import Objective
+from .objective import Objective, run_module
 from .sources import Source, TensorSource, to_device
 
 EVAL_KINDS = ("outer", "inner", "extra", "forward")
@@ -180,7 +180,10 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
         raise FlatscopeError("the training budget must be at least one gradient evaluation")
     loss_fn = make_loss(loss)   # a name, or a Loss the CLI built (a custom pkg.module:fn only when typed)
     loss = loss_fn.name
-    method = methods.get(config.opt)(model, lambda m, xb, yb: loss_fn.mean(m(xb), yb), config)
+    def batch_loss(m, xb, yb):   # m: the model itself, or a functional forward of FlatNet
+        return loss_fn.mean(run_module(m, xb) if isinstance(m, torch.nn.Module) else m(xb), yb)
+
+    method = methods.get(config.opt)(model, batch_loss, config)
     if budget < method.evals_per_step:
         raise FlatscopeError(f"a budget of {budget} evaluations is less than one step of --opt {config.opt} "
                              f"({method.evals_per_step} evaluations)")

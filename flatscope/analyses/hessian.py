@@ -73,6 +73,8 @@ class HessianOperator:
         self.w = (obj.w0 if w is None else obj._check_w(w)).detach()
         n_batches = math.ceil(obj.n / obj.batch_size)
         self.mode = ("cached" if n_batches <= MAX_CACHED_BATCHES else "double-backward") if mode == "auto" else mode
+        if obj.resolve_hvp_mode() == "fd":
+            self.mode = "fd"
         self.n_matvec = 0
         self._cached = None
 
@@ -81,7 +83,9 @@ class HessianOperator:
         return self.obj.dim
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        if self.mode == "cached":
+        if self.mode == "fd":
+            out = self.obj.hvp(V, self.w)
+        elif self.mode == "cached":
             if self._cached is None:
                 self._cached = self.obj.hvp_operator(self.w, max_cached_batches=MAX_CACHED_BATCHES)
             out = self._cached(V)
@@ -136,6 +140,7 @@ class HessianResult:
     layout: dict | None = None
     save_eigenvectors: bool = False
     hvp_mode: str = ""
+    hvp_fd_rel_error: float | None = None   # --hvp fd: measured relative error on a probe (None: no exact HVP)
     n_matvec: int = 0
     seconds: dict = field(default_factory=dict)
     nonfinite: str | None = None
@@ -185,6 +190,7 @@ class HessianResult:
             "converged": converged,
             "n_matvec": int(self.n_matvec),
             "dim": int(self.dim),
+            **({"hvp_fd_rel_error": self.hvp_fd_rel_error} if self.hvp_fd_rel_error is not None else {}),
         }
 
     # ------------------------------------------------------------------ serialisation

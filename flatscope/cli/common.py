@@ -99,9 +99,13 @@ def analysis_options(f: Callable) -> Callable:
                      help="fn(outputs, targets) -> mean value, reported instead of accuracy."),
         click.option("--output", default=None, metavar="KEY",
                      help="Which model output the loss is taken of (default: the tensor, .logits, or the first)."),
-        click.option("--hvp", type=click.Choice(["auto", "exact", "fd"]), default="auto", show_default=True,
-                     help="Hessian-vector products: exact (double backward), fd (central difference of two "
-                          "gradients), auto (exact, fd where a layer has no double backward)."),
+        click.option("--hvp", type=click.Choice(["auto", "exact", "fd", "cached", "double-backward"]), default="auto",
+                     show_default=True,
+                     help="Hessian-vector products: exact (double backward; cached: each batch's linearization "
+                          "kept for the next product, double-backward: rebuilt per product, one batch in memory), "
+                          "fd (central difference of two gradients; works wherever a gradient does), auto "
+                          "(exact, cached when the split fits in 8 batches; fd where a layer has no double "
+                          "backward, with a note)."),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes for a streamed dataset."),
         click.option("--split", type=click.Choice(["train", "test", "both"]), default="train", show_default=True,
@@ -289,7 +293,8 @@ class Run:
         split = split or self.splits()[0]
         obj = Objective(self.checkpoint.model if model is None else model, data=self.split_source(split),
                         loss=self.loss, metric=self.metric, output=self.output_key, batch_size=self.batch_size,
-                        device=self.device, dtype=self.dtype, hvp_mode=self.hvp_mode, **kwargs)
+                        device=self.device, dtype=self.dtype,
+                        hvp_mode=self.hvp_mode if self.hvp_mode in ("auto", "fd") else "exact", **kwargs)
         for note in obj.notes:
             self.note(note)
         return obj.shard() if shard and distributed.active() else obj
@@ -347,6 +352,10 @@ class Run:
     def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:
         """Write analysis group ``name`` (replacing an older one) atomically; returns the file path."""
         options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
+        for key, value, default in (("label_smoothing", self.label_smoothing, 0.0), ("metric", self.metric_name, None),
+                                    ("output", self.output_key, None), ("hvp", self.hvp_mode, "auto")):
+            if value != default:   # only when set, so that earlier results keep matching
+                options.setdefault(key, value)
         if not self.is_main:
             return self.out_path
         with store.update(self.out_path) as f:

@@ -37,12 +37,9 @@ from ..common import analysis_options, pass_run
               help="Most Hessian-vector products per Lanczos run [default: max(300, 30 K)].")
 @click.option("--block-size", type=int, default=1, show_default=True, metavar="B",
               help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.")
-@click.option("--hvp", type=click.Choice(HVP_MODES), default="auto", show_default=True,
-              help="How Hessian-vector products are taken: cached double backward (auto when the split "
-                   "fits in 8 batches), or double-backward (rebuilt per product, one batch in memory).")
 @pass_run
 def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace_method, per_layer,
-            save_eigenvectors, tol, max_iter, block_size, hvp):
+            save_eigenvectors, tol, max_iter, block_size):
     """Hessian spectrum of the loss at the checkpoint: top/bottom eigenvalues with residuals,
     spectral density, trace, per-layer spectra and flatness summaries.
 
@@ -60,11 +57,18 @@ def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace
     if run.split == "both":
         raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
     obj = run.objective()
+    hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
     res = hessian_analysis(obj, top=top, bottom=bottom, density=density, probes=probes, steps=steps,
                            sigma=sigma, trace_probes=trace_probes, trace_method=trace_method,
                            per_layer=per_layer, save_eigenvectors=save_eigenvectors, tol=tol,
                            max_iter=max_iter, block_size=block_size, seed=run.seed, hvp=hvp,
                            progress=run.progress)
+    if obj.hvp_mode == "fd":
+        rel = obj.fd_accuracy(seed=run.seed)
+        res.hvp_fd_rel_error = rel
+        run.note("--hvp fd: relative difference from an exact product on a probe over "
+                 f"{obj.hvp_info.get('fd_probe_samples', 0)} samples: "
+                 + ("not measurable (no exact product for this model)" if rel is None else f"{rel:.2e}"))
     for w in res.warnings:
         run.warn(w)
     options = dict(top=top, bottom=bottom, density=density, probes=probes, steps=steps, sigma=sigma,
