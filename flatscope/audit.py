@@ -74,7 +74,7 @@ AUDIT_SCHEMA = "flatscope.audit/1"
 # audit passes its own (except ``split``, which a step may override).
 _SHARED = ("checkpoint", "checkpoints", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
            "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "device", "seed",
-           "dtype", "threads", "as_json", "quiet", "verbose")
+           "dtype", "threads", "as_json", "quiet", "verbose", "label_smoothing", "metric", "output", "hvp", "workers")
 _STEP_SHARED = ("split",)
 
 
@@ -700,6 +700,10 @@ def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
     want = dict(step.analysis.expected(step, target))
     want.update(split="both" if len(step.splits) == 2 else step.splits[0], max_samples=run.max_samples,
                 batch_size=run.batch_size)
+    for key, value, default in (("label_smoothing", run.label_smoothing, 0.0), ("metric", run.metric_name, None),
+                                ("output", run.output_key, None)):   # they change the numbers (hvp modes do not)
+        if value != default or key in stored_cmp:
+            want[key] = value
     for k, v in want.items():
         if _canon(stored_cmp.get(k)) != _canon(v):
             return False, f"option {k} was {_canon(stored.get(k))} in the stored result, now {_canon(v)}"
