@@ -449,3 +449,24 @@ def test_module_of_a_factory_is_found_on_the_path(tmp_path, monkeypatch, cli):
     r = cli(["info", "w.pt", "--model", "mynet:net", "--data", "digits", "--loss", "ce", "--json"])
     assert r.exit_code == 0, r.stderr
     sys.modules.pop("mynet", None)
+
+
+def test_torchvision_model_and_state_dict(cli, tmp_path):
+    torchvision = pytest.importorskip("torchvision")   # needs a torch build torchvision was compiled against
+    from flatscope.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "torchvision:resnet18", "kwargs": {"num_classes": 3}})
+    assert isinstance(model, torchvision.models.ResNet)
+    X = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    np.savez(tmp_path / "img.npz", X=X, y=y)
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    r = cli(["info", tmp_path / "r18.pt", "--model", "torchvision:resnet18", "--model-kwargs", '{"num_classes": 3}',
+             "--data", f"npz:{tmp_path / 'img.npz'}", "--loss", "ce", "--json"])
+    assert r.exit_code == 0, r.stderr
+    with torch.no_grad():
+        expect = F.cross_entropy(model.eval()(torch.from_numpy(X)), torch.from_numpy(y))
+    assert json.loads(r.stdout)["metrics"]["train"]["loss"] == pytest.approx(float(expect), rel=1e-5)
+    with pytest.raises(Exception, match="no model"):
+        build_model({"name": "torchvision:not_a_net"})
