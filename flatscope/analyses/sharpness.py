@@ -360,7 +360,7 @@ class SharpnessResult:
     def _meta(self) -> dict:
         return {"rho": self.rho, "norm": self.norm, "adaptive": np.bool_(self.adaptive), "eta": self.eta,
                 "params": self.params, "steps": self.steps, "step_size": self.step_size,
-                "restarts": self.restarts, "m": 0 if self.m is None else self.m, "average": self.average,
+                "restarts": self.restarts, "m": 0 if self.m is None else self.m, "average_mode": self.average,
                 "samples": self.samples, "seed": self.seed, "n_perturbed": self.n_perturbed}
 
     def to_tree(self) -> dict:
