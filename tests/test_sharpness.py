@@ -25,13 +25,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error
 
-from flatscope.analyses.sharpness import (average_directions, checked, parse_rhos, random_start, sharpness,
-                                          sub_batches, summary_keys)
+from flatscope.analyses.sharpness import (
+    average_directions,
+    checked,
+    parse_rhos,
+    random_start,
+    sharpness,
+    sub_batches,
+    summary_keys,
+)
 from flatscope.errors import FlatscopeError
 from flatscope.objective import Objective, exact_hessian
-
-from conftest import assert_one_line_error
 
 torch.set_num_threads(1)
 MLP_CKPT = "sample_checkpoints/mlp-sgd.pt"
@@ -186,7 +192,7 @@ def test_adaptive_sharpness_is_invariant_to_relu_rescaling_and_standard_is_not()
     b = Objective(_rescaled(model, scales), X, y, loss="ce", dtype=torch.float64)
     assert a.loss() == pytest.approx(b.loss(), rel=1e-12)          # the same function
     for norm, rho in (("l2", 0.5), ("linf", 0.05)):
-        kw = dict(norm=norm, steps=15, restarts=2, samples=6, seed=3)
+        kw = {"norm": norm, "steps": 15, "restarts": 2, "samples": 6, "seed": 3}
         ra = sharpness(a, [rho], adaptive=True, **kw).curves["train"]
         rb = sharpness(b, [rho], adaptive=True, **kw).curves["train"]
         assert float(ra.worst[0]) > 1e-4
@@ -207,7 +213,7 @@ def _classification_problem(N=96, seed=0):
 
 def test_m_sharpness_with_m_equal_to_n_is_the_full_batch_worst_case():
     obj = _classification_problem()
-    kw = dict(norm="l2", steps=10, restarts=2, samples=0, seed=1)
+    kw = {"norm": "l2", "steps": 10, "restarts": 2, "samples": 0, "seed": 1}
     full = sharpness(obj, [0.1, 0.5], **kw).curves["train"]
     mN = sharpness(obj, [0.1, 0.5], m=obj.n, **kw).curves["train"]
     assert mN.worst_restarts.shape == full.worst_restarts.shape == (2, 1, 2)
@@ -218,7 +224,7 @@ def test_m_sharpness_with_m_equal_to_n_is_the_full_batch_worst_case():
 
 def test_m_sharpness_is_the_mean_of_per_sub_batch_maxima():
     obj = _classification_problem(N=100)
-    kw = dict(norm="linf", steps=8, restarts=1, samples=0, seed=4)
+    kw = {"norm": "linf", "steps": 8, "restarts": 1, "samples": 0, "seed": 4}
     res = sharpness(obj, [0.05], m=24, **kw).curves["train"]
     parts = sub_batches(obj.n, 24, 4)
     assert len(parts) == 4 and res.n_used == 96                # 100 // 24 sub-batches, 4 samples left out
@@ -315,7 +321,7 @@ def test_a_bad_metric_function_is_one_clear_error():
 
 def test_a_value_function_replaces_the_loss_in_the_average_case_and_is_reported_at_the_worst_point():
     obj = _classification_problem(N=60)
-    kw = dict(norm="l2", steps=5, samples=4, seed=0)
+    kw = {"norm": "l2", "steps": 5, "samples": 4, "seed": 0}
     plain = sharpness(obj, [0.3], **kw).curves["train"]
     twice = sharpness(obj, [0.3], value_fn=lambda w: 2 * obj.loss(w), **kw).curves["train"]
     np.testing.assert_allclose(twice.average_draws, 2 * plain.average_draws, rtol=1e-10)

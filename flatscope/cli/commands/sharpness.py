@@ -112,7 +112,7 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
         ball = f"{'adaptive' if adaptive else 'standard'} {norm} ball" + (f" (η = {opts['eta']:g})" if adaptive else "")
         how = f"{opts['steps']} steps × {opts['restarts']} restart(s)"
         if opts["m"]:
-            how += f", m = {opts['m']} ({k} sub-batches per split at least)"
+            how += f", m = {opts['m']} ({k} sub-batch{'es' if k > 1 else ''} of the smallest split)"
         console.print(f"sharpness, {ball} over {res.n_perturbed:,} entries, {how}; average case: "
                       + (f"{opts['samples']} draws ({average})" if opts["samples"] else "skipped"))
         for split, c in res.curves.items():
@@ -126,7 +126,8 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
             t = Table(*cols)
             for i, r in enumerate(res.rho):
                 row = [f"{r:.3g}", f"{c.worst[i]:.3g}",
-                       f"{c.worst_sem[i]:.2g}" if opts["m"] else f"{c.restart_spread[i]:.2g}",
+                       f"{c.worst_sem[i]:.2g}" if opts["m"] else
+                       (f"{c.restart_spread[i]:.2g}" if opts["restarts"] > 1 else "-"),
                        f"{c.worst_error[i].mean():.4f}", f"{c.ball_norm[i].mean():.3f}", f"{c.delta_norm[i].mean():.3g}"]
                 if opts["samples"]:
                     row += [f"{c.average[i]:.3g}", f"{c.average_sem[i]:.2g}"]
