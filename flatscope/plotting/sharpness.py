@@ -1,4 +1,5 @@
-"""Plot of ``/sharpness``: worst-case and average-case sharpness against ρ (log-log), and the error rate at δ*.
+"""Plot of ``/sharpness``: worst-case and average-case sharpness against ρ (log x, symlog y), and the error
+rate at δ*.
 
 Worst case: filled circles; its error bars are the standard error over sub-batches (m-sharpness)
 or, without ``m``, the spread of the restarts (down to the worst restart). Average case: open
@@ -21,11 +22,6 @@ def _splits(tree: dict) -> list[str]:
     return [s for s in names if s and isinstance(tree.get(s), dict)]
 
 
-def _positive(y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y, dtype=float)
-    return np.where(y > 0, y, np.nan)  # a log axis cannot show rises ≤ 0 (float noise at tiny ρ)
-
-
 @register("sharpness")
 def plot(items, out_base, fmt):
     has_err = any(np.isfinite(np.asarray(tree[s]["worst_error"], dtype=float)).any()
@@ -33,6 +29,10 @@ def plot(items, out_base, fmt):
     fig, axes = figure(1, 2 if has_err else 1, figsize=(11 if has_err else 5.8, 4.2), squeeze=False)
     ax, ax_err = axes[0, 0], (axes[0, 1] if has_err else None)
     many = len(items) > 1
+    floor = np.inf
+    lo, hi = 0.0, 0.0
+    # several checkpoints with an error panel: the checkpoints' legend is there, the markers say which curve is which
+    short = many and has_err
     for k, (label, tree) in enumerate(items):
         # one checkpoint: colour by kind (worst C0, average C1); several: colour by checkpoint
         color = f"C{k % 10}"
@@ -47,19 +47,29 @@ def plot(items, out_base, fmt):
             worst = np.asarray(c["worst"], dtype=float)
             if m:
                 yerr = np.asarray(c["worst_sem"], dtype=float)
-                yerr = np.vstack([np.minimum(yerr, worst * 0.999), yerr])  # keep the lower bar above 0 on a log axis
             else:
                 restarts = np.asarray(c["worst_restarts"], dtype=float).mean(axis=1)   # (n_rho, R)
                 yerr = np.vstack([worst - restarts.min(axis=1), np.zeros_like(worst)])
-                yerr[0] = np.minimum(yerr[0], worst * 0.999)
-            ax.errorbar(rho, _positive(worst), yerr=yerr, color=color, ls=ls, marker="o", ms=4, capsize=2.5, lw=1.4,
-                        label=" ".join(x for x in ("worst", f"(m = {m})" if m else "", name) if x))
+            yerr = np.broadcast_to(np.nan_to_num(yerr), (2, worst.size))
+            vals, ends = [worst], [worst - yerr[0], worst + yerr[1]]
+            ax.errorbar(rho, worst, yerr=yerr, color=color, ls=ls, marker="o", ms=4, capsize=2.5, lw=1.4,
+                        label=None if short else " ".join(x for x in ("worst", f"(m = {m})" if m else "", name) if x))
             if "average" in c:
                 avg, sem = np.asarray(c["average"], dtype=float), np.asarray(c["average_sem"], dtype=float)
-                ax.errorbar(rho, _positive(avg), yerr=np.vstack([np.minimum(sem, np.abs(avg) * 0.999), sem]),
+                vals.append(avg)
+                ends += [avg - np.nan_to_num(sem), avg + np.nan_to_num(sem)]
+                ax.errorbar(rho, avg, yerr=sem,
                             color=avg_color, ls=ls if not many else ":", marker="s", mfc="white", ms=4, capsize=2.5,
                             lw=1.2,
-                            label=" ".join(x for x in ("average", name) if x))
+                            label=None if short else " ".join(x for x in ("average", name) if x))
+            ends = np.concatenate(ends)
+            ends = ends[np.isfinite(ends)]
+            if ends.size:
+                lo, hi = min(lo, float(ends.min())), max(hi, float(ends.max()))
+            pos = np.abs(np.concatenate(vals))
+            pos = pos[np.isfinite(pos) & (pos > 0)]
+            if pos.size:
+                floor = min(floor, float(pos.min()))
             if ax_err is not None:
                 err = np.asarray(c["worst_error"], dtype=float).mean(axis=1)
                 ax_err.plot(rho, err, color=color, ls=ls, marker="o", ms=4, lw=1.4, label=name or None)
@@ -75,12 +85,18 @@ def plot(items, out_base, fmt):
         ad = adaptive.lower() in ("true", "1")
         ball = (f"adaptive {norm}" + (f", η = {float(eta):g}" if eta not in (None, "") else "")) if ad else f"standard {norm}"
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if np.isfinite(floor):
+        # symlog: log above the smallest |value| (sharpness grows like ρ to ρ²), linear through 0 for the
+        # small negative average-case means that noise (or a loss that falls under perturbation) gives
+        ax.set_yscale("symlog", linthresh=10.0 ** np.floor(np.log10(floor)), linscale=1.0)
+        ax.set_ylim(2 * lo if lo < 0 else 0.0, 2 * hi if hi > 0 else None)
+    ax.axhline(0, color="0.75", lw=0.8, zorder=0)
     ax.set_xlabel(f"ρ  ({ball} ball)")
-    ax.set_ylabel("L(w + δ) − L(w)")
-    ax.set_title("sharpness: worst case (bars: restarts / s.e.) and average")
+    ax.set_ylabel("L(w + δ) − L(w)  (symlog)")
+    ax.set_title("sharpness: ● worst case (bars: restarts / s.e.), □ average")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     if ax_err is not None:
         ax_err.set_xscale("log")
         ax_err.set_xlabel(f"ρ  ({ball} ball)")
