@@ -17,6 +17,8 @@ Analyses (:data:`ANALYSES`, one registry entry each):
 - ``local_entropy`` (optional, not in the default suite: Langevin sampling costs more): the local
   entropy F(γ) (``shared/papers/local-entropy-heat-variational-garcia-trillos.md``;
   :mod:`flatscope.analyses.local_entropy`), group ``/local_entropy``, one split.
+- ``sharpness`` (optional): worst-case and average-case adaptive sharpness over a ρ grid (Andriushchenko
+  et al. 2023, arXiv:2302.07011; :mod:`flatscope.analyses.sharpness`), group ``/sharpness``.
 
 The default suite (:data:`DEFAULT_SUITE`) is cheap enough for CI on a CPU: the top 3 eigenvalues and
 a 30-product Hutch++ trace, δE at 5 σ with 8 draws and the σ where the error rises by 0.01, and a
@@ -316,6 +318,39 @@ def _local_entropy_keys(step: "Step") -> list:
     return list(res.summary())
 
 
+def _sharpness_parse(step: "Step") -> dict:
+    from .cli.commands.sharpness import parse_options
+
+    p = step.params
+    return parse_options(p["rho_spec"], p["steps"], p["step_size"], p["restarts"], p["eta"], p["samples"], p["m"],
+                         p["norm"], p["average"])
+
+
+def _sharpness_expected(step: "Step", target: Target) -> dict:
+    o = _sharpness_parse(step)
+    p = step.params
+    return {"rho": o["rhos"].tolist(), "norm": p["norm"], "adaptive": bool(p["adaptive"]), "eta": o["eta"],
+            "steps": o["steps"], "step_size": o["step_size"], "restarts": o["restarts"], "m": o["m"],
+            "average": p["average"], "samples": o["samples"], "params": p["params"]}
+
+
+def _sharpness_normalize(stored: dict) -> dict:
+    from .analyses.sharpness import parse_rhos
+
+    out = dict(stored)
+    try:
+        out["rho"] = parse_rhos(str(stored.get("rho"))).tolist()
+    except FlatscopeError:
+        out["rho"] = None
+    return out
+
+
+def _sharpness_keys(step: "Step") -> list:
+    from .analyses.sharpness import summary_keys
+
+    return summary_keys(step.splits)
+
+
 ANALYSES: dict[str, Analysis] = {a.name: a for a in [
     Analysis(
         name="hessian", command="hessian", kind="hessian", in_default_suite=True,
@@ -343,13 +378,21 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in [
         group=_one_split("local_entropy"), expected=_local_entropy_expected, normalize=_local_entropy_norm,
         metric_keys=_local_entropy_keys, validate=_local_entropy_validate,
         describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)"),
+    Analysis(
+        name="sharpness", command="sharpness", kind="sharpness", in_default_suite=False,
+        defaults={"rho": "0.1..1:3", "steps": 10, "samples": 8},
+        group=lambda step: "sharpness", expected=_sharpness_expected, normalize=_sharpness_normalize,
+        metric_keys=_sharpness_keys, validate=lambda step: _sharpness_parse(step) and None,
+        describe="worst-case and average-case adaptive sharpness (Andriushchenko et al. 2023; optional: add it "
+                 "with --step or a [sharpness] table)"),
 ]}
 
 DEFAULT_SUITE = {a.name: {} for a in ANALYSES.values() if a.in_default_suite}
 # flatscope compare's default suite: the audit's, plus a cheap spectral density (4 probes x 40 Lanczos
-# steps) for the overlaid spectra, plus local entropy at the audit defaults.
+# steps) for the overlaid spectra, plus local entropy and sharpness at the audit defaults.
 COMPARE_SUITE = {"hessian": {"density": True, "probes": 4, "steps": 40}, "local_energy": {}, "landscape": {},
                  "local_entropy": {}}
+COMPARE_SUITE["sharpness"] = {}
 
 
 def analysis(name: str) -> Analysis:

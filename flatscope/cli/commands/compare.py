@@ -54,7 +54,8 @@ _CAPTIONS = {"eigenvalues": "top Hessian eigenvalues", "density": "Hessian spect
              "curve": "loss and accuracy along the slice", "contour": "loss contours", "surface": "loss surface",
              "entropy": "local entropy F(γ) and ⟨L⟩_q against the coupling γ",
              "distance": "spread of the local Gibbs measure ⟨‖w′ − w‖²⟩_q against γ",
-             "traces": "sampler traces (loss per chain)"}
+             "traces": "sampler traces (loss per chain)",
+             "rho": "worst-case and average-case sharpness against ρ, and the error rate at the worst-case point"}
 
 
 def _caption(path: Path, what: str) -> str:
@@ -68,7 +69,8 @@ def _caption(path: Path, what: str) -> str:
               help="Report folder (created if missing): index.html, the PNG plots, interpolations.h5.")
 @click.option("--suite", "suite_path", default=None, metavar="SUITE.toml",
               help="The analyses, as for flatscope audit (its fail_if is ignored). Default: the audit's default "
-                   "suite plus a spectral density (hessian density=true, probes=4, steps=40) and local_entropy.")
+                   "suite plus a spectral density (hessian density=true, probes=4, steps=40), local_entropy "
+                   "and sharpness.")
 @click.option("--step", "only", multiple=True, type=click.Choice(sorted(ANALYSES)), metavar="ANALYSIS",
               help="Run only these analyses, in this order (repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="ANALYSIS.OPTION=VALUE",
