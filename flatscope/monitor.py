@@ -53,8 +53,10 @@ vector. ``lambda_max_hvps`` records the cost of each call; benchmarks/RESULTS.md
 Output. With ``log=PATH`` every row is appended to the HDF5 group ``/track`` (one resizable dataset
 per column, attrs ``kind="track"``, ``summary``, ``options`` and provenance) through
 :func:`flatscope.results.update`: each write is atomic, so a killed run keeps every row written
-before it. ``summary`` holds, per column, ``<column>_last`` and ``<column>_max`` (``flatscope audit
---fail-if "track.lambda_max_last > 100"``), plus ``rows`` and ``last_step``.
+before it. ``summary`` holds ``<column>_last`` for every column, ``<column>_max`` for the measured
+quantities (and ``lambda_min_min``), ``rows``, ``last_step``, ``hvps_total``, ``cost_s_total`` and
+``lambda_max_lr_last`` (``λ_max · η``, 2 at the gradient-descent edge of stability), so that
+``flatscope audit --fail-if "track.lambda_max_last > 100"`` can check a run.
 """
 
 from __future__ import annotations
@@ -421,6 +423,9 @@ def append_row(path: str, row: Mapping[str, float], *, summary_extra: dict | Non
 
 
 _NOT_SUMMARIZED = ("step", "wall_time_s")
+# Bookkeeping columns: their last value is summarized, their maximum is not.
+_NO_MAX = ("acc", "test_acc", "loss", "test_loss", "lr", "two_over_lr", "threshold", "cost_s", "hvps")
+_NO_MAX_SUFFIX = ("_residual", "_converged", "_hvps", "_stderr")
 
 
 def track_summary(g) -> dict:
@@ -433,8 +438,12 @@ def track_summary(g) -> dict:
         if k in _NOT_SUMMARIZED or v.size == 0:
             continue
         out[f"{k}_last"] = float(v[-1])
+        if k in _NO_MAX or k.endswith(_NO_MAX_SUFFIX):
+            continue
         fin = v[np.isfinite(v)]
         out[f"{k}_max"] = float(fin.max()) if fin.size else math.nan
+        if k.startswith("lambda_min"):
+            out[f"{k}_min"] = float(fin.min()) if fin.size else math.nan
     if "hvps" in cols and cols["hvps"].size:
         out["hvps_total"] = float(np.nansum(cols["hvps"]))
     if "cost_s" in cols and cols["cost_s"].size:
