@@ -443,3 +443,96 @@ def test_train_track_bad_input_writes_nothing(tmp_path, args, match):
     notes.write_text("x")
     one_error_line(cli("train", *SMALL, "--budget", 4, "--track", "lambda_max", "-o", out, "--log", notes))
     assert notes.read_text() == "x" and not out.exists()
+
+
+# ------------------------------------------------------------------ framework adapters
+
+class _HFStyle(torch.nn.Module):
+    """Returns logits for ``model(x)`` (what the monitor calls) and ``(loss, logits)`` with labels (the Trainer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10)
+
+    def forward(self, x, labels=None):
+        out = self.lin(x)
+        return out if labels is None else (torch.nn.functional.cross_entropy(out, labels), out)
+
+
+def test_hf_trainer_callback_drives_the_monitor(tmp_path, digits):
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    from flatscope.integrations.hf_trainer import CurvatureCallback
+
+    torch.manual_seed(0)
+    model = _HFStyle()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    cb = CurvatureCallback(loss="ce", data=digits, every=2, samples=64, measures=["lambda_max"],
+                           log=str(tmp_path / "hf.h5"))
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(None, state, control, model=model, optimizer=opt, lr_scheduler=sched)
+    for _ in sgd_steps(model, digits, opt, 5):
+        sched.step()
+        state.global_step += 1
+        cb.on_step_end(None, state, control, model=model, optimizer=opt, lr_scheduler=sched)
+        if state.global_step == 4:    # the row equals a fresh cold measurement of the same weights
+            ref = CurvatureMonitor(model, "ce", digits, samples=64, measures=["lambda_max"]).measure(4)
+            mine = cb.monitor.rows[-1]
+            assert abs(mine["lambda_max"] - ref["lambda_max"]) <= (mine["lambda_max_residual"]
+                                                                  + ref["lambda_max_residual"] + 1e-5 * ref["lambda_max"])
+    col = read_track(str(tmp_path / "hf.h5"))
+    assert list(col["step"]) == [0, 2, 4] and list(col["lr"]) == [0.1, 0.1, 0.05]
+
+
+def test_hf_trainer_end_to_end(tmp_path, digits):
+    pytest.importorskip("accelerate")              # transformers' Trainer needs it
+    from transformers import Trainer, TrainingArguments
+
+    from flatscope.integrations.hf_trainer import CurvatureCallback
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 256
+
+        def __getitem__(self, i):
+            return {"x": digits.X_train[i], "labels": digits.y_train[i]}
+
+    torch.manual_seed(0)
+    cb = CurvatureCallback(loss="ce", data=digits, every=2, samples=64, measures=["lambda_max"])
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=4, per_device_train_batch_size=32,
+                             learning_rate=0.05, report_to=[], use_cpu=True, save_strategy="no")
+    Trainer(model=_HFStyle(), args=args, train_dataset=DS(), callbacks=[cb]).train()
+    assert [r["step"] for r in cb.monitor.rows] == [0, 2, 4]
+
+
+def test_lightning_callback(tmp_path, digits):
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    from flatscope.integrations.lightning import CurvatureCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.X_train[:256], digits.y_train[:256]),
+                                         batch_size=32)
+    cb = CurvatureCallback(loss="ce", data=digits, every=2, samples=64, measures=["lambda_max"])
+    pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=str(tmp_path), accelerator="cpu").fit(Module(), loader)
+    assert [r["step"] for r in cb.monitor.rows] == [0, 2, 4]
+    assert all(r["lr"] == 0.1 for r in cb.monitor.rows)
