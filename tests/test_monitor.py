@@ -258,7 +258,8 @@ def test_tracking_leaves_a_dropout_batchnorm_loop_bit_identical(digits):
     assert torch.equal(a[2], b[2])
 
 
-@pytest.mark.parametrize("opt, extra", [("sgd", []), ("rsgd", ["--replicas", "2"]), ("sam", [])])
+@pytest.mark.parametrize("opt, extra", [("sgd", []), ("rsgd", ["--replicas", "2"]), ("sam", []),
+                                        ("esgd", ["--inner-steps", "3"]), ("adam", [])])
 def test_train_track_leaves_the_weights_bit_identical(tmp_path, opt, extra):
     plain, tracked = tmp_path / "a.pt", tmp_path / "b.pt"
     log = tmp_path / "t.h5"
@@ -270,7 +271,7 @@ def test_train_track_leaves_the_weights_bit_identical(tmp_path, opt, extra):
     sa, sb = load_checkpoint(str(plain)).model.state_dict(), load_checkpoint(str(tracked)).model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     payload = json.loads(r.stdout)
-    k = 2 if opt in ("rsgd", "sam") else 1                    # evaluations per step
+    k = load_checkpoint(str(tracked)).train["evals_per_step"]
     steps = 24 // k
     assert payload["grad_evals"] == 24                        # tracking is charged nothing
     tr = payload["tracking"]
@@ -278,7 +279,8 @@ def test_train_track_leaves_the_weights_bit_identical(tmp_path, opt, extra):
     col = read_track(str(log))
     assert list(col["step"]) == list(range(0, steps + 1, 4))
     assert np.all(np.isfinite(col["lambda_max"])) and np.all(col["lambda_max_converged"] == 1)
-    assert np.all(col["two_over_lr"] == pytest.approx(2 / 0.05))
+    lr = load_checkpoint(str(tracked)).train["hparams"]["lr"]
+    assert np.all(col["two_over_lr"] == pytest.approx(2 / lr))
 
 
 def test_train_track_resume_appends_rows(tmp_path):
