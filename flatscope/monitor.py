@@ -42,7 +42,7 @@ measurement's own time), ``hvps`` (Hessian-vector products in the row), ``loss``
 evaluation set, ``lr`` and ``two_over_lr = 2/η`` when a learning rate is given, and ``threshold``:
 the stability threshold of the optimizer's update on a quadratic (Cohen et al. 2021, *Gradient
 descent on neural networks typically occurs at the edge of stability*, arXiv:2103.00065): ``2/η`` for
-gradient descent, ``(2 + 2β)/η`` for heavy-ball momentum ``β``, and for Adam the threshold of the
+gradient descent, ``(2 + 2β)/η`` for heavy-ball momentum ``β`` (``(2 + 2β)/((1 + 2β)η)`` Nesterov), and for Adam the threshold of the
 preconditioned sharpness, ``(2 + 2β₁)/((1 − β₁) η)`` (38/η at β₁ = 0.9).
 
 Warm starts. Lanczos starts from the previous call's Ritz vectors (the sum of the ``k`` previous
@@ -346,9 +346,10 @@ def parse_measures(measures: Iterable[str] | str) -> list[Measure]:
 def stability_threshold(lr: float | None, optimizer=None, preconditioned: bool = False) -> float:
     """The sharpness at which the optimizer's step is unstable on a quadratic (Cohen et al. 2021, 2022).
 
-    ``2/η`` for gradient descent; ``(2 + 2β)/η`` for SGD with heavy-ball momentum ``β`` (Nesterov
-    included, as Cohen et al. 2021 use); for Adam/AdamW with ``preconditioned=True``
-    ``(2 + 2β₁)/((1 − β₁) η)``. NaN without a learning rate.
+    ``2/η`` for gradient descent; ``(2 + 2β)/η`` for SGD with heavy-ball momentum ``β`` and
+    ``(2 + 2β)/((1 + 2β) η)`` with Nesterov momentum (torch's ``SGD`` conventions); for Adam/AdamW
+    with ``preconditioned=True`` ``(2 + 2β₁)/((1 − β₁) η)`` (its first-moment average is heavy-ball
+    momentum β₁ with step ``(1 − β₁) η`` in the preconditioned coordinates). NaN without a learning rate.
     """
     if lr is None or not lr > 0:
         return math.nan
@@ -358,6 +359,8 @@ def stability_threshold(lr: float | None, optimizer=None, preconditioned: bool =
         b1 = float(g["betas"][0])
         return (2 + 2 * b1) / ((1 - b1) * lr)
     beta = float(g.get("momentum", 0.0) or 0.0) if "betas" not in g else 0.0
+    if beta and g.get("nesterov"):
+        return (2 + 2 * beta) / ((1 + 2 * beta) * lr)
     return (2 + 2 * beta) / lr
 
 

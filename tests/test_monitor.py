@@ -176,6 +176,23 @@ def test_stability_thresholds():
     assert stability_threshold(0.1) == pytest.approx(20)
     sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
     assert stability_threshold(0.1, sgd) == pytest.approx(38)
+    nesterov = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9, nesterov=True)
+    assert stability_threshold(0.1, nesterov) == pytest.approx(3.8 / 0.28)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_threshold_is_where_torch_sgd_turns_unstable_on_a_quadratic(nesterov):
+    def grows(lam):
+        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=0.1, momentum=0.9, nesterov=nesterov)
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * lam * x ** 2).sum().backward()
+            opt.step()
+        return float(x.abs()) > 1
+    thr = stability_threshold(0.1, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9,
+                                                   nesterov=nesterov))
+    assert not grows(0.99 * thr) and grows(1.01 * thr)
     adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
     assert stability_threshold(0.1, adam) == pytest.approx(20)
     assert stability_threshold(0.1, adam, preconditioned=True) == pytest.approx(380)
