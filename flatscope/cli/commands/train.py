@@ -293,9 +293,13 @@ def _monitor(run, model, data, loss, measures, every, samples, log_path, out, re
                            provenance={"command": run.provenance()["command"], "checkpoint": os.path.abspath(out)},
                            resume=resumed)
 
+    import torch
+
     def hook(step, method, lr):
         if run.is_main and mon.due(step):
-            mon.step(step, lr=lr, optimizer=getattr(method, "opt", None), model=method.result_model(), force=True)
+            with torch.random.fork_rng(devices=[]):      # materializing a method's result draws nothing either
+                result = method.result_model()
+            mon.step(step, lr=lr, optimizer=getattr(method, "opt", None), model=result, force=True)
 
     return mon, hook
 
