@@ -46,6 +46,10 @@ Caching. A step is not recomputed when the results file already holds its group 
 ``recompute=True`` always recomputes. The device is not part of the key (CPU and CUDA agree up to
 rounding).
 
+Stored metrics. Groups written during training rather than by an analysis (:data:`STORED_KINDS`:
+``/track`` of ``flatscope train --track``) are read, never computed: when the results file holds
+one, its summary keys are metrics too (``track.lambda_max_last``, ``track.lambda_max_max``).
+
 Adding an analysis is one entry in :data:`ANALYSES`: the command module, the audit defaults, the
 group it writes, how its stored options compare, and its summary keys.
 """
@@ -67,7 +71,7 @@ import click
 import numpy as np
 
 from .errors import FlatscopeError
-from .results import open_results, to_jsonable
+from .results import find_analyses, open_results, to_jsonable
 from .thresholds import Threshold, parse_threshold
 
 AUDIT_SCHEMA = "flatscope.audit/1"
@@ -684,9 +688,9 @@ def plan(steps: list[Step], run) -> list[Step]:
     return steps
 
 
-def check_metric_names(thresholds: list[Threshold], steps: list[Step]) -> None:
-    """Every threshold must name a metric the planned suite produces (else exit 2 before computing)."""
-    known = [m for s in steps for m in s.metrics]
+def check_metric_names(thresholds: list[Threshold], steps: list[Step], stored: dict | None = None) -> None:
+    """Every threshold must name a metric the planned suite (or a stored group) produces (else exit 2)."""
+    known = [m for s in steps for m in s.metrics] + list(stored or {})
     for t in thresholds:
         if t.metric in known:
             continue
@@ -754,6 +758,23 @@ def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------- execution
+STORED_KINDS = ("track",)
+
+
+def stored_metrics(path: str) -> dict:
+    """``{"<group>.<key>": value}`` from the summaries of the :data:`STORED_KINDS` groups in ``path``."""
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open_results(path) as f:
+        for name, g in find_analyses(f):
+            if str(g.attrs["kind"]) in STORED_KINDS:
+                for k, v in json.loads(g.attrs.get("summary", "{}")).items():
+                    if not isinstance(v, str):
+                        out[f"{name.replace('/', '.')}.{k}"] = metric_value(v)
+    return out
+
+
 def metric_value(v):
     if isinstance(v, (bool, np.bool_)):
         return int(bool(v))
@@ -897,10 +918,12 @@ def audit(run, suite: Suite, *, recompute: bool = False, note: Callable[[str], N
     """Plan the suite (and check the thresholds' metric names) before computing, then run it."""
     t0 = time.perf_counter()
     steps = plan(suite.steps, run)
-    check_metric_names(suite.thresholds, steps)
+    stored = stored_metrics(run.out_path)
+    check_metric_names(suite.thresholds, steps, stored)
     sha = run.checkpoint.sha256
     records = run_steps(steps, run, recompute=recompute, note=note)
     metrics = collect_metrics(steps, records)
+    metrics.update({k: v for k, v in stored_metrics(run.out_path).items() if k not in metrics})
     outcomes = check_thresholds(suite.thresholds, metrics)
     return AuditResult(os.path.abspath(run.checkpoint_path), sha, os.path.abspath(run.out_path), suite.source,
                        records, metrics, outcomes, time.perf_counter() - t0)

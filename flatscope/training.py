@@ -162,12 +162,16 @@ def budget_of(config: TrainConfig, batches_per_epoch: int) -> int:
 def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig, *,
           model_spec: dict, data_spec: dict, out: str | None = None,
           progress: Callable[[int], None] | None = None, resume_state: dict | None = None,
-          history: dict | None = None, on_warning: Callable[[str], None] | None = None) -> dict:
+          history: dict | None = None, on_warning: Callable[[str], None] | None = None,
+          monitor: Callable[[int, methods.Method, float | None], None] | None = None) -> dict:
     """Train ``model`` in place (it holds the method's result at the end); returns the training record.
 
     ``resume_state`` and ``history`` come from a previous record (``record["resume"]``,
     ``record["history"]``) whose ``config`` must equal ``config`` except for the budget.
     With ``out`` and ``config.save_every``, trajectory checkpoints go to ``<out stem>-traj/``.
+    ``monitor(step, method, lr)`` is called before the first step of a fresh run (step 0) and after
+    every step (``step`` = evaluations / evaluations per step); it must not change the method's state
+    (:class:`flatscope.monitor.CurvatureMonitor` measures a copy) and charges nothing to the budget.
     """
     if config.batch_size < 1:
         raise FlatscopeError(f"--batch-size must be at least 1, got {config.batch_size}")
@@ -245,6 +249,8 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
     epoch_done = stream.evals // bpe
     on_epoch = True
     k = method.evals_per_step
+    if monitor is not None and stream.evals == 0:
+        monitor(0, method, None if method.lr is None else method.lr * lr_factor(config.schedule, 0, budget))
     while budget - stream.evals >= k:
         before = stream.evals
         lr = None if method.lr is None else method.lr * lr_factor(config.schedule, stream.evals, budget)
@@ -254,6 +260,8 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
                                f"declared {k}")
         if progress is not None:
             progress(stream.evals - before)
+        if monitor is not None:
+            monitor(stream.evals // k, method, lr)
         crossed = stream.evals // bpe > epoch_done
         if crossed or budget - stream.evals < k:
             epoch_done = stream.evals // bpe

@@ -100,11 +100,20 @@ def _epilog() -> str:
               help="Also write the per-epoch history to the HDF5 group /train of this results file.")
 @click.option("--save-every", type=click.IntRange(min=1), default=None, metavar="K",
               help="Also save a trajectory checkpoint every K epochs into <out>-traj/ (for landscape PCA).")
+@click.option("--track", "track", default=None, metavar="MEASURES",
+              help="Track curvature during training into /track of --log: comma-separated measures, e.g. "
+                   "lambda_max,trace (lambda_max[:k], lambda_min, trace[:N], local_energy:SIGMA, grad_norm, "
+                   "pre_lambda_max for adam). Costs no gradient evaluations; its time is reported apart.")
+@click.option("--track-every", type=int, default=50, show_default=True, metavar="N",
+              help="Measure every N optimizer steps (and at step 0).")
+@click.option("--track-samples", type=int, default=512, show_default=True, metavar="N",
+              help="Size of the fixed, seeded subset of the training set the tracked measures use.")
 @_method_options
 @click.option("-o", "--out", required=True, metavar="CKPT.pt", help="Where to write the checkpoint.")
 @common_options
 def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, momentum, nesterov, weight_decay,
-            schedule, batch_size, epochs, budget, budget_from, resume, log_path, save_every, out, **rest):
+            schedule, batch_size, epochs, budget, budget_from, resume, log_path, save_every, track, track_every,
+            track_samples, out, **rest):
     """Train a model and write a flatscope checkpoint.
 
     Every optimizer is charged in gradient evaluations (one minibatch gradient = 1; Entropy-SGD's
@@ -119,6 +128,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
       flatscope train --model mlp --data digits --opt rsgd --replicas 3 -o runs/mlp-rsgd.pt
       flatscope train --model mlp --data digits --opt sgd --budget-from runs/mlp-esgd.pt -o runs/mlp-sgd-eq.pt
       flatscope train --resume runs/mlp-rsgd.pt --epochs 40 -o runs/mlp-rsgd-40.pt --log runs/rsgd.h5
+      flatscope train --opt sgd --lr 0.05 --track lambda_max,trace --track-every 20 -o runs/mlp.pt --log runs/train.h5
       torchrun --nproc-per-node 3 -m flatscope train --opt rsgd --replicas 3 -o runs/mlp-rsgd.pt
 
     \b
@@ -159,6 +169,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         raise FlatscopeError(f"cannot write {out}: folder {existing} is not writable")
     if log_path is not None:
         store.check_output_path(log_path)
+    track_measures = _check_track(track, track_every, track_samples, log_path)
     if budget_from is not None:
         src = load_checkpoint(budget_from).train or {}
         if not isinstance(src.get("grad_evals"), int):
@@ -191,6 +202,13 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                              schedule=schedule, batch_size=batch_size, epochs=epochs, budget=budget, seed=run.seed,
                              save_every=save_every, extra=extra)
         state = None
+    hook, mon = None, None
+    if track_measures is not None:
+        if "pre_lambda_max" in track_measures and config.opt != "adam":
+            raise FlatscopeError(f"--track pre_lambda_max needs an optimizer with second moments (--opt adam); "
+                                 f"--opt {config.opt} has none")
+        mon, hook = _monitor(run, model, data, loss, track_measures, track_every, track_samples, log_path, out,
+                             resume is not None)
     if run.is_main:
         os.makedirs(folder, exist_ok=True)
     n_train = len(data.train)
@@ -201,7 +219,13 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         loss = loss_obj.name
         record = train(model, data, loss_obj, config, model_spec=model_spec, data_spec=data_spec, out=out,
                        progress=advance, resume_state=state and state["resume"],
-                       history=state and state["history"], on_warning=run.warn)
+                       history=state and state["history"], on_warning=run.warn, monitor=hook)
+    if mon is not None:
+        cols = mon.columns()
+        record["tracking"] = {"measures": track_measures, "every": track_every, "rows": len(mon.rows),
+                              "cost_s": float(cols["cost_s"].sum()) if mon.rows else 0.0,
+                              "hvps": int(cols["hvps"].sum()) if mon.rows else 0,
+                              "group": "/track", "log": os.path.abspath(log_path)}
     if resume is not None:
         record["resumed_from"] = {"path": os.path.abspath(resume), "sha256": state["sha256"],
                                   "grad_evals": state["grad_evals"]}
@@ -218,7 +242,8 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
                "wall_time_s": record["wall_time_s"],
                "train_loss": h["train_loss"][-1], "train_acc": h["train_acc"][-1],
                "test_loss": (h.get("test_loss") or [None])[-1], "test_acc": (h.get("test_acc") or [None])[-1],
-               "final": method_logs, "warnings": record["warnings"], "log": None}
+               "final": method_logs, "warnings": record["warnings"], "log": None,
+               "tracking": record.get("tracking")}
     if log_path is not None and run.is_main:
         payload["log"] = _write_log(run, log_path, out, record, payload, data_spec, loss)
 
@@ -231,11 +256,55 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         if payload["test_loss"] is not None:
             line += f"   test loss {payload['test_loss']:.4f}  acc {payload['test_acc']:.4f}"
         console.print(line)
+        tr = record.get("tracking")
+        if tr:
+            last = mon.rows[-1] if mon.rows else {}
+            vals = "  ".join(f"{k} {last[k]:.4g}" for k in ("lambda_max", "two_over_lr", "trace", "lambda_min",
+                                                           "pre_lambda_max", "grad_norm") if k in last)
+            console.print(f"tracked {tr['rows']} steps into /track of {log_path}: {tr['hvps']} Hessian-vector products "
+                          f"in {tr['cost_s']:.1f} s (not in the gradient budget); last: {vals}")
         if method_logs:
             console.print("  ".join(f"{k} {v:.4g}" for k, v in method_logs.items()
                                     if not re.fullmatch(r"replica_dist_\d+", k)))
 
     run.emit(payload, human)
+
+
+def _check_track(track, every: int, samples: int, log_path) -> list[str] | None:
+    """The --track measures, validated before anything is computed (None without --track)."""
+    from ...monitor import parse_measures
+
+    if track is None:
+        return None
+    if every < 1:
+        raise FlatscopeError(f"--track-every must be at least 1, got {every}")
+    if samples < 1:
+        raise FlatscopeError(f"--track-samples must be at least 1, got {samples}")
+    if log_path is None:
+        raise FlatscopeError("--track writes its rows to /track of a results file: give --log RESULTS.h5")
+    parse_measures(track)
+    return [m.strip() for m in track.split(",")]
+
+
+def _monitor(run, model, data, loss, measures, every, samples, log_path, out, resumed):
+    """The CurvatureMonitor of --track and the training loop's hook (rank 0 alone measures and writes)."""
+    from ...monitor import CurvatureMonitor
+
+    test = data.test
+    mon = CurvatureMonitor(model, loss, data.train, every=every, measures=measures,
+                           log=log_path if run.is_main else None, samples=samples, test=test, seed=run.seed,
+                           provenance={"command": run.provenance()["command"], "checkpoint": os.path.abspath(out)},
+                           resume=resumed)
+
+    import torch
+
+    def hook(step, method, lr):
+        if run.is_main and mon.due(step):
+            with torch.random.fork_rng(devices=[]):      # materializing a method's result draws nothing either
+                result = method.result_model()
+            mon.step(step, lr=lr, optimizer=getattr(method, "opt", None), model=result, force=True)
+
+    return mon, hook
 
 
 def _check_distributed(opt: str) -> None:
