@@ -140,6 +140,9 @@ def _sanitized_export(path: str) -> io.BytesIO:
         firsts = {n.split("/", 1)[0] for n in names}
         legacy = "version" in names or not (len(firsts) == 1 and all("/" in n for n in names))
         root = "" if legacy else next(iter(firsts)) + "/"
+        if f"{root}archive_format" not in names and "serialized_exported_program.json" not in names:
+            raise FlatscopeError(f"{path} is not a readable torch.export program (no archive_format entry; "
+                                 "a torch.save checkpoint should be named .pt)")
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
             for name in names:
@@ -305,6 +308,19 @@ def _check_finite(model: torch.nn.Module, path: str) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if torch.is_floating_point(t) and not torch.isfinite(t).all():
             raise FlatscopeError(f"{path}: {name} holds NaN or Inf (pass --allow-nonfinite to analyze it anyway)")
+
+
+def peek_checkpoint(path: str) -> dict:
+    """The stored dict of a flatscope ``.pt`` checkpoint (safely loaded), without building its model.
+
+    For deciding what a command may do (e.g. whether the user named the stored factory) before any
+    factory is imported.
+    """
+    check_regular_file(path, "checkpoint")
+    obj = _safe_torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise FlatscopeError(f"{path} is not a flatscope checkpoint")
+    return obj
 
 
 def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: bool = False,

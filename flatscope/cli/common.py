@@ -204,6 +204,8 @@ class Run:
             self._ckpt = load_checkpoint(self.checkpoint_path, model_spec=self.model_spec(),
                                          allow_import=self.model_name is not None and is_factory_path(self.model_name),
                                          allow_nonfinite=self.allow_nonfinite)
+            for note in self._ckpt.notes:
+                self.warn(note)
         return self._ckpt
 
     def data_spec(self) -> dict:

@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from ... import distributed
 from ... import methods
 from ... import results as store
-from ...checkpoint import load_checkpoint, sha256_file, save_checkpoint
+from ...checkpoint import load_checkpoint, peek_checkpoint, save_checkpoint, sha256_file
 from ...data import load_data
 from ...errors import FlatscopeError
 from ...methods._flat import resolve_params
@@ -259,6 +259,11 @@ def _cast_data(data, dtype) -> None:
 def _resume(run, path: str, explicit: set, extra: dict, given: dict):
     """Model, data and configuration of a resumed run; options that would change it are errors."""
     model_name = given["model_name"]
+    raw = peek_checkpoint(path)   # no model built yet: a stored factory is imported only if the user named it
+    stored_name = raw.get("model").get("name") if isinstance(raw.get("model"), dict) else None
+    if "model_name" in explicit and model_name != stored_name:
+        raise FlatscopeError(f"--model {model_name} cannot change with --resume: {path} was trained with "
+                             f"{stored_name!r}, and a resumed run keeps its checkpoint's model, data and loss")
     ck = load_checkpoint(path, allow_import="model_name" in explicit and is_factory_path(model_name))
     rec = ck.train or {}
     if not isinstance(rec.get("resume"), dict) or not isinstance(rec.get("config"), dict) or ck.model_spec is None:

@@ -1,0 +1,266 @@
+"""Hostile and broken input (issue 18): every file is built inside its test.
+
+Each case must end in one ``Error:`` line and exit 2 (never 3, never a traceback), and nothing
+from a file may run: the payload tests check a sentinel file that the payload would create.
+"""
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error
+
+from flatscope.errors import FlatscopeError
+
+DIGITS = ["--data", "digits", "--loss", "ce"]
+
+
+class _Touch:
+    """Unpickling this creates ``path``: the sentinel that proves a payload ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def mlp(samples):
+    return samples / "mlp-sgd.pt"
+
+
+def _export(tmp_path, model=None) -> Path:
+    model = model or torch.nn.Sequential(torch.nn.Linear(64, 10))
+    ep = torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path / "good.pt2"
+    torch.export.save(ep, path)
+    return path
+
+
+def _rewrite_zip(src: Path, dst: Path, change) -> Path:
+    """Copy a zip archive, passing every (name, bytes) through ``change`` (None drops, a list adds)."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as w:
+        for info in z.infolist():
+            out = change(info.filename, z.read(info.filename))
+            for name, data in (out if isinstance(out, list) else [(info.filename, out)] if out is not None else []):
+                w.writestr(name, data)
+    return dst
+
+
+def _pickle_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)   # torch's zip format with a pickle inside, as torch.export writes them
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- .pt2 payloads
+def test_pt2_sample_inputs_payload_never_runs(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _export(tmp_path)
+    sentinel = tmp_path / "PWNED_SAMPLE_INPUTS"
+    evil = _rewrite_zip(good, tmp_path / "evil.pt2", lambda n, d: _pickle_bytes(_Touch(sentinel))
+                        if n.endswith("data/sample_inputs/model.pt") else d)
+    line = assert_one_line_error(cli(["info", evil, *DIGITS]), contains="refused")
+    assert "sample_inputs" in line
+    assert_one_line_error(cli(["hessian", evil, *DIGITS, "--top", "1", "--no-plot"]), contains="refused")
+    assert not sentinel.exists()
+    # Control: the same archive handed to torch directly does run the payload (so the refusal matters).
+    try:
+        torch.export.load(evil)
+    except Exception:  # noqa: BLE001 - whatever torch makes of the payload afterwards
+        pass
+    assert sentinel.exists(), "torch.export.load no longer unpickles sample inputs unsafely; update this test"
+
+
+def test_pt2_use_pickle_weight_payload_never_runs(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _export(tmp_path)
+    sentinel = tmp_path / "PWNED_WEIGHT"
+
+    def change(name, data):
+        if name.endswith("data/weights/model_weights_config.json"):
+            cfg = json.loads(data)
+            first = next(iter(cfg["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        if name.endswith("data/weights/weight_0"):
+            return _pickle_bytes(_Touch(sentinel))
+        return data
+
+    evil = _rewrite_zip(good, tmp_path / "evil.pt2", change)
+    assert_one_line_error(cli(["info", evil, *DIGITS]), contains="use_pickle")
+    with pytest.raises(FlatscopeError, match="never runs code"):
+        from flatscope.checkpoint import load_checkpoint
+        load_checkpoint(str(evil))
+    assert not sentinel.exists()
+
+
+def test_pt2_constants_objects_and_compiled_code_refused(cli, tmp_path):
+    good = _export(tmp_path)
+
+    def opaque(name, data):
+        if name.endswith("data/constants/model_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                "use_pickle": True, "tensor_meta": None}}}).encode()
+        return data
+
+    assert_one_line_error(cli(["info", _rewrite_zip(good, tmp_path / "o.pt2", opaque), *DIGITS]), contains="refused")
+    root = zipfile.ZipFile(good).namelist()[0].split("/")[0]
+    aoti = _rewrite_zip(good, tmp_path / "a.pt2", lambda n, d: [(n, d)] + (
+        [(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")] if n.endswith("archive_version") else []))
+    assert_one_line_error(cli(["info", aoti, *DIGITS]), contains="compiled code")
+    odd = _rewrite_zip(good, tmp_path / "x.pt2", lambda n, d: [(n, d)] + (
+        [(f"{root}/data/other/thing.pkl", b"\x80\x04")] if n.endswith("archive_version") else []))
+    assert_one_line_error(cli(["info", odd, *DIGITS]), contains="unexpected archive entry")
+
+
+def test_pt2_that_is_not_an_export(cli, tmp_path, mlp):
+    fake = tmp_path / "fake.pt2"
+    fake.write_bytes(mlp.read_bytes())           # a torch.save zip, not an export
+    assert_one_line_error(cli(["info", fake, *DIGITS]), contains="not a readable torch.export program")
+    (tmp_path / "text.pt2").write_text("hello\n")
+    assert_one_line_error(cli(["info", tmp_path / "text.pt2", *DIGITS]))
+
+
+def test_good_pt2_still_loads(cli, tmp_path):
+    r = cli(["info", _export(tmp_path), *DIGITS, "--json"])
+    assert r.exit_code == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- .pt checkpoints
+def _flatscope_ckpt(mlp, tmp_path, name="c.pt", **changes) -> Path:
+    obj = torch.load(mlp, weights_only=True)
+    obj.update(changes)
+    p = tmp_path / name
+    torch.save(obj, p)
+    return p
+
+
+def test_not_a_pickle_says_not_a_checkpoint(cli, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# flatscope\n\nSome text.\n")
+    line = assert_one_line_error(cli(["hessian", readme, *DIGITS]), contains="is not a PyTorch checkpoint")
+    assert "pickled objects" not in line
+
+
+def test_fifo_and_other_non_regular_files_refused(cli, tmp_path):
+    fifo = tmp_path / "ckpt.pt"
+    os.mkfifo(fifo)
+    assert_one_line_error(cli(["info", fifo, *DIGITS]), contains="FIFO")
+    assert_one_line_error(cli(["info", "/dev/null", *DIGITS]), contains="not a regular file")
+
+
+def test_state_dict_with_integer_keys(cli, tmp_path):
+    p = tmp_path / "ints.pt"
+    torch.save({0: torch.zeros(3), 1: torch.zeros(2)}, p)
+    assert_one_line_error(cli(["info", p, "--model", "mlp", *DIGITS]), contains="not a parameter name")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ([["name", "mlp"]], "spec is a list"),
+    ("mlp", "spec is a str"),
+    ({"name": "mlp", "kwargs": ["widths", 3]}, "kwargs must be a mapping"),
+    ({"name": "mlp", "kwargs": {"widths": "a"}}, "rejected its arguments"),
+    ({"name": "mlp", "kwargs": {"widths": [10**30]}}, "rejected its arguments"),
+    ({"name": "mlp", "kwargs": {"widths": [40_000_000_000]}}, "FLATSCOPE_MAX_PARAMS"),
+])
+def test_broken_stored_model_spec(cli, mlp, tmp_path, spec, needle):
+    assert_one_line_error(cli(["info", _flatscope_ckpt(mlp, tmp_path, model=spec)]), contains=needle)
+
+
+def test_broken_stored_data_spec_and_record(cli, mlp, tmp_path):
+    assert_one_line_error(cli(["info", _flatscope_ckpt(mlp, tmp_path, data="digits")]), contains="data spec is a str")
+    assert_one_line_error(cli(["info", _flatscope_ckpt(mlp, tmp_path, loss=3)]), contains="loss")
+    assert_one_line_error(cli(["info", _flatscope_ckpt(mlp, tmp_path, train=[1])]), contains="training record")
+    assert_one_line_error(cli(["info", _flatscope_ckpt(mlp, tmp_path, version=True)]), contains="version")
+
+
+def test_huge_parameter_spec_allocates_nothing(mlp, tmp_path, monkeypatch):
+    from flatscope.checkpoint import load_checkpoint
+
+    calls = []
+    real = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters",
+                        lambda self: (calls.append(self.weight.device.type), real(self))[1])
+    p = _flatscope_ckpt(mlp, tmp_path, model={"name": "mlp", "kwargs": {"widths": [40_000_000_000]}})
+    with pytest.raises(FlatscopeError, match="nothing was allocated"):
+        load_checkpoint(str(p))
+    assert calls and set(calls) == {"meta"}
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda t: t.to_sparse(), "sparse"),
+    (lambda t: torch.empty(t.shape, device="meta"), "meta tensor"),
+    (lambda t: t.to(torch.int64), "int64"),
+    (lambda t: t.to(torch.int8), "int8"),
+    (lambda t: t.to(torch.uint8), "uint8"),
+    (lambda t: t.to(torch.bool), "bool"),
+    (lambda t: t.to(torch.complex64), "complex"),
+])
+def test_weights_of_the_wrong_kind_refused(cli, mlp, tmp_path, make, needle):
+    obj = torch.load(mlp, weights_only=True)
+    obj["state_dict"] = {k: make(v) for k, v in obj["state_dict"].items()}
+    p = tmp_path / "w.pt"
+    torch.save(obj, p)
+    assert_one_line_error(cli(["info", p]), contains=needle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_half_and_double_weights_converted_explicitly(cli, mlp, tmp_path, dtype):
+    from flatscope.checkpoint import load_checkpoint
+
+    obj = torch.load(mlp, weights_only=True)
+    obj["state_dict"] = {k: v.to(dtype) for k, v in obj["state_dict"].items()}
+    p = tmp_path / "w.pt"
+    torch.save(obj, p)
+    r = cli(["info", p, "--json"])
+    assert r.exit_code == 0, r.stderr
+    ck = load_checkpoint(str(p))
+    w = ck.model.state_dict()["net.0.weight"]
+    if dtype == torch.float64:
+        assert w.dtype == torch.float64 and not ck.notes and "Warning" not in r.stderr
+        assert torch.equal(w, obj["state_dict"]["net.0.weight"])
+    else:
+        name = str(dtype).replace("torch.", "")
+        assert w.dtype == torch.float32 and f"converted 6 {name} tensor(s) to float32" in ck.notes[0]
+        assert f"Warning: {p}: converted 6 {name}" in r.stderr
+        assert torch.equal(w, obj["state_dict"]["net.0.weight"].float())
+
+
+def test_validate_state_dict_directly():
+    from flatscope.checkpoint import validate_state_dict
+
+    state, notes = validate_state_dict({"w": torch.ones(2, dtype=torch.float16), "bn.num_batches_tracked":
+                                        torch.tensor(3)}, "x")
+    assert state["w"].dtype == torch.float32 and state["bn.num_batches_tracked"].dtype == torch.int64 and notes
+    with pytest.raises(FlatscopeError, match="more than 3 values"):
+        validate_state_dict({"w": torch.ones(4)}, "x", max_numel=3)
+    with pytest.raises(FlatscopeError, match="not a tensor"):
+        validate_state_dict({"w": [1.0]}, "x")
+    with pytest.raises(FlatscopeError, match="non-empty"):
+        validate_state_dict({}, "x")
+
+
+def test_resume_with_other_factory_never_imports_the_stored_one(cli, mlp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sentinel = tmp_path / "PWNED_BY_STORED_FACTORY"
+    (tmp_path / "stored_factory_mod.py").write_text(
+        f"open({str(sentinel)!r}, 'w').close()\n\ndef build(**kw):\n    import torch\n    return torch.nn.Linear(64, 10)\n")
+    (tmp_path / "other_factory_mod.py").write_text(
+        "def build(**kw):\n    import torch\n    return torch.nn.Linear(64, 10)\n")
+    p = _flatscope_ckpt(mlp, tmp_path, model={"name": "stored_factory_mod:build", "kwargs": {}})
+    line = assert_one_line_error(cli(["train", "--resume", p, "--model", "other_factory_mod:build", "--epochs", "2",
+                                      "-o", tmp_path / "out.pt"]), contains="cannot change with --resume")
+    assert "stored_factory_mod:build" in line
+    assert_one_line_error(cli(["train", "--resume", p, "--epochs", "2", "-o", tmp_path / "out.pt"]),
+                          contains="imports code only when you pass it")
+    assert not sentinel.exists()
