@@ -26,6 +26,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -389,15 +390,52 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
     return Checkpoint(path, model, spec, data_spec, loss, train, kind=kind, sha256=digest, raw=obj, notes=notes)
 
 
+def check_checkpoint_output(path: str) -> None:
+    """Refuse to overwrite anything but a writable flatscope checkpoint at ``path`` (a link is followed).
+
+    So ``train -o`` never replaces a results file, a data file or any other file, and never a
+    read-only one; a symlink stays a link (the checkpoint is written to its target).
+    """
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise FlatscopeError(f"-o {path} is a directory")
+    if not os.path.lexists(target):
+        return
+    if not os.path.exists(target):
+        raise FlatscopeError(f"-o {path}: a dangling link")
+    size = check_regular_file(target, "checkpoint")
+    if not os.access(target, os.W_OK):
+        raise FlatscopeError(f"refusing to overwrite {path}: the file is read-only")
+    try:
+        ok = size > 0 and _sniff(target) == _ZIP_MAGIC and peek_checkpoint(target) is not None
+    except FlatscopeError:
+        ok = False
+    if not ok:
+        raise FlatscopeError(f"refusing to overwrite {path}: it exists and is not a flatscope checkpoint "
+                             "(choose another -o or remove the file yourself)")
+
+
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
+    """torch.save to a temporary file beside ``path``, then rename: never a half-written checkpoint.
+
+    A symlink at ``path`` is kept (its target is replaced), and so are the permissions of a file
+    being replaced.
+    """
+    from .results import _tmp_prefix, clean_stale_temporaries
+
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    clean_stale_temporaries(path)   # those of killed writers
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".pt", dir=directory)
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
+        if os.path.exists(path):
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -329,16 +329,43 @@ class Run:
             human(Console(soft_wrap=True))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up (temporaries, landscape's flush) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 3 internal)."""
+    """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 143 SIGTERM, 3 internal)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            out = fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                out = fn(*args, **kwargs)
             distributed.finish()  # under torchrun: every rank done before gloo/NCCL is torn down
             return out
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Terminated:
+            click.echo("Error: terminated (SIGTERM); files already written are intact", err=True)
+            sys.exit(143)
         except FlatscopeError as exc:
             if STATE["verbose"]:
                 import traceback

@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from ... import distributed
 from ... import methods
 from ... import results as store
-from ...checkpoint import load_checkpoint, peek_checkpoint, save_checkpoint, sha256_file
+from ...checkpoint import check_checkpoint_output, load_checkpoint, peek_checkpoint, save_checkpoint, sha256_file
 from ...data import load_data
 from ...errors import FlatscopeError
 from ...methods._flat import resolve_params
@@ -149,6 +149,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         raise FlatscopeError(f"--weight-decay must be non-negative, got {weight_decay}")
     if os.path.isdir(out):
         raise FlatscopeError(f"-o {out} is a directory")
+    check_checkpoint_output(out)
     folder = existing = os.path.dirname(os.path.abspath(out))
     while not os.path.isdir(existing):
         if os.path.exists(existing):
