@@ -404,7 +404,7 @@ def check_checkpoint_output(path: str) -> None:
     if not os.path.exists(target):
         raise FlatscopeError(f"-o {path}: a dangling link")
     size = check_regular_file(target, "checkpoint")
-    if not os.access(target, os.W_OK):
+    if not os.access(target, os.W_OK) or not os.stat(target).st_mode & 0o222:
         raise FlatscopeError(f"refusing to overwrite {path}: the file is read-only")
     try:
         ok = size > 0 and _sniff(target) == _ZIP_MAGIC and peek_checkpoint(target) is not None

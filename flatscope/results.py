@@ -43,7 +43,7 @@ def check_output_path(path: str) -> None:
         raise FlatscopeError(f"{path} exists and is not a regular file; refusing to touch it")
     if os.path.exists(path) and not h5py.is_hdf5(path):
         raise FlatscopeError(f"{path} exists and is not an HDF5 file; refusing to touch it")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    if os.path.exists(path) and (not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222):
         raise FlatscopeError(f"{path} is read-only; refusing to rewrite it")
 
 

@@ -264,3 +264,158 @@ def test_resume_with_other_factory_never_imports_the_stored_one(cli, mlp, tmp_pa
     assert_one_line_error(cli(["train", "--resume", p, "--epochs", "2", "-o", tmp_path / "out.pt"]),
                           contains="imports code only when you pass it")
     assert not sentinel.exists()
+
+
+# --------------------------------------------------------------------------- results files
+ROOT = Path(__file__).resolve().parents[1]
+_WRITER = """
+import sys, time
+import numpy as np
+from flatscope import results as store
+path, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(rounds):
+    with store.update(path) as f:
+        store.write_analysis(f, f"{name}/{i}", {"x": np.arange(1000.0)}, kind="test", summary={}, options={},
+                             provenance={})
+        time.sleep(0.02)   # widen the read-modify-write window
+"""
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1")
+
+
+@pytest.mark.parametrize("writers", [2, 4])
+def test_concurrent_writers_lose_nothing(tmp_path, writers):
+    import subprocess
+    import sys
+
+    from flatscope import results as store
+
+    path = tmp_path / "res.h5"
+    with store.update(str(path)) as f:   # an earlier analysis, with some bulk to copy
+        store.write_analysis(f, "earlier", {"big": np.zeros(2_000_000)}, kind="test", summary={}, options={},
+                             provenance={})
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"w{k}", "3"], env=_env(),
+                              stderr=subprocess.PIPE) for k in range(writers)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0] * writers, [p.stderr.read() for p in procs]
+    with h5py.File(path, "r") as f:
+        names = {n for n, _ in store.find_analyses(f)}
+    assert names == {"earlier"} | {f"w{k}/{i}" for k in range(writers) for i in range(3)}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+_HOLDER = """
+import sys, time
+import numpy as np
+from flatscope import results as store
+from flatscope.cli.common import handle_errors
+
+@handle_errors
+def main():
+    with store.update(sys.argv[1]) as f:
+        store.write_analysis(f, "new", {"x": np.zeros(10)}, kind="test", summary={}, options={}, provenance={})
+        f.flush()
+        print("inside", flush=True)
+        time.sleep(60)
+
+main()
+"""
+
+
+def _start_holder(path):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "inside", p.stderr.read()
+    return p
+
+
+def _results_with_one(path):
+    from flatscope import results as store
+
+    with store.update(str(path)) as f:
+        store.write_analysis(f, "old", {"x": np.ones(5)}, kind="test", summary={}, options={}, provenance={})
+
+
+def test_sigterm_cleans_up_and_exits_143(tmp_path):
+    import signal
+
+    path = tmp_path / "res.h5"
+    _results_with_one(path)
+    p = _start_holder(path)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]   # the copy being written
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 143
+    err = [ln for ln in p.stderr.read().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("Error: terminated"), err
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    with h5py.File(path, "r") as f:
+        assert list(f) == ["old"]
+
+
+def test_sigkill_leftover_is_removed_by_the_next_write(tmp_path):
+    import signal
+
+    from flatscope import results as store
+
+    path = tmp_path / "res.h5"
+    _results_with_one(path)
+    p = _start_holder(path)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    assert len(left) == 1
+    with store.update(str(path)) as f:   # the killed writer's lock died with it: this does not block
+        store.write_analysis(f, "next", {"x": np.ones(2)}, kind="test", summary={}, options={}, provenance={})
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    with h5py.File(path, "r") as f:
+        assert sorted(f) == ["next", "old"]
+
+
+def test_read_only_and_foreign_results_untouched(cli, mlp, tmp_path):
+    path = tmp_path / "res.h5"
+    _results_with_one(path)
+    path.chmod(0o444)
+    before = path.read_bytes()
+    assert_one_line_error(cli(["hessian", mlp, "--top", "1", "--no-plot", "-o", path]), contains="read-only")
+    assert path.read_bytes() == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert_one_line_error(cli(["hessian", mlp, "--top", "1", "--no-plot", "-o", notes]), contains="not an HDF5")
+    assert notes.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- train -o
+TRAIN = ["train", "--model", "mlp", "--model-kwargs", '{"widths": [8]}', "--epochs", "1", "--batch-size", "256"]
+
+
+def test_train_refuses_to_overwrite_what_is_not_a_checkpoint(cli, tmp_path):
+    res = tmp_path / "res.h5"
+    _results_with_one(res)
+    before = res.read_bytes()
+    assert_one_line_error(cli([*TRAIN, "-o", res]), contains="not a flatscope checkpoint")
+    assert res.read_bytes() == before
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes")
+    assert_one_line_error(cli([*TRAIN, "-o", notes]), contains="not a flatscope checkpoint")
+    assert notes.read_text() == "my notes"
+
+
+def test_train_keeps_links_and_permissions(cli, tmp_path):
+    real = tmp_path / "real.pt"
+    assert cli([*TRAIN, "-o", real]).exit_code == 0
+    real.chmod(0o640)
+    link = tmp_path / "link.pt"
+    link.symlink_to(real)
+    r = cli([*TRAIN, "--seed", "1", "-o", link])
+    assert r.exit_code == 0, r.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real.stat().st_mode & 0o777) == 0o640
+    assert torch.load(real, weights_only=True)["train"]["seed"] == 1
+    real.chmod(0o444)
+    assert_one_line_error(cli([*TRAIN, "-o", real]), contains="read-only")
