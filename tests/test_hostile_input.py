@@ -419,3 +419,21 @@ def test_train_keeps_links_and_permissions(cli, tmp_path):
     assert torch.load(real, weights_only=True)["train"]["seed"] == 1
     real.chmod(0o444)
     assert_one_line_error(cli([*TRAIN, "-o", real]), contains="read-only")
+
+
+# --------------------------------------------------------------------------- a killed train run resumes
+@pytest.mark.parametrize("opt", ["sgd", "esgd"])
+def test_trajectory_checkpoints_resume_bit_identically(cli, tmp_path, opt):
+    args = ["train", "--model", "mlp", "--model-kwargs", '{"widths": [8]}', "--batch-size", "256", "--opt", opt]
+    full = tmp_path / "full.pt"
+    r = cli([*args, "--epochs", "4", "--save-every", "2", "-o", full])
+    assert r.exit_code == 0, r.stderr
+    mid = tmp_path / "full-traj" / "epoch-0002.pt"   # what a run killed in epoch 3 or 4 leaves behind
+    r = cli(["train", "--resume", mid, "--epochs", "4", "-o", tmp_path / "resumed.pt"])
+    assert r.exit_code == 0, r.stderr
+    a = torch.load(full, weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert a["train"]["grad_evals"] == b["train"]["grad_evals"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["train"]["history"]["train_loss"] == b["train"]["history"]["train_loss"]
