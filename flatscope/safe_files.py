@@ -245,3 +245,12 @@ def check_count(what: str, value, *, minimum: int = 1, maximum: int | None = Non
     if maximum is not None and value > maximum:
         raise FlatscopeError(f"{what} must be at most {maximum}, got {value}")
     return value
+
+
+def check_allocation(what: str, n_values: int, bytes_per_value: int = 8) -> None:
+    """Refuse an option that would make an analysis allocate more than :func:`max_bytes`."""
+    need = int(n_values) * int(bytes_per_value)
+    limit = max_bytes()
+    if need > limit:
+        raise FlatscopeError(f"{what} would need {human_bytes(need)} of memory, above the limit of "
+                             f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES); ask for fewer")

@@ -329,6 +329,20 @@ class Run:
             human(Console(soft_wrap=True))
 
 
+def check_finite_options(params: dict) -> None:
+    """Refuse NaN and Inf in every number option (click's FloatRange lets NaN through every bound), and
+    whole numbers beyond 2**53 (they overflow torch and numpy sizes)."""
+    import math
+
+    for name, value in params.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FlatscopeError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**53:
+                raise FlatscopeError(f"--{name.replace('_', '-')} {v} is too large (at most 2**53)")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every clean-up (temporaries, landscape's flush) runs."""
 
@@ -357,6 +371,7 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_finite_options(kwargs)
             with _sigterm_as_interrupt():
                 out = fn(*args, **kwargs)
             distributed.finish()  # under torchrun: every rank done before gloo/NCCL is torn down
@@ -370,7 +385,8 @@ def handle_errors(fn: Callable) -> Callable:
             if STATE["verbose"]:
                 import traceback
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            if os.environ.get("RANK", "0") == "0":   # under torchrun every rank refuses; rank 0 says so
+                click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("Error: interrupted; files already written are intact", err=True)
