@@ -521,12 +521,12 @@ def read_toml(path: str) -> dict:
         raise FlatscopeError(f"suite file {path} is not valid TOML: {exc}") from None
     except RecursionError:
         raise FlatscopeError(f"suite file {path} nests arrays or tables too deeply to be a suite") from None
+    except UnicodeDecodeError:
+        raise FlatscopeError(f"suite file {path} is not UTF-8 text") from None
     depth = _depth(table)
     if depth > MAX_SUITE_DEPTH:
         raise FlatscopeError(f"suite file {path} nests {depth} levels deep; a suite needs at most {MAX_SUITE_DEPTH}")
     return table
-    except UnicodeDecodeError:
-        raise FlatscopeError(f"suite file {path} is not UTF-8 text") from None
 
 
 def build_suite(table: dict | None = None, *, only: list[str] | None = None, sets: list[str] = (),

@@ -437,3 +437,72 @@ def test_trajectory_checkpoints_resume_bit_identically(cli, tmp_path, opt):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert a["train"]["history"]["train_loss"] == b["train"]["history"]["train_loss"]
+
+
+# --------------------------------------------------------------------------- options
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--epochs", "nan", "-o", "{d}/x.pt"], "--epochs must be a finite number"),
+    (["train", "--epochs", "inf", "-o", "{d}/x.pt"], "--epochs"),
+    (["train", "--lr", "nan", "-o", "{d}/x.pt"], "finite"),
+    (["train", "--epochs", "1e300", "-o", "{d}/x.pt"], "at most"),
+    (["landscape", "{m}", "--flush-every", "nan"], "--flush-every must be a finite number"),
+    (["landscape", "{m}", "--2d", "--grid", "100000,100000"], "points in all"),
+    (["landscape", "{m}", "--grid", "١٠"], "expected an integer"),
+    (["landscape", "{m}", "--range", "-１:1"], "ASCII"),
+    (["local-energy", "{m}", "--sigma", "1e-3..1:1000000000"], "at most 10000"),
+    (["local-energy", "{m}", "--sigma", "٠.١"], "not a number"),
+    (["local-energy", "{m}", "--samples", "100000000000"], "FLATSCOPE_MAX_BYTES"),
+    (["local-entropy", "{m}", "--chains", "100000000000"], "FLATSCOPE_MAX_BYTES"),
+    (["hessian", "{m}", "--density", "--probes", "100000000000"], "FLATSCOPE_MAX_BYTES"),
+    (["hessian", "{m}", "--steps", "100000000000"], "FLATSCOPE_MAX_BYTES"),
+    (["hessian", "{m}", "--top", "1" + "0" * 30], "too large"),
+    (["hessian", "{m}", "--sigma", "nan"], "finite"),
+])
+def test_options_bounded_and_finite(cli, mlp, tmp_path, args, needle):
+    args = [a.format(d=tmp_path, m=mlp) for a in args]
+    if args[0] != "train":
+        args += ["--no-plot", "-o", str(tmp_path / "r.h5"), "--max-samples", "40"]
+    assert_one_line_error(cli(args), contains=needle)
+    assert not (tmp_path / "r.h5").exists() and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("threshold", ["hessian.lambda_max > ５０", "hessian.lambda_max > ٥٠", "hessian.trace < 1e٣"])
+def test_fail_if_refuses_non_ascii_digits(cli, mlp, tmp_path, threshold):
+    from flatscope.thresholds import parse_threshold
+
+    with pytest.raises(FlatscopeError, match="only ASCII"):
+        parse_threshold(threshold)
+    assert_one_line_error(cli(["audit", mlp, "--fail-if", threshold, "-o", tmp_path / "a.h5"]), contains="ASCII")
+
+
+def test_audit_set_and_suite_limits(cli, mlp, tmp_path):
+    out = ["-o", tmp_path / "a.h5", "--no-plot"]
+    assert_one_line_error(cli(["audit", mlp, "--step", "hessian", "--set", "hessian.top=" + "9" * 30, *out]),
+                          contains="too large")
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[hessian]\ntop = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert_one_line_error(cli(["audit", mlp, "--suite", deep, *out]), contains="too deeply")
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[hessian]\ntop = [[[[[1]]]]]\n")
+    assert_one_line_error(cli(["audit", mlp, "--suite", nested, *out]), contains="levels deep")
+    sig = tmp_path / "sigma.toml"
+    sig.write_text('[local_energy]\nsigma = "1e-3..1:1000000000"\n')
+    assert_one_line_error(cli(["audit", mlp, "--suite", sig, *out]), contains="at most 10000")
+    nan = tmp_path / "nan.toml"
+    nan.write_text("[hessian]\nsigma = nan\n")
+    assert_one_line_error(cli(["audit", mlp, "--suite", nan, *out]), contains="not a finite number")
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (2 << 20) + "\n[hessian]\n")
+    assert_one_line_error(cli(["audit", mlp, "--suite", big, *out]), contains="at most")
+    fifo = tmp_path / "suite.toml"
+    os.mkfifo(fifo)
+    assert_one_line_error(cli(["audit", mlp, "--suite", fifo, *out]), contains="FIFO")
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_landscape_resume_keeps_the_stored_batching(cli, mlp, tmp_path):
+    common = [mlp, "--grid", "5", "--max-samples", "40", "--no-plot", "-o", tmp_path / "l.h5"]
+    assert cli(["landscape", *common, "--batching", "loop"]).exit_code == 0
+    assert_one_line_error(cli(["landscape", *common, "--resume", "--batching", "vmap"]), contains="--batching loop")
+    r = cli(["landscape", *common, "--resume", "--batching", "loop"])
+    assert r.exit_code == 0, r.stderr
