@@ -127,12 +127,14 @@ def check_zip(path: str, max_total: int | None = None) -> list[zipfile.ZipInfo]:
     return infos
 
 
-def check_npz(path: str, max_total: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def check_npz(path: str, max_total: int | None = None, *,
+              allow_empty: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every array in an ``.npz``, read from the ``.npy`` headers only.
 
     Call before ``np.load(path, allow_pickle=False)``: the zip directory and each header must agree
     on the size, the total must be at most ``max_total`` bytes (default :func:`max_bytes`), and
-    every array must hold real numbers (see :func:`check_value_dtype`).
+    every array must hold real numbers (see :func:`check_value_dtype`) and, unless ``allow_empty``,
+    at least one of them.
     """
     check_regular_file(path, "data file")
     limit = max_bytes() if max_total is None else max_total
@@ -165,6 +167,8 @@ def check_npz(path: str, max_total: int | None = None) -> dict[str, tuple[tuple[
                 raise FlatscopeError(f"{path}: the arrays declare {human_bytes(total)}, above the limit of "
                                      f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES)")
             check_value_dtype(key, dtype, path)
+            if not allow_empty and math.prod(shape) == 0:
+                raise FlatscopeError(f"{path}: {key} is empty (shape {list(shape)})")
             out[key] = (tuple(shape), dtype)
     return out
 

@@ -506,3 +506,116 @@ def test_landscape_resume_keeps_the_stored_batching(cli, mlp, tmp_path):
     assert_one_line_error(cli(["landscape", *common, "--resume", "--batching", "vmap"]), contains="--batching loop")
     r = cli(["landscape", *common, "--resume", "--batching", "loop"])
     assert r.exit_code == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- data files (safe_files)
+def test_npz_declared_sizes_checked_before_decompression(tmp_path, monkeypatch):
+    from flatscope.safe_files import check_npz
+
+    good = tmp_path / "good.npz"
+    np.savez(good, X=np.ones((5, 3), np.float32), y=np.arange(5))
+    shapes = check_npz(str(good))
+    assert shapes["X"][0] == (5, 3) and shapes["y"][0] == (5,)
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, X=np.zeros((1024, 1024)), y=np.zeros(1024))   # 8 MiB from 8 KiB
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load must not run"))
+    with pytest.raises(FlatscopeError, match="declares 8.0 MiB"):
+        check_npz(str(bomb), max_total=4 << 20)
+    with pytest.raises(FlatscopeError, match="zip bomb"):
+        check_npz(str(bomb))                       # 1000:1 and more is refused whatever the limit
+
+    # A header that declares 7 TiB over a few bytes of data.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    liar = tmp_path / "liar.npz"
+    with zipfile.ZipFile(liar, "w") as z:
+        z.writestr("X.npy", header.getvalue() + b"\0" * 64)   # the header starts with the magic
+    with pytest.raises(FlatscopeError, match="declares shape"):
+        check_npz(str(liar))
+
+
+@pytest.mark.parametrize("arrays, needle", [
+    ({"X": np.zeros((3, 2), np.complex64), "y": np.zeros(3)}, "complex-valued"),
+    ({"X": np.zeros((0, 64), np.float32), "y": np.zeros(0)}, "empty"),
+    ({"X": np.array(["a", "b"]), "y": np.zeros(2)}, "not a numeric array"),
+])
+def test_npz_values_must_be_real_numbers(tmp_path, arrays, needle):
+    from flatscope.safe_files import check_npz
+
+    p = tmp_path / "d.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(FlatscopeError, match=needle):
+        check_npz(str(p))
+
+
+def test_npz_object_array_and_non_regular_file(tmp_path):
+    from flatscope.safe_files import check_npz
+
+    p = tmp_path / "obj.npz"
+    np.savez(p, X=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(FlatscopeError, match="Python objects"):
+        check_npz(str(p))
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(FlatscopeError, match="FIFO"):
+        check_npz(str(fifo))
+
+
+def _h5(tmp_path, build) -> Path:
+    p = tmp_path / "d.h5"
+    with h5py.File(p, "w") as f:
+        build(f)
+    return p
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda f: f.__setitem__("X", h5py.ExternalLink("missing.h5", "/X")), "external link"),
+    (lambda f: f.__setitem__("X", h5py.SoftLink("/nowhere")), "dangling soft link"),
+    (lambda f: f.create_group("X"), "is a group"),
+    (lambda f: f.create_dataset("X", shape=(2**40, 64), dtype="f8", chunks=(1, 64)), "FLATSCOPE_MAX_BYTES"),
+    (lambda f: f.create_dataset("X", shape=(10, 4), dtype="f4", external=[("raw.bin", 0, 160)]), "external files"),
+    (lambda f: f.__setitem__("X", np.zeros((3, 2), np.complex128)), "complex-valued"),
+    (lambda f: f.__setitem__("X", np.zeros((0, 64), np.float32)), "empty"),
+    (lambda f: f.__setitem__("X", np.array([b"a", b"b"])), "not a numeric array"),
+    (lambda f: f.create_group("g").__setitem__("X", h5py.ExternalLink("o.h5", "/X")) or
+     f.__setitem__("X", h5py.SoftLink("/g/X")), "external link"),
+])
+def test_h5_dataset_checks(tmp_path, build, needle):
+    from flatscope.safe_files import check_h5_dataset
+
+    p = _h5(tmp_path, build)
+    with h5py.File(p, "r") as f, pytest.raises(FlatscopeError, match=needle):
+        check_h5_dataset(f, "X")
+
+
+def test_h5_external_link_to_a_real_file_and_virtual_dataset(tmp_path):
+    from flatscope.safe_files import check_h5_dataset
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["X"] = np.ones((10, 4), np.float32)
+    p = tmp_path / "d.h5"
+    with h5py.File(p, "w") as f:
+        f["X"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/X")
+        layout = h5py.VirtualLayout(shape=(10, 4), dtype="f4")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "X", shape=(10, 4))
+        f.create_virtual_dataset("V", layout)
+        f["data/Y"] = np.arange(10)
+        f["Y"] = h5py.SoftLink("/data/Y")        # a soft link inside the file is fine
+    with h5py.File(p, "r") as f:
+        with pytest.raises(FlatscopeError, match="external link"):
+            check_h5_dataset(f, "X")
+        with pytest.raises(FlatscopeError, match="virtual dataset"):
+            check_h5_dataset(f, "V")
+        assert check_h5_dataset(f, "Y").shape == (10,)
+        assert check_h5_dataset(f, "/data/Y").shape == (10,)
+
+
+def test_check_count():
+    from flatscope.safe_files import check_count
+
+    assert check_count("teacher: n_train", 5) == 5
+    for bad in (-5, 0, 2.5, float("nan"), True, "7"):
+        with pytest.raises(FlatscopeError, match="n_train"):
+            check_count("teacher: n_train", bad)
+    with pytest.raises(FlatscopeError, match="at most"):
+        check_count("teacher: n_train", 10**13, maximum=10**9)
