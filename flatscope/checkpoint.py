@@ -89,6 +89,7 @@ def _safe_torch_load(path: str):
         if "weights_only" not in text.replace(" ", "_").lower() and "Weights only" not in text:
             raise FlatscopeError(f"{path} is not a readable PyTorch checkpoint: {lines[0] if lines else 'bad pickle'}") from None
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        detail = detail.split(" Please use")[0]
         raise FlatscopeError(f"refused to load {path}: it holds pickled objects that safe (weights_only) loading "
                              f"does not allow, and flatscope never runs code from a checkpoint ({detail.strip()})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or truncated files
@@ -109,9 +110,11 @@ def _safe_pickle_bytes(data: bytes, path: str, entry: str) -> bytes:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure of the safe loader is a refusal
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0]).strip()
+        detail = detail.split(" Please use")[0]
         raise FlatscopeError(f"refused to load {path}: its entry {entry} is a pickle that safe (weights_only) "
-                             f"loading does not allow, and flatscope never runs code from a checkpoint ({first})") from None
+                             f"loading does not allow, and flatscope never runs code from a checkpoint ({detail})") from None
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()

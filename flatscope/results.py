@@ -100,7 +100,9 @@ def writer_lock(path: str) -> Iterator[None]:
 
     ``fcntl.flock`` on a separate file: the kernel drops the lock when its holder dies (kill -9
     included), so a crashed writer never blocks the next one, and the lock survives the rename
-    that replaces the results file. Where ``fcntl`` does not exist (Windows) writes are not serialised.
+    that replaces the results file. The holder removes the lock file before releasing it (a waiter
+    that then finds its file gone takes the new one), so nothing is left behind. Where ``fcntl``
+    does not exist (Windows) writes are not serialised.
     """
     try:
         import fcntl
@@ -108,15 +110,27 @@ def writer_lock(path: str) -> Iterator[None]:
         yield
         return
     lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise FlatscopeError(f"cannot write {path}: cannot create its lock file {lock}: {exc.strerror}") from None
-    try:
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise FlatscopeError(f"cannot write {path}: cannot create its lock file {lock}: {exc.strerror}") from None
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)   # the previous holder removed this lock file while we waited: take the new one
+    try:
         yield
     finally:
-        os.close(fd)   # releases the lock
+        try:
+            os.unlink(lock)   # still holding it, so no one else has it; waiters retry on the new file
+        except OSError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
