@@ -14,7 +14,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error
 
 from flatscope.errors import FlatscopeError
@@ -619,3 +618,33 @@ def test_check_count():
             check_count("teacher: n_train", bad)
     with pytest.raises(FlatscopeError, match="at most"):
         check_count("teacher: n_train", 10**13, maximum=10**9)
+
+
+def test_sigterm_during_landscape_keeps_the_finished_points(mlp, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "l.h5"
+    p = subprocess.Popen([sys.executable, "-m", "flatscope", "landscape", str(mlp), "--2d", "--grid", "201",
+                          "--max-samples", "50", "--flush-every", "0", "--no-plot", "-q", "-o", str(out)],
+                         env=_env(), stderr=subprocess.PIPE, text=True)
+    done = 0
+    deadline = time.monotonic() + 180
+    while done == 0 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+        try:
+            with h5py.File(out, "r") as f:
+                done = int(f["landscape/random-2d/done"][()].sum())
+        except (OSError, KeyError):
+            pass
+    assert done > 0, p.stderr.read() if p.poll() is not None else "no point written in time"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143
+    err = p.stderr.read()
+    assert "--resume" in err and err.strip().splitlines()[-1].startswith("Error: terminated"), err
+    assert "Traceback" not in err
+    with h5py.File(out, "r") as f:
+        assert int(f["landscape/random-2d/done"][()].sum()) >= done
+    assert sorted(os.listdir(tmp_path)) == ["l.h5"]
