@@ -224,9 +224,8 @@ def _load_export(path: str) -> torch.nn.Module:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
     _check_export_graph(ep, path)
-    state = dict(ep.state_dict)
-    state.update({k: v for k, v in getattr(ep, "constants", {}).items() if isinstance(v, torch.Tensor)})
-    validate_state_dict(state, path)
+    if ep.state_dict:
+        validate_state_dict(dict(ep.state_dict), path)   # parameters and buffers (constants may be indices)
     module = ep.module()
     example = ep.example_inputs[0] if ep.example_inputs else ()
     if len(example) == 1 and isinstance(example[0], torch.Tensor) and example[0].dim() >= 1:

@@ -647,3 +647,11 @@ def test_sigterm_during_landscape_keeps_the_finished_points(mlp, tmp_path):
     with h5py.File(out, "r") as f:
         assert int(f["landscape/random-2d/done"][()].sum()) >= done
     assert sorted(os.listdir(tmp_path)) == ["l.h5"]
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    r = cli(["train", "--epochs", "nan", "-o", tmp_path / "x.pt"])
+    assert r.exit_code == 2 and r.stderr.strip() == ""
+    monkeypatch.setenv("RANK", "0")
+    assert_one_line_error(cli(["train", "--epochs", "nan", "-o", tmp_path / "x.pt"]), contains="finite")
