@@ -449,9 +449,20 @@ def _tokens(key: str, opt: click.Option, value, where: str) -> list[str]:
     if isinstance(value, (list, tuple)):
         if not value or not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
             raise FlatscopeError(f"{where}: option {key}: a list must hold numbers or strings")
+        if len(value) > 10_000:
+            raise FlatscopeError(f"{where}: option {key}: a list of {len(value)} values is too long (at most 10000)")
+        for v in value:
+            if isinstance(v, int):
+                _bounded_int(v, f"{where}: option {key}")
+            elif isinstance(v, float):
+                _finite(v, f"{where}: option {key}")
         value = ",".join(str(v) for v in value)
     if not isinstance(value, (int, float, str)):
         raise FlatscopeError(f"{where}: option {key}: unsupported value {value!r}")
+    if isinstance(value, int):
+        _bounded_int(value, f"{where}: option {key}")
+    if isinstance(value, float):
+        _finite(value, f"{where}: option {key}")
     return [flag, str(value)]
 
 
@@ -460,11 +471,26 @@ def parse_value(text: str):
     t = text.strip()
     if t.lower() in ("true", "false"):
         return t.lower() == "true"
-    if re.fullmatch(r"[+-]?\d+", t):
-        return int(t)
-    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", t):
-        return float(t)
+    if re.fullmatch(r"[+-]?\d+", t, re.ASCII):
+        return _bounded_int(int(t), "--set")
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", t, re.ASCII):
+        return _finite(float(t), "--set")
     return t
+
+
+MAX_OPTION_INT = 2**53   # larger whole numbers are not option values (and overflow torch and numpy)
+
+
+def _bounded_int(v: int, where: str) -> int:
+    if abs(v) > MAX_OPTION_INT:
+        raise FlatscopeError(f"{where}: {v} is too large for an option value (at most {MAX_OPTION_INT})")
+    return v
+
+
+def _finite(v: float, where: str) -> float:
+    if not math.isfinite(v):
+        raise FlatscopeError(f"{where}: {v} is not a finite number")
+    return v
 
 
 # ------------------------------------------------------------------------------------------- suite
@@ -505,6 +531,20 @@ def _norm_key(k: str) -> str:
     return str(k).strip().replace("-", "_")
 
 
+MAX_SUITE_BYTES = 1 << 20
+MAX_SUITE_DEPTH = 4   # [analysis] table > option > list of numbers
+
+
+def _depth(x, level: int = 0) -> int:
+    if level > MAX_SUITE_DEPTH:
+        return level
+    if isinstance(x, dict):
+        return max([_depth(v, level + 1) for v in x.values()] or [level + 1])
+    if isinstance(x, list):
+        return max([_depth(v, level + 1) for v in x] or [level + 1])
+    return level
+
+
 def read_toml(path: str) -> dict:
     """Read a suite file with :mod:`tomllib` (Python >= 3.11), or the ``tomli`` backport on 3.10."""
     try:
@@ -515,15 +555,25 @@ def read_toml(path: str) -> dict:
         except ImportError:
             raise FlatscopeError("reading a --suite file needs Python >= 3.11 (tomllib) or `pip install tomli`; "
                                  "or give the options as --step/--set flags") from None
-    if not os.path.isfile(path):
-        raise FlatscopeError(f"suite file not found: {path}")
+    from .safe_files import check_regular_file, human_bytes
+
+    size = check_regular_file(path, "suite file")
+    if size > MAX_SUITE_BYTES:
+        raise FlatscopeError(f"suite file {path} is {human_bytes(size)}; a suite is at most "
+                             f"{human_bytes(MAX_SUITE_BYTES)} of TOML")
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            table = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise FlatscopeError(f"suite file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise FlatscopeError(f"suite file {path} nests arrays or tables too deeply to be a suite") from None
     except UnicodeDecodeError:
         raise FlatscopeError(f"suite file {path} is not UTF-8 text") from None
+    depth = _depth(table)
+    if depth > MAX_SUITE_DEPTH:
+        raise FlatscopeError(f"suite file {path} nests {depth} levels deep; a suite needs at most {MAX_SUITE_DEPTH}")
+    return table
 
 
 def build_suite(table: dict | None = None, *, only: list[str] | None = None, sets: list[str] = (),

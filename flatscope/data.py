@@ -35,6 +35,7 @@ import torch
 
 from .errors import FlatscopeError
 from .models import _import_factory, is_factory_path
+from .safe_files import check_allocation, check_count, check_h5_dataset, check_npz, check_regular_file
 from .sources import H5Source, MapSource, Source, TensorSource, tree_leaves
 
 SPLITS = ("train", "test")
@@ -188,6 +189,11 @@ def _digits(test_size: float = 0.25, seed: int = 0, standardize: bool = True) ->
 
 def _teacher(n_train: int = 1000, n_test: int = 1000, d: int = 100, hidden: int = 3, seed: int = 0) -> Dataset:
     """Teacher-student data: a committee machine sign(sum_k sign(w_k.x / sqrt d)) labels x ~ N(0, I)."""
+    n_train = check_count("teacher: n_train", n_train, minimum=1)
+    n_test = check_count("teacher: n_test", n_test, minimum=1)
+    d = check_count("teacher: d", d, minimum=1)
+    hidden = check_count("teacher: hidden", hidden, minimum=1)
+    check_allocation("teacher data", (n_train + n_test) * d + hidden * d, 4)
     if hidden % 2 == 0:
         raise FlatscopeError("teacher: hidden must be odd so that the committee vote has no ties")
     rng = np.random.default_rng(seed)
@@ -216,46 +222,25 @@ def _from_arrays(arrays, what: str) -> Dataset:
     return Dataset(Xtr, ytr, Xte, yte, name=what)
 
 
-MAX_IN_MEMORY_BYTES = 8 << 30   # npz files are read into memory; larger data belongs in h5 (lazy)
-
-
 def _npz(path: str) -> Dataset:
-    if not os.path.isfile(path):
+    """Arrays of an .npz, after its zip directory and .npy headers were checked (sizes, dtypes)
+    without decompressing anything (:func:`flatscope.safe_files.check_npz`)."""
+    if not os.path.exists(path):
         raise FlatscopeError(f"data file not found: {path}")
+    headers = check_npz(path)
+    for key in ("X", "X_test"):
+        if key in headers and len(headers[key][0]) == 0:
+            raise FlatscopeError(f"npz:{path}: {key!r} is a scalar, not (N, ...) samples")
     try:
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, "files"):
                 raise FlatscopeError(f"{path} is a single .npy array, not an .npz archive of X and y")
-            declared = 0
-            for k in f.files:
-                if k in ("X", "y", "X_test", "y_test"):
-                    declared += _npz_member_bytes(f, k)
-            if declared > MAX_IN_MEMORY_BYTES:
-                raise FlatscopeError(f"{path} declares {declared / 2**30:.1f} GiB of arrays; an .npz is read into "
-                                     f"memory (limit {MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB): store it as h5: instead")
             arrays = {k: f[k] for k in f.files if k in ("X", "y", "X_test", "y_test")}
     except FlatscopeError:
         raise
     except Exception as exc:
         raise FlatscopeError(f"cannot read {path} as .npz: {exc}") from exc
     return _from_arrays(arrays, f"npz:{path}")
-
-
-def _npz_member_bytes(f, key: str) -> int:
-    """The size an .npz member declares in its .npy header, read without decompressing the data."""
-    from numpy.lib import format as npformat
-
-    try:
-        with f.zip.open(key + ".npy") as fh:
-            version = npformat.read_magic(fh)
-            reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-            shape, _, dtype = reader(fh)
-    except Exception as exc:
-        raise FlatscopeError(f"cannot read the header of {key!r}: {exc}") from None
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * dtype.itemsize
 
 
 def _h5(path: str) -> Dataset:
@@ -265,18 +250,11 @@ def _h5(path: str) -> Dataset:
         raise FlatscopeError(f"data file not found: {path}")
     if not h5py.is_hdf5(path):
         raise FlatscopeError(f"{path} is not an HDF5 file")
+    check_regular_file(path, "data file")
     with h5py.File(path, "r") as f:
         keys = set(f.keys())
-        for k in keys & {"X", "y", "X_test", "y_test"}:
-            link = f.get(k, getlink=True)
-            if not isinstance(link, h5py.HardLink):
-                raise FlatscopeError(f"{path}: {k!r} is a {type(link).__name__}; only datasets stored in the file "
-                                     "itself are read")
-            ds = f[k]
-            if not isinstance(ds, h5py.Dataset):
-                raise FlatscopeError(f"{path}: {k!r} is a {type(ds).__name__}, not a dataset")
-            if ds.is_virtual or ds.external:
-                raise FlatscopeError(f"{path}: {k!r} keeps its data outside the file (virtual or external); refused")
+        for k in sorted(keys & {"X", "y", "X_test", "y_test"}):
+            check_h5_dataset(f, k)   # no links out of the file, no virtual/external storage, sizes bounded
     if "X" not in keys or "y" not in keys:
         raise FlatscopeError(f"h5:{path}: needs datasets 'X' and 'y' (optional 'X_test', 'y_test')")
     if ("X_test" in keys) != ("y_test" in keys):

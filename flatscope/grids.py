@@ -9,7 +9,7 @@ A spec is a comma list of items; an item is a number or a range:
 The union is sorted and duplicates are dropped. A range needs ``b > a``; a log range needs
 ``a > 0``. Where the caller allows it, a trailing ``x`` on every number makes the grid relative to a
 reference scale (``--gamma 0.1x..100x:7`` is 0.1 λ_max ... 100 λ_max); absolute and relative
-numbers cannot be mixed.
+numbers cannot be mixed. A grid holds at most 10,000 values.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import re
 import numpy as np
 
 from .errors import FlatscopeError
+
+
+MAX_POINTS = 10_000   # per grid: each point is a whole analysis (a sampler run, a threshold search)
 
 
 class _Parser:
@@ -35,6 +38,8 @@ class _Parser:
         t = text.strip()
         rel = self.relative and t.endswith("x")
         body = t[:-1] if rel else t
+        if not body.isascii():
+            self.fail(f"{what} {t!r} is not a number (only the ASCII digits 0-9 are read)")
         try:
             x = float(body)
         except ValueError:
@@ -56,11 +61,13 @@ class _Parser:
         n = 10
         if len(parts) >= 2:
             txt = parts[1].strip()
-            if not re.fullmatch(r"[+-]?\d+", txt):
+            if not re.fullmatch(r"[+-]?\d+", txt, re.ASCII):
                 self.fail(f"the number of points N must be a whole number, got {txt!r}")
             n = int(txt)
             if n < 1:
                 self.fail(f"the number of points N must be at least 1, got {n}")
+            if n > MAX_POINTS:
+                self.fail(f"the number of points N must be at most {MAX_POINTS}, got {n}")
         scale = parts[2].strip().lower() if len(parts) == 3 else "log"
         if scale not in ("lin", "log"):
             self.fail(f"the spacing must be lin or log, got {parts[2].strip()!r}")
@@ -91,4 +98,6 @@ def parse_grid(spec: str, *, option: str, symbol: str, positive: bool = False,
             values.append(np.array([p.number(item, symbol)]))
     if len(set(p.flags)) > 1:
         p.fail("mixes absolute and relative (x) values; use one kind")
+    if sum(v.size for v in values) > MAX_POINTS:
+        p.fail(f"gives {sum(v.size for v in values)} values; a grid holds at most {MAX_POINTS}")
     return np.unique(np.concatenate(values).astype(np.float64)), bool(p.flags and p.flags[0])

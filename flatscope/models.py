@@ -194,28 +194,55 @@ def _import_factory(path: str) -> Callable[..., Any]:
     return fn
 
 
-def build_model(spec: dict, *, allow_import: bool = False) -> nn.Module:
+def _check_kwargs(name: str, kwargs) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise FlatscopeError(f"model {name!r}: kwargs must be a mapping of names to values, not {type(kwargs).__name__}")
+    return dict(kwargs)
+
+
+def _construct(factory: Callable[..., Any], name: str, kwargs: dict, builtin: bool) -> nn.Module:
+    try:
+        model = factory(**kwargs)
+    except FlatscopeError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        if not builtin and not isinstance(exc, TypeError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FlatscopeError(f"model {name!r} rejected its arguments {kwargs}: {first}") from exc
+    if not isinstance(model, nn.Module):
+        raise FlatscopeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(spec: dict, *, allow_import: bool = False, fits: dict | None = None,
+                max_params: int | None = None) -> nn.Module:
     """Build a model from ``{"name": ..., "kwargs": {...}}``.
 
     ``allow_import`` must be true for a ``pkg.module:factory`` name; the CLI sets it only when the
-    factory was given on the command line.
+    factory was given on the command line. The model is first built on the meta device (no memory):
+    it must have at most ``max_params`` values (default :func:`flatscope.safe_files.max_params`) and,
+    with ``fits`` (a state_dict), take exactly its keys and shapes; only then is it built for real.
+    A factory that cannot be built on the meta device is built directly.
     """
+    from .safe_files import max_params as default_max
+
     if not isinstance(spec, dict):
-        raise FlatscopeError(f"the model spec must be a dict with a name, not {type(spec).__name__}")
+        raise FlatscopeError(f"the model spec is a {type(spec).__name__}, not {{\"name\": ..., \"kwargs\": {{...}}}}")
     name = spec.get("name")
-    kwargs = spec.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise FlatscopeError(f"the model spec's kwargs must be a JSON object, not {type(kwargs).__name__}")
-    kwargs = dict(kwargs)
     if not isinstance(name, str) or not name:
         raise FlatscopeError("the model spec has no name")
+    kwargs = _check_kwargs(name, spec.get("kwargs"))
     if name.startswith("hf:"):
         if kwargs:
             raise FlatscopeError("hf:DIR models take their configuration from DIR/config.json, not --model-kwargs")
         from .hf import build_hf_model
 
         return build_hf_model(name[3:], load_weights=False)
-    if name in BUILTIN_MODELS:
+    builtin = name in BUILTIN_MODELS
+    if builtin:
         factory = BUILTIN_MODELS[name]
     elif name.startswith("torchvision:"):
         factory = functools.partial(_torchvision_model, name.partition(":")[2])
@@ -228,20 +255,28 @@ def build_model(spec: dict, *, allow_import: bool = False) -> nn.Module:
     else:
         raise FlatscopeError(f"unknown model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}, "
                              "or give pkg.module:factory")
+    limit = default_max() if max_params is None else max_params
     try:
-        model = factory(**kwargs)
+        with torch.device("meta"):
+            shadow = _construct(factory, name, kwargs, builtin)
     except FlatscopeError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise FlatscopeError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise FlatscopeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    except Exception:  # a user factory that needs real memory to build
+        if builtin:
+            raise
+        shadow = None
+    if shadow is not None:
+        n = sum(t.numel() for t in shadow.state_dict().values())
+        if n > limit:
+            raise FlatscopeError(f"model {name!r} with {kwargs} would hold {n:,} values, above the limit of "
+                                 f"{limit:,} (FLATSCOPE_MAX_PARAMS); nothing was allocated")
+        if fits is not None:
+            check_state_dict_fits(shadow.state_dict(), fits)
+    return _construct(factory, name, kwargs, builtin)
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict) -> None:
-    """Load ``state_dict`` into ``model``, failing with a message that names the first bad keys."""
-    own = model.state_dict()
+def check_state_dict_fits(own: dict, state_dict: dict) -> None:
+    """Fail with a message that names the first missing, unexpected or mis-shaped keys."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shaped = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
@@ -249,11 +284,16 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict) -> None:
     if missing:
         problems.append("missing " + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
     if unexpected:
-        problems.append("unexpected " + ", ".join(unexpected[:3]) + (" ..." if len(unexpected) > 3 else ""))
+        problems.append("unexpected " + ", ".join(map(str, unexpected[:3])) + (" ..." if len(unexpected) > 3 else ""))
     if shaped:
         k = shaped[0]
         problems.append(f"mis-shaped {k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
                         + (f" and {len(shaped) - 1} more" if len(shaped) > 1 else ""))
     if problems:
         raise FlatscopeError("the state_dict does not fit the model: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict) -> None:
+    """Load ``state_dict`` into ``model``, failing with a message that names the first bad keys."""
+    check_state_dict_fits(model.state_dict(), state_dict)
     model.load_state_dict(state_dict, strict=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterator
@@ -38,39 +39,136 @@ def check_output_path(path: str) -> None:
         raise FlatscopeError(f"cannot write {path}: folder {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise FlatscopeError(f"cannot write {path}: folder {directory} is not writable")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise FlatscopeError(f"{path} exists and is not a regular file; refusing to touch it")
     if os.path.exists(path) and not h5py.is_hdf5(path):
         raise FlatscopeError(f"{path} exists and is not an HDF5 file; refusing to touch it")
+    if os.path.exists(path) and (not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222):
+        raise FlatscopeError(f"{path} is read-only; refusing to rewrite it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, someone else's
+        return True
+    return True
+
+
+_TMP = re.compile(r"^\.tmp-(\d+)-(.*)-[^-]+\.(h5|pt)$")
+
+
+def _tmp_prefix(path: str) -> str:
+    return f".tmp-{os.getpid()}-{os.path.basename(path)[:100]}-"
+
+
+def clean_stale_temporaries(path: str, *, locked: bool = False) -> list[str]:
+    """Remove the temporaries that killed writers left beside ``path``; returns what was removed.
+
+    A temporary is named ``.tmp-<pid>-<results name>-XXXX.h5``. With the writer lock of ``path``
+    held (``locked``) every temporary of that results file is stale (no other writer can be busy);
+    otherwise, and for other files in the folder, only those whose process is gone.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    mine = os.path.basename(path)[:100]
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        if (locked and m.group(2) == mine) or not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+@contextlib.contextmanager
+def writer_lock(path: str) -> Iterator[None]:
+    """Hold the exclusive writer lock of results file ``path`` (a lock file ``.<name>.lock`` beside it).
+
+    ``fcntl.flock`` on a separate file: the kernel drops the lock when its holder dies (kill -9
+    included), so a crashed writer never blocks the next one, and the lock survives the rename
+    that replaces the results file. The holder removes the lock file before releasing it (a waiter
+    that then finds its file gone takes the new one), so nothing is left behind. Where ``fcntl``
+    does not exist (Windows) writes are not serialised.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise FlatscopeError(f"cannot write {path}: cannot create its lock file {lock}: {exc.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)   # the previous holder removed this lock file while we waited: take the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)   # still holding it, so no one else has it; waiters retry on the new file
+        except OSError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def update(path: str) -> Iterator[h5py.File]:
-    """Open ``path`` for changes that land atomically when the block exits without error."""
+    """Open ``path`` for changes that land atomically when the block exits without error.
+
+    Writers are serialised by :func:`writer_lock`: the copy, the changes and the rename happen under
+    it, so two processes adding different analyses to one file both keep theirs.
+    """
     check_output_path(path)
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
-    except OSError as exc:
-        raise FlatscopeError(f"cannot write {path}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        if os.path.exists(path):
-            shutil.copyfile(path, tmp)
-            mode = "r+"
-        else:
-            mode = "w"
-        with h5py.File(tmp, mode) as f:
-            yield f
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if os.path.exists(path):
-            shutil.copymode(path, tmp)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with writer_lock(path):
+        clean_stale_temporaries(path, locked=True)
+        check_output_path(path)   # again: another writer may have created it meanwhile
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".h5", dir=directory)
+        except OSError as exc:
+            raise FlatscopeError(f"cannot write {path}: {exc.strerror}") from None
+        os.close(fd)
+        try:
+            if os.path.exists(path):
+                shutil.copyfile(path, tmp)
+                mode = "r+"
+            else:
+                mode = "w"
+            with h5py.File(tmp, mode) as f:
+                yield f
+                f.flush()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            if os.path.exists(path):
+                shutil.copymode(path, tmp)
+            else:
+                os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _attr_value(v: Any):

@@ -8,6 +8,8 @@
     OP        := "<" | "<=" | ">" | ">=" | "==" | "!="
     NUMBER    := a decimal or scientific float literal (1, -0.5, 3e-2), or inf / -inf
 
+Only ASCII is accepted: full-width or Arabic-Indic digits are refused, not read as numbers.
+
 A threshold *fails* (the audit exits 1) when its condition holds for the metric's value. A metric
 that is missing or not a finite number fails too, with a message saying so.
 """
@@ -25,7 +27,7 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.
 _PATTERN = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)+)\s*"
     r"(?P<op><=|>=|==|!=|<|>)\s*"
-    r"(?P<number>[-+]?(?:inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))\s*$")
+    r"(?P<number>[-+]?(?:inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))\s*$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class Threshold:
 def parse_threshold(text: str) -> Threshold:
     if not isinstance(text, str) or len(text) > 200:
         raise FlatscopeError("a threshold must be a short string like 'hessian.lambda_max > 50'")
+    if not text.isascii():
+        bad = next(c for c in text if not c.isascii())
+        raise FlatscopeError(f"threshold {text!r}: only ASCII is allowed (found {bad!r}, U+{ord(bad):04X}); "
+                             "write numbers with the digits 0-9")
     m = _PATTERN.match(text)
     if not m:
         raise FlatscopeError(f"cannot parse threshold {text!r}: expected METRIC OP NUMBER, "

@@ -248,6 +248,10 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
                             model_spec, data_spec, loss, {"epoch": 0, "grad_evals": 0})
     epoch_done = stream.evals // bpe
     on_epoch = True
+
+    def make_record() -> dict:
+        return _record(method, config, stream, budget, history, warnings, wall0, on_epoch, traj_dir)
+
     k = method.evals_per_step
     if monitor is not None and stream.evals == 0:
         monitor(0, method, None if method.lr is None else method.lr * lr_factor(config.schedule, 0, budget))
@@ -268,8 +272,21 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
             on_epoch = crossed
             log_epoch()
             if traj_dir and crossed and epoch_done % config.save_every == 0 and budget - stream.evals >= k:
+                # A full, resumable record: a run killed later resumes from here bit-identically.
                 save_checkpoint(os.path.join(traj_dir, f"epoch-{epoch_done:04d}.pt"), method.result_model(),
-                                model_spec, data_spec, loss, {"epoch": epoch_done, "grad_evals": stream.evals})
+                                model_spec, data_spec, loss, dict(make_record(), epoch=epoch_done))
+    record = make_record()
+    if traj_dir:
+        save_checkpoint(os.path.join(traj_dir, f"epoch-{stream.evals // bpe:04d}-final.pt"), method.result_model(),
+                        model_spec, data_spec, loss, dict(record, epoch=stream.evals / bpe))
+    return record
+
+
+def _record(method, config: TrainConfig, stream: BatchStream, budget: int, history: dict, warnings: list,
+            wall0: float, on_epoch: bool, traj_dir: str | None) -> dict:
+    """The training record after the current step: the checkpoint's ``train`` entry, resumable."""
+    k = method.evals_per_step
+    bpe = stream.batches_per_epoch
     result = method.result_model()
     wall = time.time() - wall0
     record = {
@@ -295,6 +312,4 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
     record.update(method.extra_record())
     if traj_dir:
         record["trajectory_dir"] = os.path.abspath(traj_dir)
-        save_checkpoint(os.path.join(traj_dir, f"epoch-{stream.evals // bpe:04d}-final.pt"), result,
-                        model_spec, data_spec, loss, {"epoch": stream.evals / bpe, "grad_evals": stream.evals})
     return record

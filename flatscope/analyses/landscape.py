@@ -50,6 +50,9 @@ VMAP_SAMPLES_PER_CALL = 4096
 
 
 # ------------------------------------------------------------------------------------------ grid
+MAX_GRID_POINTS = 10_000_000
+
+
 def parse_range(text: str | None, k: int, default: tuple[float, float]) -> list[tuple[float, float]]:
     """``LO:HI`` (both axes in 2-D) or ``LO:HI,LO:HI`` (x then y)."""
     if text is None:
@@ -57,6 +60,8 @@ def parse_range(text: str | None, k: int, default: tuple[float, float]) -> list[
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) > k:
         raise FlatscopeError(f"--range {text!r} gives {len(parts)} ranges for a {k}-D slice")
+    if not str(text).isascii():
+        raise FlatscopeError(f"--range {text!r}: only ASCII numbers are read")
     out = []
     for p in parts:
         lo_hi = p.split(":")
@@ -80,6 +85,8 @@ def parse_grid(text: str | None, k: int, default: int = 51) -> list[int]:
     if len(parts) > k:
         raise FlatscopeError(f"--grid {text!r} gives {len(parts)} sizes for a {k}-D slice")
     try:
+        if not str(text).isascii():
+            raise ValueError
         out = [int(p) for p in parts]
     except ValueError:
         raise FlatscopeError(f"--grid {text!r}: expected an integer N or N,M") from None
@@ -88,7 +95,11 @@ def parse_grid(text: str | None, k: int, default: int = 51) -> list[int]:
             raise FlatscopeError(f"--grid {text}: each axis needs at least 2 points, got {n}")
         if n > 100_000:
             raise FlatscopeError(f"--grid {text}: at most 100000 points per axis")
-    return out * k if len(out) == 1 else out
+    out = out * k if len(out) == 1 else out
+    if math.prod(out) > MAX_GRID_POINTS:
+        raise FlatscopeError(f"--grid {text}: {math.prod(out):,} points in all; a landscape holds at most "
+                             f"{MAX_GRID_POINTS:,} (e.g. 3001 x 3001)")
+    return out
 
 
 def axis(lo: float, hi: float, n: int) -> np.ndarray:

@@ -228,6 +228,8 @@ class Run:
             self._ckpt = load_checkpoint(self.checkpoint_path, model_spec=self.model_spec(),
                                          allow_import=self.model_name is not None and is_factory_path(self.model_name),
                                          allow_nonfinite=self.allow_nonfinite)
+            for note in self._ckpt.notes:
+                self.warn(note)
         return self._ckpt
 
     def data_spec(self) -> dict:
@@ -387,21 +389,64 @@ class Run:
             human(Console(soft_wrap=True))
 
 
+def check_finite_options(params: dict) -> None:
+    """Refuse NaN and Inf in every number option (click's FloatRange lets NaN through every bound), and
+    whole numbers beyond 2**53 (they overflow torch and numpy sizes)."""
+    import math
+
+    for name, value in params.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FlatscopeError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**53:
+                raise FlatscopeError(f"--{name.replace('_', '-')} {v} is too large (at most 2**53)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up (temporaries, landscape's flush) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 3 internal)."""
+    """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 143 SIGTERM, 3 internal)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            out = fn(*args, **kwargs)
+            check_finite_options(kwargs)
+            with _sigterm_as_interrupt():
+                out = fn(*args, **kwargs)
             distributed.finish()  # under torchrun: every rank done before gloo/NCCL is torn down
             return out
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Terminated:
+            click.echo("Error: terminated (SIGTERM); files already written are intact", err=True)
+            sys.exit(143)
         except FlatscopeError as exc:
             if STATE["verbose"]:
                 import traceback
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            if os.environ.get("RANK", "0") == "0":   # under torchrun every rank refuses; rank 0 says so
+                click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("Error: interrupted; files already written are intact", err=True)

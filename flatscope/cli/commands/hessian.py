@@ -7,6 +7,7 @@ import click
 from ...analyses.hessian import HVP_MODES, hessian_analysis
 from ...errors import FlatscopeError
 from ...linalg import TRACE_METHODS
+from ...safe_files import check_allocation
 from ..common import analysis_options, pass_run
 
 
@@ -57,6 +58,12 @@ def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace
     if run.split == "both":
         raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
     obj = run.objective()
+    for what, n in ((f"--probes {probes} x --steps {steps}", max(probes, 0) * max(steps, 0) * 4 * bool(density)),
+                    (f"--steps {steps}", max(steps, 0) * obj.dim),
+                    (f"--trace-probes {trace_probes}", max(trace_probes, 0) * obj.dim),
+                    (f"--top {top} / --bottom {bottom} / --block-size {block_size}",
+                     (max(top, 0) + max(bottom, 0) + max(block_size, 0)) * obj.dim * 3)):
+        check_allocation(what, n)
     hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
     res = hessian_analysis(obj, top=top, bottom=bottom, density=density, probes=probes, steps=steps,
                            sigma=sigma, trace_probes=trace_probes, trace_method=trace_method,

@@ -232,7 +232,11 @@ def command(run, extra_checkpoints, two_d, kind, range_text, grid_text, norm, bi
     if resume:
         previous_wall, stored = _resume(path, name, result)
         # Continue in the stored chunks and batching mode, so the values equal an uninterrupted run's.
-        if batching == "auto" and stored.get("batching") in ("vmap", "loop"):
+        if stored.get("batching") in ("vmap", "loop"):
+            if batching not in ("auto", stored["batching"]):
+                raise FlatscopeError(f"--resume: the stored run used --batching {stored['batching']}; continuing "
+                                     f"with --batching {batching} would not give an uninterrupted run's values "
+                                     "(drop --batching, or drop --resume to start over)")
             batching = stored["batching"]
         points_per_call = points_per_call or stored.get("points_per_call")
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")

@@ -7,6 +7,7 @@ import click
 from ...analyses.local_energy import (BATCHED, BN_MODES, DEFAULT_SIGMA, NOISES, choose_batched, local_energy,
                                       parse_sigmas)
 from ...errors import FlatscopeError
+from ...safe_files import check_allocation
 from ..common import analysis_options, pass_run
 from ..parallel import objectives, parallel_option
 
@@ -57,6 +58,7 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
     sigmas = parse_sigmas(sigma_spec)
     n = _whole(samples, "--samples", 2)
     chunk_n = _whole(chunk, "--chunk", 1)
+    check_allocation(f"--samples {n} at {len(sigmas)} σ", n * len(sigmas) * 8)
     eps = None
     if target_error is not None:
         try:
@@ -126,6 +128,8 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
 
 def _whole(text: str, name: str, least: int) -> int:
     try:
+        if not str(text).strip().isascii():
+            raise ValueError
         value = int(str(text).strip())
     except ValueError:
         raise FlatscopeError(f"{name} must be a whole number, got {text!r}") from None

@@ -9,6 +9,7 @@ import torch
 
 from ...analyses.local_entropy import local_entropy, parse_gamma
 from ...errors import FlatscopeError
+from ...safe_files import check_allocation
 from ...samplers import ObjectivePotential, power_lambda_max
 from ..common import analysis_options, pass_run
 
@@ -133,6 +134,8 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
     results = {}
     for split in run.splits():
         obj = run.objective(split)
+        check_allocation(f"--chains {chains}", chains * obj.dim * 6)
+        check_allocation(f"--is-samples {is_samples}", is_samples * obj.dim * 2)
         if minibatch_spec is None and minibatch is not None:
             minibatch = min(minibatch, obj.n)
         if minibatch is not None and minibatch > obj.n:

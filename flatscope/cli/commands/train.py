@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from ... import distributed
 from ... import methods
 from ... import results as store
-from ...checkpoint import load_checkpoint, sha256_file, save_checkpoint
+from ...checkpoint import check_checkpoint_output, load_checkpoint, peek_checkpoint, save_checkpoint, sha256_file
 from ...data import load_data
 from ...losses import make_loss
 from ...errors import FlatscopeError
@@ -28,6 +28,8 @@ SHARED = {
 USES = {"adam": {"lr", "weight_decay", "schedule"}, "hr": {"weight_decay"}, "is": set()}
 # What runs under torchrun: rSGD with replicas on ranks, eSGD data-parallel.
 DISTRIBUTED = ("rsgd", "esgd")
+MAX_EPOCHS = 1e6
+MAX_BUDGET = 10**12
 # What a resumed run keeps from its checkpoint (giving a different value is an error).
 KEPT_ON_RESUME = ("opt", "lr", "momentum", "nesterov", "weight_decay", "schedule", "batch_size", "seed")
 
@@ -148,8 +150,10 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         raise FlatscopeError(f"--budget must be at least 1, got {budget}")
     if budget is not None and budget_from is not None:
         raise FlatscopeError("give --budget or --budget-from, not both")
-    if epochs <= 0:
-        raise FlatscopeError(f"--epochs must be positive, got {epochs}")
+    if not 0 < epochs <= MAX_EPOCHS:
+        raise FlatscopeError(f"--epochs must be positive and at most {MAX_EPOCHS:g}, got {epochs}")
+    if budget is not None and budget > MAX_BUDGET:
+        raise FlatscopeError(f"--budget must be at most {MAX_BUDGET:g} gradient evaluations, got {budget}")
     if batch_size < 1:
         raise FlatscopeError(f"--batch-size must be at least 1, got {batch_size}")
     if lr is not None and not lr > 0:
@@ -160,6 +164,7 @@ def command(model_name, model_kwargs, data_name, data_kwargs, loss, opt, lr, mom
         raise FlatscopeError(f"--weight-decay must be non-negative, got {weight_decay}")
     if os.path.isdir(out):
         raise FlatscopeError(f"-o {out} is a directory")
+    check_checkpoint_output(out)
     folder = existing = os.path.dirname(os.path.abspath(out))
     while not os.path.isdir(existing):
         if os.path.exists(existing):
@@ -323,6 +328,11 @@ def _check_shared(opt: str, explicit: set) -> None:
 def _resume(run, path: str, explicit: set, extra: dict, given: dict):
     """Model, data and configuration of a resumed run; options that would change it are errors."""
     model_name = given["model_name"]
+    raw = peek_checkpoint(path)   # no model built yet: a stored factory is imported only if the user named it
+    stored_name = raw.get("model").get("name") if isinstance(raw.get("model"), dict) else None
+    if "model_name" in explicit and model_name != stored_name:
+        raise FlatscopeError(f"--model cannot change with --resume: {path} was trained with {stored_name!r}, not "
+                             f"{model_name!r}, and a resumed run keeps its checkpoint's model, data and loss")
     ck = load_checkpoint(path, allow_import="model_name" in explicit and is_factory_path(model_name))
     rec = ck.train or {}
     if not isinstance(rec.get("resume"), dict) or not isinstance(rec.get("config"), dict) or ck.model_spec is None:
