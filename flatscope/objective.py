@@ -47,6 +47,7 @@ from .params import ParamLayout
 from .sources import Source, TensorSource, as_source, describe, to_device
 
 LOSSES = BUILTIN_LOSSES
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 HVP_MODES = ("auto", "exact", "fd")
 
 
@@ -124,6 +125,8 @@ class Objective:
             raise FlatscopeError(f"--batch-size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
         self.dtype = dtype
+        # bfloat16/float16: forward and backward in the low precision, every sum over batches in float32
+        self.acc_dtype = torch.float32 if dtype in LOW_PRECISION else dtype
         # A private copy: the user's model is never touched.
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype)
         self.model.train(train_mode)
@@ -346,7 +349,7 @@ class Objective:
     # ------------------------------------------------------------------ derivatives
     def loss_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         w = self.w0 if w is None else self._check_w(w)
-        g = torch.zeros_like(w)
+        g = torch.zeros(w.shape, dtype=self.acc_dtype, device=self.device)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         gv = grad_and_value(self._batch_loss)
         total = self.count_total
@@ -364,7 +367,7 @@ class Objective:
 
     def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         g = grad(self._batch_loss)
-        out = torch.zeros_like(v)
+        out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
@@ -375,12 +378,12 @@ class Objective:
     def _fd_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Central difference ``(g(w + h v) - g(w - h v)) / 2h`` of the split gradient, row by row."""
         rows = v.reshape(-1, v.shape[-1])
-        out = torch.zeros_like(rows)
+        out = torch.zeros(rows.shape, dtype=self.acc_dtype, device=self.device)
         for r in range(rows.shape[0]):
             h = fd_step(w, rows[r])
             if h == 0:
                 continue
-            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)
+            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)   # grads sum in acc_dtype
         return out.reshape(v.shape)
 
     def resolve_hvp_mode(self) -> str:
@@ -457,7 +460,7 @@ class Objective:
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._check_w(v)
-            out = torch.zeros_like(v)
+            out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
             with second_order_kernels():
                 for wt, pb in pullbacks:
                     out += wt * (pb(v)[0] if v.dim() == 1 else vmap(pb)(v)[0])

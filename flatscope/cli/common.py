@@ -63,8 +63,10 @@ def common_options(f: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
                      help="Where to compute; auto picks CUDA when available."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random draw."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-                     help="Precision of the model and data."),
+        click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
+                     show_default=True,
+                     help="Precision of the model and data; bfloat16/float16 run forward and backward in that "
+                          "precision and sum over batches in float32 (the Lanczos recurrence is float64)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
                      help="torch CPU threads (default: torch's choice)."),
         click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout."),
@@ -189,7 +191,11 @@ class Run:
         self.device = resolve_device(self.device_spec)
         distributed.init_from_env(self.device)
         self.device = distributed.local_device(self.device)
-        self.dtype = torch.float64 if self.dtype_name == "float64" else torch.float32
+        self.dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            self.dtype_name, torch.float32)
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise FlatscopeError(f"--dtype bfloat16: the device {self.device} has no bfloat16 support; "
+                                 "use --dtype float16 or float32")
         self.reseed()
         if self.max_samples is not None and self.max_samples < 1:
             raise FlatscopeError(f"--max-samples must be at least 1, got {self.max_samples}")
