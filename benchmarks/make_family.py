@@ -9,7 +9,8 @@ gradient evaluations (flatscope's counting: Langevin steps, replica steps and SA
 count) and stops at the first check where its training loss reaches the criterion ``--stop-loss`` (Jiang
 et al.'s cross-entropy 0.01 by default), so every member sits at the same training loss; a model that does
 not reach it within the budget is trained to the budget and marked ``reached: false`` in the manifest
-(``flatscope correlate`` reads the training record; leave those files out of the glob, or keep them,
+(one still at 95% of its initial loss a third of the way in stops there, also ``reached: false``;
+``flatscope correlate`` reads the training record; leave those files out of the glob, or keep them,
 as you choose: the manifest lists both). Checks are every ``--check-every`` evaluations, by bit-identical
 resumption of ``flatscope.training.train``. The axes are written into each checkpoint's training record
 under ``axes`` (optimizer, lr, batch_size, width, seed), which ``flatscope correlate`` reads.
@@ -72,9 +73,12 @@ def fit(spec: dict, data: Dataset, data_spec: dict, opt: str, lr: float, extra: 
         cfg = TrainConfig(opt=opt, lr=lr, batch_size=batch_size, budget=b, seed=seed, extra=dict(extra))
         rec = train(model, data, "ce", cfg, model_spec=spec, data_spec=data_spec,
                     resume_state=rec and rec["resume"], history=rec and rec["history"])
-        if stop_loss and rec["history"]["train_loss"][-1] <= stop_loss:
+        loss = rec["history"]["train_loss"][-1]
+        if stop_loss and loss <= stop_loss:
             reached = True
             break
+        if stop_loss and b >= budget // 3 and loss >= 0.95 * rec["history"]["train_loss"][0]:
+            break   # stuck at the initial loss (a dead network) a third of the way in: not worth the budget
     return model, rec, reached
 
 
@@ -179,7 +183,7 @@ def main(argv=None) -> None:
     p.add_argument("--stop-loss", type=float, default=0.01, help="family: the training-loss criterion")
     p.add_argument("--check-every", type=int, default=50, help="family: evaluations between criterion checks")
     p.add_argument("--opts", default=",".join(OPTS))
-    p.add_argument("--lr-factors", default="0.5,2", help="family: multiples of each optimizer's base lr")
+    p.add_argument("--lr-factors", default="0.5,1", help="family: multiples of each optimizer's base lr")
     p.add_argument("--batch-sizes", default="32,128")
     p.add_argument("--widths", default="1,2")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: family 0,1; table 0,1,2,3,4)")
