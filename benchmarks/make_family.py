@@ -100,12 +100,13 @@ def family(args, data, data_spec) -> list[dict]:
         path = os.path.join(args.out, name + ".pt")
         t0 = time.time()
         if os.path.exists(path) and not args.force:
-            rows.append(json.load(open(path + ".json")))
+            with open(path + ".json") as fh:
+                rows.append(json.load(fh))
             continue
         try:
             model, rec, reached = fit(spec, data, data_spec, opt, lr, extra, bs, seed, args.budget,
                                       args.stop_loss, args.check_every)
-        except Exception as exc:  # a diverged member is part of the record, not a crash of the family
+        except Exception as exc:  # noqa: BLE001 - a diverged member is part of the record, not a crash of the family
             row = {"name": name, "opt": opt, "lr": lr, "batch_size": bs, "width": w, "seed": seed,
                    "error": str(exc).splitlines()[0]}
             rows.append(row)
@@ -117,7 +118,8 @@ def family(args, data, data_spec) -> list[dict]:
         row = {"name": name, "path": path, **axes, "reached": reached, "grad_evals": rec["grad_evals"],
                "train_loss": h["train_loss"][-1], "train_acc": h["train_acc"][-1], "test_acc": h["test_acc"][-1],
                "seconds": time.time() - t0}
-        json.dump(row, open(path + ".json", "w"))
+        with open(path + ".json", "w") as fh:
+            json.dump(row, fh)
         rows.append(row)
         print(f"[{i}/{len(grid)}] {name}: {'reached' if reached else 'NOT reached'} loss {row['train_loss']:.4f} "
               f"after {rec['grad_evals']} evals, test acc {row['test_acc']:.4f} ({row['seconds']:.1f} s)", flush=True)
@@ -149,7 +151,7 @@ def table(args, data, data_spec) -> dict:
                     model, rec, _ = fit(spec, val_data, data_spec, opt, base * f, extra, args.table_batch_size, s,
                                         args.budget * mult)
                     errs.append(1 - evaluate_model(model, val_data, "ce", "test")[1])
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a diverged candidate scores 1.0
                     print(f"search {method} lr {base * f:g} seed {s}: {str(exc).splitlines()[0]}", flush=True)
                     errs.append(1.0)
             scores[base * f] = sum(errs) / len(errs)

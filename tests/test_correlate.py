@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
+
 from flatscope.checkpoint import save_checkpoint
 from flatscope.correlation import kendall_tau, spearman_rho
 from flatscope.data import load_data
@@ -44,7 +44,7 @@ def family(tmp_path_factory):
 
 
 def test_correlate_json_equals_library_statistics(family):
-    tmp, paths, out, res = family
+    res = family[3]
     assert res["schema"] == "flatscope.correlate/1"
     assert res["axes"] == ["lr"] and res["fixed"] == ["seed"]
     gaps = [c["gap"] for c in res["checkpoints"]]
@@ -69,7 +69,7 @@ def test_correlate_json_equals_library_statistics(family):
 
 
 def test_correlate_writes_the_group_and_plots(family):
-    tmp, paths, out, res = family
+    _, _, out, res = family
     with h5py.File(out, "r") as f:
         g = f["correlate"]
         assert g.attrs["kind"] == "correlate"
@@ -80,7 +80,7 @@ def test_correlate_writes_the_group_and_plots(family):
 
 
 def test_correlate_reuses_stored_results_without_recomputing(family, monkeypatch):
-    tmp, paths, out, first = family
+    tmp, paths, _, first = family
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
@@ -102,7 +102,7 @@ def test_correlate_reuses_stored_results_without_recomputing(family, monkeypatch
 
 
 def test_correlate_bad_input(family, tmp_path):
-    tmp, paths, out, _ = family
+    paths = family[1]
     o = tmp_path / "c.h5"
     assert_one_line_error(run_cli(["correlate", *paths[:2], "-o", o]), contains="at least 3")
     assert_one_line_error(run_cli(["correlate", *paths, "-o", o, "--measures", "nothing.here"]),

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flatscope.correlation import (axes_of, bootstrap_ci, correlate_measure, gap_value, granulated_kendall,
-                                   kendall_tau, parse_gap, spearman_rho, varying_axes)
+from flatscope.correlation import (
+    axes_of,
+    bootstrap_ci,
+    correlate_measure,
+    gap_value,
+    granulated_kendall,
+    kendall_tau,
+    parse_gap,
+    spearman_rho,
+    varying_axes,
+)
 from flatscope.errors import FlatscopeError
 from flatscope.measures import flatter
 

@@ -10,7 +10,13 @@ import click
 
 from ... import results as store
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
-from ...correlation import axes_of, correlate_measure, gap_value, parse_gap, varying_axes
+from ...correlation import (
+    axes_of,
+    correlate_measure,
+    gap_value,
+    parse_gap,
+    varying_axes,
+)
 from ...errors import FlatscopeError
 from ...measures import flatter, flatter_label
 from ..common import Run
