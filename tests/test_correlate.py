@@ -128,3 +128,18 @@ def test_correlate_refuses_data_without_test_split(tmp_path):
     assert_one_line_error(run_cli(["correlate", *paths, "-o", o, *FAST]), contains="test split")
     assert not o.exists()
     assert not any(tmp_path.glob("*.flatscope.h5"))
+
+
+def test_compare_report_has_the_gap_section(family):
+    tmp, paths, _, _ = family
+    r = run_cli(["compare", *paths[:3], "-o", tmp / "report", "--step", "hessian", "--no-interp", "--json",
+                 "--max-samples", "200", "--set", "hessian.top=1", "--set", "hessian.trace_probes=4", "--device", "cpu"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    corr = {c["measure"]: c for c in out["correlations"]["correlations"]}
+    assert set(corr) == {"hessian.lambda_max", "hessian.lambda_k", "hessian.trace"}
+    gaps = [out["correlations"]["gaps"][lab] for lab in [c["label"] for c in out["checkpoints"]]]
+    vals = [out["metrics"]["hessian.trace"][c["label"]] for c in out["checkpoints"]]
+    assert corr["hessian.trace"]["kendall"] == pytest.approx(kendall_tau(vals, gaps))
+    html = (tmp / "report" / "index.html").read_text()
+    assert "Rank correlation with the generalization gap" in html

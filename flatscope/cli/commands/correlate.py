@@ -285,3 +285,42 @@ def _tree(members, names, results, axes, fixed, axis_values, gap_text, level) ->
         "Psi": np.array([r.Psi for r in results]),
     }
 
+
+
+def family_section(members: list[dict], table: dict, gap_text: str, shared: dict, *, seed: int = 0,
+                   resamples: int = 1000, level: float = 0.95) -> dict:
+    """For ``flatscope compare``: the rank correlation of every flatness metric of ``table``
+    (``{metric: {label: value}}``) with the gap, over the compared checkpoints (``members`` with
+    ``label`` and ``path``). Raises FlatscopeError when it cannot be computed (fewer than 3
+    checkpoints, no test split, an undefined gap)."""
+    if len(members) < 3:
+        raise FlatscopeError("a rank correlation needs at least 3 checkpoints")
+    terms = parse_gap(gap_text)
+    splits = sorted({name.split("_", 1)[0] for _, name in terms}, key=["train", "test"].index)
+    gaps, per_axes = [], []
+    for m in members:
+        run = Run(checkpoint=m["path"], **{**shared, "max_samples": None})
+        run.setup()
+        try:
+            g = gap_value(terms, _quantities(run, splits))
+        except FlatscopeError as exc:
+            raise FlatscopeError(f"{m['label']}: {exc}") from None
+        if not math.isfinite(g):
+            raise FlatscopeError(f"{m['label']}: the gap {gap_text} is not a finite number")
+        gaps.append(g)
+        per_axes.append(axes_of(run.checkpoint.train, run.checkpoint.model_spec))
+    vary = varying_axes(per_axes)
+    axes = [a for a in vary if a != "seed"]
+    fixed = [a for a in vary if a not in axes]
+    col = {a: [p.get(a) for p in per_axes] for a in vary}
+    out = []
+    for k, (name, row) in enumerate(table.items()):
+        if flatter(name) is None:
+            continue
+        vals = [math.nan if row.get(m["label"]) is None else float(row[m["label"]]) for m in members]
+        r = correlate_measure(name, vals, gaps, {a: col[a] for a in axes}, fixed={a: col[a] for a in fixed},
+                              resamples=resamples, level=level, seed=seed + k, flatter=flatter(name))
+        if r.n >= 3:
+            out.append(r)
+    return {"gap": gap_text, "gaps": dict(zip([m["label"] for m in members], gaps)), "axes": axes, "fixed": fixed,
+            "level": level, "correlations": out}
