@@ -44,7 +44,8 @@ def table(corr: str, *manifests: str) -> None:
         with open(path) as f:
             part = json.load(f)["result"]
         man["search"].update(part["search"])
-        man["final"].update(part["final"])
+        for m, finals in part["final"].items():   # one method's seeds may come from several runs
+            man["final"].setdefault(m, []).extend(finals)
     with open(corr) as f:
         c = json.load(f)
     measures = [r["measure"] for r in c["correlations"]]

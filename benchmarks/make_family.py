@@ -144,7 +144,7 @@ def table(args, data, data_spec) -> dict:
         opt, extra, mult = TABLE[method]
         base = BASE[opt][0]
         scores = {}
-        for f in args.search_factors:
+        for f in ([] if args.lr else args.search_factors):
             errs = []
             for s in args.search_seeds:
                 try:
@@ -156,8 +156,8 @@ def table(args, data, data_spec) -> dict:
                     errs.append(1.0)
             scores[base * f] = sum(errs) / len(errs)
             print(f"search {method} lr {base * f:g}: validation error {scores[base * f]:.4f}", flush=True)
-        best = min(scores, key=scores.get)
-        out["search"][method] = {"validation_error": scores, "best_lr": best}
+        best = args.lr or min(scores, key=scores.get)
+        out["search"][method] = {"validation_error": scores, "best_lr": best, "given": bool(args.lr)}
         finals = []
         for s in args.seed_list:
             path = os.path.join(args.out, f"{method}-s{s}.pt")
@@ -192,6 +192,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(TABLE), help="table: methods")
     p.add_argument("--search-factors", default="0.5,1,2", help="table: lr multiples searched")
     p.add_argument("--search-seeds", default="100,101")
+    p.add_argument("--lr", type=float, default=None,
+                   help="table: no search, this lr (e.g. rsgd_x3 with the lr rsgd's search chose)")
     p.add_argument("--table-batch-size", type=int, default=64)
     p.add_argument("--table-width", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
