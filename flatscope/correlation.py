@@ -209,6 +209,8 @@ def axes_of(train: dict, model_spec: dict | None) -> dict:
     ``axes`` dict when it has one (``benchmarks/make_family.py`` writes it), else optimizer, lr,
     batch_size and seed from the record plus ``model.<kwarg>`` for each model keyword argument."""
     train = train or {}
+    if isinstance(train.get("axes"), dict):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in train["axes"].items()}
     out: dict = {}
     if train.get("optimizer") is not None:
         out["optimizer"] = train["optimizer"]
@@ -221,13 +223,22 @@ def axes_of(train: dict, model_spec: dict | None) -> dict:
     for k, v in ((model_spec or {}).get("kwargs") or {}).items():
         if k not in ("in_features", "out_features"):
             out[f"model.{k}"] = v
-    out.update(train.get("axes") or {})
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
 def varying_axes(per_model: list[dict]) -> list[str]:
-    """The axes on which the models differ (seed last), known for every model."""
+    """The axes on which the models differ (seed last), known for every model. An axis that splits the
+    models exactly as an earlier one does (``model.channels`` beside ``width``) is the same axis under
+    another name and is left out."""
     names = [k for k in dict.fromkeys(k for m in per_model for k in m) if all(k in m for m in per_model)]
     vary = [k for k in names if len({repr(_key(m[k])) for m in per_model}) > 1]
     order = {k: i for i, k in enumerate(AXIS_ORDER)}
-    return sorted(vary, key=lambda k: (k == "seed", order.get(k, len(order)), k))
+    vary.sort(key=lambda k: (k == "seed", order.get(k, len(order)), k))
+    out, seen = [], set()
+    for k in vary:
+        codes: dict = {}
+        part = tuple(codes.setdefault(repr(_key(m[k])), len(codes)) for m in per_model)
+        if part not in seen:
+            seen.add(part)
+            out.append(k)
+    return out

@@ -127,7 +127,11 @@ def test_axes_from_training_records():
     assert a == {"optimizer": "sgd", "lr": 0.05, "batch_size": 64, "seed": 3, "model.widths": [32, 32]}
     b = axes_of(dict(rec, seed=4, hparams={"lr": 0.1}), {"name": "mlp", "kwargs": {"widths": [32, 32]}})
     assert varying_axes([a, b]) == ["lr", "seed"]
-    assert axes_of({"axes": {"width": 2}}, None) == {"width": 2}
+    assert axes_of(dict(rec, axes={"width": 2}), {"name": "mlp", "kwargs": {"widths": [32]}}) == {"width": 2}
+    # the same partition under another name is one axis
+    c = dict(a, **{"model.widths": [64, 64], "seed": 3, "lr": 0.1})
+    assert varying_axes([a, b, c]) == ["lr", "model.widths", "seed"]
+    assert varying_axes([dict(a, width=1), dict(b, width=1), dict(c, width=2)]) == ["lr", "width", "seed"]
 
 
 def test_flatter_directions():
