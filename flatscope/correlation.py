@@ -229,7 +229,7 @@ def axes_of(train: dict, model_spec: dict | None) -> dict:
 def varying_axes(per_model: list[dict]) -> list[str]:
     """The axes on which the models differ (seed last), known for every model. An axis that splits the
     models exactly as an earlier one does (``model.channels`` beside ``width``) is the same axis under
-    another name and is left out."""
+    another name and is left out (the seed is always kept)."""
     names = [k for k in dict.fromkeys(k for m in per_model for k in m) if all(k in m for m in per_model)]
     vary = [k for k in names if len({repr(_key(m[k])) for m in per_model}) > 1]
     order = {k: i for i, k in enumerate(AXIS_ORDER)}
@@ -238,7 +238,7 @@ def varying_axes(per_model: list[dict]) -> list[str]:
     for k in vary:
         codes: dict = {}
         part = tuple(codes.setdefault(repr(_key(m[k])), len(codes)) for m in per_model)
-        if part not in seen:
+        if k == "seed" or part not in seen:
             seen.add(part)
             out.append(k)
     return out
