@@ -234,17 +234,24 @@ def command(checkpoints, measures, gap_text, axes_text, resamples, level, suite_
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   title=f"rank correlation with the gap {gap_text} over {len(members)} checkpoints")
         t.add_column("measure", no_wrap=True)
-        t.add_column("flatter", no_wrap=True)
+        t.add_column("flatter", no_wrap=True, min_width=7)
         t.add_column("n", justify="right", no_wrap=True)
-        t.add_column(f"Kendall τ [{pct}]", justify="right", no_wrap=True)
-        t.add_column(f"Spearman ρ [{pct}]", justify="right", no_wrap=True)
-        for a in axes:
-            t.add_column(f"ψ {a}", justify="right", no_wrap=True)
-        t.add_column("Ψ", justify="right", no_wrap=True)
+        t.add_column(f"Kendall τ [{pct}]", justify="right", no_wrap=True, min_width=24)
+        t.add_column(f"Spearman ρ [{pct}]", justify="right", no_wrap=True, min_width=24)
+        t.add_column("Ψ", justify="right", no_wrap=True, min_width=6)
         for r in results:
             t.add_row(r.measure, r.flatter or "-", str(r.n), _ci(r.kendall, r.kendall_ci), _ci(r.spearman, r.spearman_ci),
-                      *[_num(r.psi.get(a)) for a in axes], _num(r.Psi))
+                      _num(r.Psi))
         console.print(t)
+        if axes:
+            t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      title="granulated Kendall ψ per axis (groups of models differing only on it)")
+            t.add_column("measure", no_wrap=True)
+            for a in axes:
+                t.add_column(f"ψ {a}", justify="right", no_wrap=True, min_width=len(a) + 2)
+            for r in results:
+                t.add_row(r.measure, *[f"{_num(r.psi.get(a))} ({r.psi_groups.get(a, 0)})" for a in axes])
+            console.print(t)
         console.print(f"axes: {', '.join(axes) or 'none vary'}" + (f"; held fixed within ψ groups: {', '.join(fixed)}"
                                                                      if fixed else ""), highlight=False)
         console.print(f"results: {out}", highlight=False)
