@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -85,9 +86,12 @@ def _caption(path: Path, what: str) -> str:
               help="Points on each interpolation line.")
 @click.option("--interp-range", default="-0.5:1.5", show_default=True, metavar="LO:HI",
               help="Interpolation coordinates: 0 is the first checkpoint of the pair, 1 the second.")
+@click.option("--gap", "gap_text", default="test_error-train_error", show_default=True, metavar="EXPR",
+              help="With 3 or more checkpoints, the report ranks each flatness metric against this gap "
+                   "(Kendall, Spearman, as flatscope correlate); 'none' leaves the section out.")
 @_shared_options
 def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_dir, interp, interp_grid,
-            interp_range, **shared):
+            interp_range, gap_text, **shared):
     """Compare checkpoints: the same analyses on each, with the same seed, so the same random
     directions, noise draws and probes; a side-by-side table, overlay plots, the loss along the line
     between each pair, and one self-contained HTML report (DIR/index.html).
@@ -172,6 +176,15 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
     plots = _plots(members, pairs, report)
     metric_names = list(dict.fromkeys(k for m in members for k in m["metrics"]))
     table = {k: {m["label"]: m["metrics"].get(k) for m in members} for k in metric_names}
+    family = None
+    if gap_text != "none" and len(members) >= 3:
+        from .correlate import family_section
+
+        try:
+            family = family_section(members, table, gap_text, shared, seed=main_run.seed)
+        except FlatscopeError as exc:
+            warnings.append(f"no rank correlation with the gap: {exc}")
+            main_run.warn(warnings[-1])
     interps = []
     for p in pairs:
         rec = p["record"]
@@ -181,7 +194,7 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
         interps.append({"from": p["from"], "to": p["to"], "group": f"/{rec.group}", "results": os.path.abspath(interp_file),
                         "cached": rec.cached, "distance": dist, "summary": rec.summary})
     index = report / "index.html"
-    rep.write(index, _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suite))
+    rep.write(index, _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suite, family))
     payload = {
         "schema": COMPARE_SCHEMA, "report": str(index.resolve()), "seed": main_run.seed,
         "checkpoints": [{"label": m["label"], "checkpoint": os.path.abspath(m["path"]),
@@ -190,6 +203,8 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
         "metrics": table, "interpolations": interps, "plots": [str(Path(p).resolve()) for p, _ in plots],
         "warnings": warnings,
     }
+    if family is not None:
+        payload["correlations"] = dict(family, correlations=[r.to_json() for r in family["correlations"]])
     main_run.note(f"wrote {index}")
 
     def human(console):
@@ -239,7 +254,7 @@ def _plots(members, pairs, report: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suite) -> str:
+def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suite, family=None) -> str:
     import torch
 
     labels = [m["label"] for m in members]
@@ -271,6 +286,8 @@ def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suit
                  "rise above the straight line between the two end losses for x in [0, 1].</p>",
                  rep.table(["from", "to", "‖w_to − w_from‖"] + [f"{s} barrier" for s in splits]
                            + [f"{s} max loss" for s in splits], rows, numeric_from=2)]
+    if family is not None:
+        body += _family_html(family)
     body.append("<h2>Plots</h2>")
     body += [rep.image(p, cap) for p, cap in plots]
     body += ["<h2>Shared randomness</h2>",
@@ -288,6 +305,28 @@ def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suit
     body.append(rep.table(["checkpoint", "group", "result", "seconds", "equivalent command and stored options"],
                           rows, numeric_from=3))
     return rep.page(f"flatscope compare: {', '.join(labels)}", body)
+
+
+def _family_html(family) -> list[str]:
+    """The report's section of rank correlations with the gap (as ``flatscope correlate`` computes them)."""
+    pct = f"{100 * family['level']:g}%"
+
+    def ci(v, c):
+        return "–" if v is None or not math.isfinite(v) else f"{v:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"
+
+    rows = [[rep.code(r.measure), f"{r.flatter} = flatter", r.n, ci(r.kendall, r.kendall_ci),
+             ci(r.spearman, r.spearman_ci)] + [r.psi.get(a) for a in family["axes"]] + [r.Psi]
+            for r in family["correlations"]]
+    gaps = ", ".join(f"{k} {v:.4g}" for k, v in family["gaps"].items())
+    return ["<h2>Rank correlation with the generalization gap</h2>",
+            (f"<p>Gap {rep.code(family['gap'])} over the whole splits: {rep.esc(gaps)}. Kendall's τ and Spearman's ρ "
+            f"of each flatness metric with the gap across these checkpoints, with {pct} percentile bootstrap "
+            "intervals over the checkpoints; ψ per hyperparameter axis (from the training records) and their mean Ψ "
+            "are Jiang et al.'s (2019) granulated Kendall coefficients. A positive τ means a larger value goes with a "
+            "larger gap. With few checkpoints the intervals are wide: use <code>flatscope correlate</code> on a "
+            "controlled family.</p>"),
+            rep.table(["metric", "direction", "n", f"Kendall τ [{pct}]", f"Spearman ρ [{pct}]"]
+                      + [f"ψ {a}" for a in family["axes"]] + ["Ψ"], rows, numeric_from=2)]
 
 
 def _prov_row(label, r) -> list:

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ...measures import flatter
 from ...results import find_analyses, open_results
 from ..common import Run, common_options
 
@@ -21,6 +22,7 @@ def summarize(path: str) -> dict:
                  "options": json.loads(g.attrs.get("options", "{}"))}
             a["provenance"] = {k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
                                for k in _PROVENANCE if k in g.attrs}
+            a["flatter"] = {k: d for k in a["summary"] if (d := flatter(f"{name.replace('/', '.')}.{k}"))}
             out["analyses"][name] = a
     return out
 
@@ -29,7 +31,8 @@ def summarize(path: str) -> dict:
 @click.argument("results", nargs=-1, required=True, type=click.Path())
 @common_options
 def command(results, **common):
-    """List the analyses in results files with their headline numbers.
+    """List the analyses in results files with their headline numbers; each flatness measure
+    says which direction means flatter ("lower = flatter").
 
     \b
     Example:
@@ -52,6 +55,7 @@ def command(results, **common):
                                      f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
                 for k, v in a["summary"].items():
                     txt = f"{v:.6g}" if isinstance(v, float) else str(v)
-                    console.print(escape(f"      {k:<30} {txt}"))
+                    d = a["flatter"].get(k)
+                    console.print(escape(f"      {k:<30} {txt}" + (f"   ({d} = flatter)" if d else "")))
 
     run.emit(files[0] if len(files) == 1 else {"files": files}, human)
