@@ -59,6 +59,12 @@ def sha256_file(path: str) -> str:
 
 
 def _safe_torch_load(path: str):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); the legacy format is a pickle (protocol >= 2: 0x80)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise FlatscopeError(f"{path} is not a PyTorch checkpoint: it is neither a zip archive (torch.save) nor a "
+                             f"pickle (it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

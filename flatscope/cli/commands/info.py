@@ -54,7 +54,7 @@ def command(run):
     def human(console):
         from rich.table import Table
 
-        console.print(f"[bold]{info['checkpoint']}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
+        console.print(f"[bold]{run.checkpoint.path}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
         m = info["model"] or {}
         console.print(f"model   {m.get('name', '(torch.export program)')} {m.get('kwargs', '')}")
         console.print(f"params  {info['n_params']:,} in {len(info['parameters'])} tensors")
