@@ -93,7 +93,7 @@ def normalize_direction(d: torch.Tensor, w: torch.Tensor, layout: ParamLayout, n
         raise FlatscopeError(f"unknown --bias-bn {bias_bn!r}; choose from {', '.join(BIAS_BN)}")
     out = d.clone().to(torch.float64)
     w = w.to(torch.float64)
-    for (name, sl), shape in zip(layout.slices().items(), layout.shapes):
+    for (_name, sl), shape in zip(layout.slices().items(), layout.shapes):
         dv, wv = out[sl], w[sl]
         if len(shape) <= 1:
             if bias_bn == "zero":
