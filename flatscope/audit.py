@@ -10,12 +10,12 @@ Analyses (:data:`ANALYSES`, one registry entry each):
 
 - ``hessian``: top eigenvalues and trace (:mod:`flatscope.analyses.hessian`), group ``/hessian``;
 - ``local_energy``: δE(σ) and the σ at which the error rate rises by ε (Pittorino et al. 2021,
-  ``shared/papers/entropic-algorithms-pittorino.md``; :mod:`flatscope.analyses.local_energy`),
+  arXiv:2006.07897; :mod:`flatscope.analyses.local_energy`),
   group ``/local_energy``;
 - ``landscape``: a slice along filter-normalized random directions (Li et al. 2018;
   :mod:`flatscope.analyses.landscape`), group ``/landscape/<name>`` (default ``random-1d``);
 - ``local_entropy`` (optional, not in the default suite: Langevin sampling costs more): the local
-  entropy F(γ) (``shared/papers/local-entropy-heat-variational-garcia-trillos.md``;
+  entropy F(γ) (García Trillos, Kaplan & Sanz-Alonso 2019, arXiv:1901.10082;
   :mod:`flatscope.analyses.local_entropy`), group ``/local_entropy``, one split.
 
 The default suite (:data:`DEFAULT_SUITE`) is cheap enough for CI on a CPU: the top 3 eigenvalues and
