@@ -156,6 +156,8 @@ class Run:
         self._ckpt: Checkpoint | None = None
         self._data: Dataset | None = None
         self.written: list[str] = []
+        self.warnings: list[str] = []   # every warning of this run; save() stores the new ones with the group
+        self._warnings_saved = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
@@ -258,6 +260,7 @@ class Run:
             click.echo(msg, err=True)
 
     def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
         if self.is_main:
             click.echo(f"Warning: {msg}", err=True)
 
@@ -300,7 +303,8 @@ class Run:
             return self.out_path
         with store.update(self.out_path) as f:
             store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
-                                 provenance=self.provenance())
+                                 provenance=self.provenance(), warnings=self.warnings[self._warnings_saved:])
+        self._warnings_saved = len(self.warnings)
         self.note(f"wrote /{name} to {self.out_path}")
         return self.out_path
 

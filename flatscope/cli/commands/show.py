@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ...results import find_analyses, open_results
+from ...results import find_analyses, open_results, stored_warnings
 from ..common import Run, common_options
 
 _PROVENANCE = ("checkpoint", "checkpoint_sha256", "command", "flatscope_version", "torch_version", "seed",
@@ -21,8 +21,16 @@ def summarize(path: str) -> dict:
                  "options": json.loads(g.attrs.get("options", "{}"))}
             a["provenance"] = {k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
                                for k in _PROVENANCE if k in g.attrs}
+            a["warnings"] = stored_warnings(g)
             out["analyses"][name] = a
     return out
+
+
+def _fmt(v) -> str:
+    """A summary value as show prints it: floats to 6 digits; None (not computed, or NaN) as '-'."""
+    if v is None:
+        return "-"
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 @click.command("show")
@@ -50,8 +58,13 @@ def command(results, **common):
                 p = a["provenance"]
                 console.print(escape(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  "
                                      f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
+                if p.get("checkpoint"):
+                    sha = str(p.get("checkpoint_sha256", ""))[:12]
+                    console.print(escape(f"      checkpoint {p['checkpoint']}" + (f"  (sha256 {sha}...)" if sha else "")),
+                                  highlight=False)
                 for k, v in a["summary"].items():
-                    txt = f"{v:.6g}" if isinstance(v, float) else str(v)
-                    console.print(escape(f"      {k:<30} {txt}"))
+                    console.print(escape(f"      {k:<30} {_fmt(v)}"))
+                for w in a["warnings"]:
+                    console.print(escape(f"      warning: {w}"), highlight=False)
 
     run.emit(files[0] if len(files) == 1 else {"files": files}, human)

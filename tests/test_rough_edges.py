@@ -1,0 +1,71 @@
+"""Rough edges a new user hit (issue 17, section 3): what show prints, warnings kept with their numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+
+from flatscope import results as store
+
+
+
+def _write_group(path, name="local_entropy", summary=None, warnings=None, checkpoint="runs/a.pt"):
+    with store.update(str(path)) as f:
+        store.write_analysis(f, name, {"x": 1.0}, kind=name, summary=summary or {}, options={},
+                             provenance={"checkpoint": checkpoint, "checkpoint_sha256": "ab" * 32, "seed": 0},
+                             warnings=warnings)
+
+
+def test_show_prints_missing_values_as_dash_and_the_checkpoint(cli, tmp_path):
+    p = tmp_path / "r.h5"
+    _write_group(p, summary={"min_accept_rate": None, "max_rhat": 1.002, "n_warnings": 0})
+    res = cli(["show", p])
+    assert res.exit_code == 0, res.stderr
+    assert "None" not in res.stdout
+    line = next(ln for ln in res.stdout.splitlines() if "min_accept_rate" in ln)
+    assert line.split() == ["min_accept_rate", "-"]
+    assert "checkpoint runs/a.pt  (sha256 abababababab...)" in res.stdout
+
+
+def test_show_lists_the_stored_warnings_of_each_group(cli, tmp_path):
+    p = tmp_path / "r.h5"
+    _write_group(p, name="local_entropy", summary={"n_warnings": 1}, warnings=["gamma=0.1: ESS 90 < 400"])
+    _write_group(p, name="hessian", summary={"lambda_max": 1.0}, warnings=[], checkpoint="runs/b.pt")
+    res = cli(["show", p])
+    assert res.exit_code == 0, res.stderr
+    blocks = res.stdout.split("  /")
+    le = next(b for b in blocks if b.startswith("local_entropy"))
+    he = next(b for b in blocks if b.startswith("hessian"))
+    assert "warning: gamma=0.1: ESS 90 < 400" in le and "warning" not in he
+    assert "runs/b.pt" in he and "runs/a.pt" in le
+    payload = json.loads(cli(["show", p, "--json"]).stdout)
+    assert payload["analyses"]["local_entropy"]["warnings"] == ["gamma=0.1: ESS 90 < 400"]
+    assert payload["analyses"]["hessian"]["warnings"] == []
+
+
+def test_a_commands_warnings_are_stored_with_its_group(cli, samples, tmp_path):
+    """local-energy warns that the target error is never reached; the warning is kept in /local_energy."""
+    ck = tmp_path / "mlp.pt"
+    shutil.copy(samples / "mlp-sgd.pt", ck)
+    out = tmp_path / "le.h5"
+    res = cli(["local-energy", ck, "--sigma", "0.01,0.02", "--samples", "2", "--max-samples", "64",
+               "--target-error", "0.5", "--no-plot", "--threads", "1", "-o", out])
+    assert res.exit_code == 0, res.stderr
+    assert "never rose" in res.stderr
+    with h5py.File(out) as f:
+        stored = store.stored_warnings(f["local_energy"])
+    assert len(stored) == 1 and "never rose by 0.5" in stored[0]
+    shown = cli(["show", out]).stdout
+    assert "warning: train: the error rate never rose by 0.5" in shown
+
+
+def test_stored_warnings_reads_old_and_foreign_formats(tmp_path):
+    with h5py.File(tmp_path / "w.h5", "w") as f:
+        a, b, c = f.create_group("a"), f.create_group("b"), f.create_group("c")
+        b.attrs["warnings"] = json.dumps([{"message": "m1", "epoch": 2}, "m2"])
+        c.attrs["warnings"] = "not json"
+        assert store.stored_warnings(a) == []
+        assert store.stored_warnings(b) == ["m1", "m2"]
+        assert store.stored_warnings(c) == ["not json"]
