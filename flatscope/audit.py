@@ -73,7 +73,7 @@ AUDIT_SCHEMA = "flatscope.audit/1"
 # Options every analysis command shares (flatscope/cli/common.py): a step does not set them, the
 # audit passes its own (except ``split``, which a step may override).
 _SHARED = ("checkpoint", "checkpoints", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-           "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "device", "seed",
+           "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed", "device", "seed",
            "dtype", "threads", "as_json", "quiet", "verbose")
 _STEP_SHARED = ("split",)
 
@@ -577,6 +577,8 @@ def shared_argv(run, split: str | None = None) -> list[str]:
         argv += ["--loss", run.loss_override]
     if run.allow_nonfinite:
         argv.append("--allow-nonfinite")
+    if getattr(run, "allow_mixed", False):
+        argv.append("--allow-mixed")
     if run.verbose:
         argv.append("-v")
     return argv

@@ -117,6 +117,20 @@ def write_analysis(f: h5py.File, name: str, tree: dict, *, kind: str, summary: d
     return g
 
 
+def other_checkpoint(path: str, sha256: str) -> tuple[str, str, str] | None:
+    """The first analysis in results file ``path`` of a checkpoint other than ``sha256``.
+
+    Returns ``(group, checkpoint path, its sha256)``, or None when every analysis that records its
+    checkpoint is of this one (or the file holds none).
+    """
+    with open_results(path) as f:
+        for name, g in find_analyses(f):
+            other = g.attrs.get("checkpoint_sha256")
+            if other is not None and str(other) != sha256:
+                return f"/{name}", str(g.attrs.get("checkpoint", "?")), str(other)
+    return None
+
+
 def stored_warnings(group: h5py.Group) -> list[str]:
     """The warnings stored with an analysis group (attr ``warnings``, a JSON list; [] when none)."""
     raw = group.attrs.get("warnings")

@@ -12,7 +12,7 @@ opening fence (in ``docs/**/*.md`` and ``README.md``)::
 Every ``$ `` line is a command, and the lines up to the next ``$ `` line are its expected output
 (stdout and stderr together, in the order a terminal shows them). The blocks of one file run in
 order in one scratch directory holding a copy of ``sample_checkpoints/`` (so results files written
-beside a checkpoint never land in the repository), with ``flatscope`` on the PATH running this
+beside a checkpoint never land in the repository) and an empty ``runs/``, with ``flatscope`` on the PATH running this
 checkout, one thread, seed defaults unchanged. ``$ echo $?`` prints the exit code of the command
 before it.
 
@@ -157,6 +157,7 @@ def test_all_examples(path, tmp_path_factory):
 
 def _fresh(d: Path):
     shutil.copytree(ROOT / "sample_checkpoints", d / "sample_checkpoints")
+    (d / "runs").mkdir()
     bin_dir = d / ".bin"
     bin_dir.mkdir()
     exe = bin_dir / "flatscope"

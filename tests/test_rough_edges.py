@@ -7,6 +7,8 @@ import shutil
 
 import h5py
 
+from conftest import assert_one_line_error
+
 from flatscope import results as store
 
 
@@ -69,3 +71,47 @@ def test_stored_warnings_reads_old_and_foreign_formats(tmp_path):
         assert store.stored_warnings(a) == []
         assert store.stored_warnings(b) == ["m1", "m2"]
         assert store.stored_warnings(c) == ["not json"]
+
+
+def _le(ck, out, *extra):
+    return ["local-energy", ck, "--sigma", "0.1", "--samples", "2", "--max-samples", "32", "--no-plot",
+            "--threads", "1", "-o", out, *extra]
+
+
+def test_a_results_file_refuses_another_checkpoint_unless_allow_mixed(cli, samples, tmp_path):
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "r.h5"
+    shutil.copy(samples / "mlp-sgd.pt", a)
+    shutil.copy(samples / "mlp-esgd.pt", b)
+    assert cli(_le(a, out)).exit_code == 0
+    before = out.read_bytes()
+    line = assert_one_line_error(cli(_le(b, out)), contains="holds analyses of another checkpoint")
+    assert "--allow-mixed" in line and str(a) in line
+    assert out.read_bytes() == before                       # nothing written
+    assert cli(_le(a, out)).exit_code == 0                   # the same checkpoint again is fine
+    res = cli(_le(b, out, "--allow-mixed"))
+    assert res.exit_code == 0, res.stderr
+    with h5py.File(out) as f:
+        assert str(f["local_energy"].attrs["checkpoint"]).endswith("b.pt")
+
+
+def test_compare_results_dir_names_files_by_checkpoint(cli, samples, tmp_path):
+    """Two checkpoints with the same stem get two results files in --results-dir, never one mixed file."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a, b = tmp_path / "x" / "mlp.pt", tmp_path / "y" / "mlp.pt"
+    shutil.copy(samples / "mlp-sgd.pt", a)
+    shutil.copy(samples / "mlp-esgd.pt", b)
+    rd = tmp_path / "res"
+    rd.mkdir()
+    res = cli(["compare", a, b, "--results-dir", rd, "--step", "local_energy", "--set", "local_energy.samples=2",
+               "--set", "local_energy.sigma=0.1", "--no-interp", "--max-samples", "32", "--threads", "1",
+               "-o", tmp_path / "report", "-q"])
+    assert res.exit_code == 0, res.stderr
+    files = sorted(p.name for p in rd.glob("*.flatscope.h5"))
+    assert len(files) == 2, files
+    shas = set()
+    for name in files:
+        with h5py.File(rd / name) as f:
+            shas |= {str(g.attrs["checkpoint_sha256"]) for _, g in store.find_analyses(f)}
+            assert name.split(".")[1] == str(f["local_energy"].attrs["checkpoint_sha256"])[:8]
+    assert len(shas) == 2

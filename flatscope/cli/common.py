@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, sha256_file
 from ..data import Dataset, load_data, subsample
 from ..errors import FlatscopeError
 from ..models import is_factory_path
@@ -36,7 +36,7 @@ STATE = {"verbose": False}
 
 COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
 ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite")
+                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed")
 
 
 def _json_dict(ctx, param, value):
@@ -100,6 +100,8 @@ def analysis_options(f: Callable) -> Callable:
         click.option("--plot/--no-plot", default=True, show_default=True, help="Write plots beside the results file."),
         click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True),
         click.option("--allow-nonfinite", is_flag=True, help="Analyze weights that hold NaN or Inf."),
+        click.option("--allow-mixed", is_flag=True,
+                     help="Write to a results file that holds analyses of another checkpoint (refused otherwise)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -144,14 +146,14 @@ class Run:
     def __init__(self, device="auto", seed=0, dtype="float32", threads=None, as_json=False, quiet=False,
                  verbose=False, checkpoint=None, model=None, model_kwargs=None, data=None, data_kwargs=None,
                  loss=None, split="train", batch_size=None, max_samples=None, out=None, plot=False,
-                 plot_format="png", allow_nonfinite=False):
+                 plot_format="png", allow_nonfinite=False, allow_mixed=False):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
         self.checkpoint_path, self.model_name, self.model_kwargs = checkpoint, model, model_kwargs
         self.data_name, self.data_kwargs, self.loss_override = data, data_kwargs, loss
         self.split, self.batch_size, self.max_samples = split, batch_size, max_samples
         self.out_arg, self.do_plot, self.plot_format = out, plot, plot_format
-        self.allow_nonfinite = allow_nonfinite
+        self.allow_nonfinite, self.allow_mixed = allow_nonfinite, allow_mixed
         self.started = time.time()
         self._ckpt: Checkpoint | None = None
         self._data: Dataset | None = None
@@ -175,6 +177,19 @@ class Run:
             raise FlatscopeError(f"--batch-size must be at least 1, got {self.batch_size}")
         if check_output and self.checkpoint_path is not None:
             store.check_output_path(self.out_path)
+            self.check_not_mixed()
+
+    def check_not_mixed(self) -> None:
+        """Refuse a results file that holds analyses of another checkpoint, unless --allow-mixed."""
+        if self.allow_mixed or not os.path.isfile(self.out_path):
+            return
+        sha = self._ckpt.sha256 if self._ckpt else sha256_file(self.checkpoint_path)
+        other = store.other_checkpoint(self.out_path, sha)
+        if other is not None:
+            raise FlatscopeError(
+                f"{self.out_path} holds analyses of another checkpoint ({other[0]}: {other[1]}, sha256 "
+                f"{other[2][:12]}...), not of {self.checkpoint_path} (sha256 {sha[:12]}...); write to another file "
+                f"with -o, or pass --allow-mixed to keep both in one file")
 
     def reseed(self, offset: int = 0) -> None:
         torch.manual_seed(self.seed + offset)
@@ -301,6 +316,8 @@ class Run:
         options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
         if not self.is_main:
             return self.out_path
+        if self.checkpoint_path is not None:
+            self.check_not_mixed()
         with store.update(self.out_path) as f:
             store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
                                  provenance=self.provenance(), warnings=self.warnings[self._warnings_saved:])
