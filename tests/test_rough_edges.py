@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import h5py
+import pytest
 
 from conftest import assert_one_line_error
 
 from flatscope import results as store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -115,3 +120,43 @@ def test_compare_results_dir_names_files_by_checkpoint(cli, samples, tmp_path):
             shas |= {str(g.attrs["checkpoint_sha256"]) for _, g in store.find_analyses(f)}
             assert name.split(".")[1] == str(f["local_energy"].attrs["checkpoint_sha256"])[:8]
     assert len(shas) == 2
+
+
+LAZY = """
+import sys
+sys.argv = ["flatscope"] + sys.argv[1:]
+import flatscope.cli as cli
+try:
+    cli.main()
+except SystemExit as exc:
+    code = exc.code
+print("torch imported" if "torch" in sys.modules else "torch not imported", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--version"], 0), ([], 0), (["no-such-command"], 2)])
+def test_help_version_and_unknown_commands_do_not_import_torch(args, code):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", LAZY, *args], capture_output=True, text=True, timeout=300,
+                       check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stderr.strip().splitlines()[-1] == f"torch not imported {code}", p.stderr
+    if args == ["--help"]:
+        # the command list still has every command with its one-line summary
+        for name in ("audit", "compare", "hessian", "landscape", "local-energy", "local-entropy", "train"):
+            assert any(ln.split()[:1] == [name] and len(ln.split()) > 1 for ln in p.stdout.splitlines()), p.stdout
+    if args == ["--version"]:
+        assert "flatscope, version" in p.stdout
+
+
+def test_help_lists_the_same_summaries_as_the_commands_themselves():
+    """The summaries read from source equal click's own short help of each imported command."""
+    import click
+
+    from flatscope.cli import _short_help, main
+
+    ctx = click.Context(main)
+    for name in main.list_commands(ctx):
+        cmd = main.get_command(ctx, name)
+        assert _short_help(name, 60) == cmd.get_short_help_str(60), name
