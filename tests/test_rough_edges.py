@@ -160,3 +160,35 @@ def test_help_lists_the_same_summaries_as_the_commands_themselves():
     for name in main.list_commands(ctx):
         cmd = main.get_command(ctx, name)
         assert _short_help(name, 60) == cmd.get_short_help_str(60), name
+
+
+def test_default_threads_takes_only_idle_cores(monkeypatch):
+    from flatscope.threads import choose_threads, default_threads
+
+    assert default_threads(2, cores=2, load=0.0) == 2          # idle: torch's default
+    assert default_threads(2, cores=2, load=0.9) == 1          # one core busy (0.9 rounds to one)
+    assert default_threads(2, cores=2, load=17.0) == 1         # far more work than cores: one thread
+    assert default_threads(8, cores=16, load=3.0) == 8         # never above torch's default
+    assert default_threads(16, cores=4, load=1.0) == 3         # nor above the usable cores, less the busy one
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(3, 2) == 3                           # --threads is obeyed
+    assert 1 <= choose_threads(None, 2) <= 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert choose_threads(None, 2) is None                     # OMP_NUM_THREADS rules (torchrun sets it)
+    assert choose_threads(1, 2) == 1
+
+
+def test_commands_set_the_chosen_thread_count(cli, samples, tmp_path, monkeypatch):
+    import torch
+
+    import flatscope.cli.common as common
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(common, "choose_threads", lambda requested, torch_default: requested or 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli(["info", samples / "mlp-sgd.pt", "--json"]).exit_code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

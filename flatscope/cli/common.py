@@ -29,10 +29,12 @@ from ..data import Dataset, load_data, subsample
 from ..errors import FlatscopeError
 from ..models import is_factory_path
 from ..objective import LOSSES, Objective
+from ..threads import choose_threads
 from .. import distributed
 from .. import results as store
 
 STATE = {"verbose": False}
+_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any command changes it
 
 COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
 ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
@@ -65,7 +67,7 @@ def common_options(f: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
                      help="Precision of the model and data."),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="torch CPU threads (default: torch's choice)."),
+                     help="torch CPU threads (default: the idle cores, 1 on a busy CPU; OMP_NUM_THREADS if set)."),
         click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or summary tables."),
         click.option("-v", "--verbose", is_flag=True, callback=_set_verbose, is_eager=True,
@@ -164,8 +166,9 @@ class Run:
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
         STATE["verbose"] = bool(self.verbose)
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        n = choose_threads(self.threads, _TORCH_THREADS)   # see flatscope/threads.py
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
         self.device = resolve_device(self.device_spec)
         distributed.init_from_env(self.device)
         self.device = distributed.local_device(self.device)
