@@ -192,3 +192,42 @@ def test_commands_set_the_chosen_thread_count(cli, samples, tmp_path, monkeypatc
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_plot_subjects_name_checkpoint_and_split():
+    from flatscope.plotting import subject
+
+    assert subject([("mlp-sgd", {"options": '{"split": "train"}'})]) == "mlp-sgd, train split"
+    assert subject([("cnn", {"options": '{"split": "both"}'})]) == "cnn, train and test splits"
+    two = [("a", {"options": '{"split": "test"}'}), ("b", {"options": '{"split": "test"}'})]
+    assert subject(two) == "a vs b, test split"
+
+
+def test_plots_carry_their_subject_and_readable_axes(cli, samples, tmp_path, monkeypatch):
+    """Every figure is titled with checkpoint and split; σ axes have no overlapping minor labels;
+    a non-square 2-D slice is drawn to scale."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    from flatscope.plotting import render_group
+
+    ck = tmp_path / "mlp.pt"
+    shutil.copy(samples / "mlp-sgd.pt", ck)
+    out = tmp_path / "r.h5"
+    assert cli(_le(ck, out, "--sigma", "0.05..0.8:5", "--noise", "filter")).exit_code == 0
+    res = cli(["landscape", ck, "--2d", "--range", "-1:1,-0.5:0.5", "--grid", "5,3", "--no-plot", "--threads", "1",
+               "-o", out])
+    assert res.exit_code == 0, res.stderr
+    figs = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), real(self, *a, **k))[1])
+    render_group(str(out), "local_energy")
+    render_group(str(out), "landscape/random-2d")
+    assert len(figs) == 3                                       # curves, contour, surface
+    assert all(f._suptitle is not None and f._suptitle.get_text() == "mlp, train split" for f in figs)
+    le_axes = figs[0].axes
+    assert all(isinstance(ax.xaxis.get_minor_formatter(), NullFormatter) for ax in le_axes)
+    contour = [ax for ax in figs[1].axes if ax.get_title().startswith("train")]
+    assert contour and all(ax.get_aspect() == 1.0 for ax in contour)
+    surface = figs[2].axes[0]
+    assert surface.get_xlabel() == "x (direction 1)" and surface.get_ylabel() == "y (direction 2)"
