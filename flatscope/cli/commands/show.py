@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -24,6 +25,15 @@ def summarize(path: str) -> dict:
             a["warnings"] = stored_warnings(g)
             out["analyses"][name] = a
     return out
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (results store absolute paths)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:   # another drive (Windows)
+        return path
+    return path if rel.startswith("..") else rel
 
 
 def _fmt(v) -> str:
@@ -60,7 +70,7 @@ def command(results, **common):
                                      f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
                 if p.get("checkpoint"):
                     sha = str(p.get("checkpoint_sha256", ""))[:12]
-                    console.print(escape(f"      checkpoint {p['checkpoint']}" + (f"  (sha256 {sha}...)" if sha else "")),
+                    console.print(escape(f"      checkpoint {_relative(str(p['checkpoint']))}" + (f"  (sha256 {sha}...)" if sha else "")),
                                   highlight=False)
                 for k, v in a["summary"].items():
                     console.print(escape(f"      {k:<30} {_fmt(v)}"))
