@@ -159,7 +159,8 @@ def test_help_lists_the_same_summaries_as_the_commands_themselves():
     ctx = click.Context(main)
     for name in main.list_commands(ctx):
         cmd = main.get_command(ctx, name)
-        assert _short_help(name, 60) == cmd.get_short_help_str(60), name
+        text = _short_help(name, 60)   # None: not `def command` with a docstring (--help then imports it)
+        assert text is None or text == cmd.get_short_help_str(60), name
 
 
 def test_default_threads_takes_only_idle_cores(monkeypatch):

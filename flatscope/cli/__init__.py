@@ -24,18 +24,19 @@ import click
 from .. import __version__
 
 
-def _short_help(name: str, limit: int = 45) -> str:
-    """The first sentence of command ``name``'s docstring, read from its source without importing it."""
+def _short_help(name: str, limit: int = 45) -> str | None:
+    """The first sentence of command ``name``'s docstring, read from its source without importing it
+    (None when the module does not define ``def command`` with a docstring: then it is imported)."""
     path = Path(__file__).with_name("commands") / f"{name.replace('-', '_')}.py"
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError):
-        return ""
+        return None
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "command":
+        if isinstance(node, ast.FunctionDef) and node.name == "command" and ast.get_docstring(node):
             # a bare Command with that docstring: click shortens it exactly as for the real one
-            return click.Command(name, help=ast.get_docstring(node) or "").get_short_help_str(limit)
-    return ""
+            return click.Command(name, help=ast.get_docstring(node)).get_short_help_str(limit)
+    return None
 
 
 class _Group(click.Group):
@@ -72,7 +73,14 @@ class _Group(click.Group):
         if names:
             limit = formatter.width - 6 - max(len(n) for n in names)
             with formatter.section("Commands"):
-                formatter.write_dl([(n, _short_help(n, limit)) for n in names])
+                rows = []
+                for n in names:
+                    text = _short_help(n, limit)
+                    if text is None:   # not the usual layout: ask the command itself (imports it)
+                        cmd = self.get_command(ctx, n)
+                        text = cmd.get_short_help_str(limit) if cmd is not None else ""
+                    rows.append((n, text))
+                formatter.write_dl(rows)
 
     def get_command(self, ctx, name):
         if name not in self.list_commands(ctx):
