@@ -35,7 +35,7 @@ def default_threads(torch_default: int, *, cores: int | None = None, load: float
     if load is None:
         try:
             load = os.getloadavg()[0]
-        except (OSError, AttributeError):   # no load average on this OS: torch's choice
+        except (OSError, AttributeError):  # no load average on this OS: torch's choice
             return max(1, min(torch_default, cores))
     idle = int(cores - load + 0.5)
     return max(1, min(torch_default, cores, idle))
