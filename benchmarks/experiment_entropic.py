@@ -8,7 +8,7 @@ SAM's second gradient all count), it measures at the final weights
 - lambda_max of the training-loss Hessian (power iteration on ``Objective.hvp``);
 - its trace (Hutchinson, Rademacher probes, with the standard error of the mean);
 - the local energy dE(sigma) = E_z E(w + sigma z * w) - E(w), z ~ N(0, I), multiplicative noise as in
-  the entropic-algorithms notes (``shared/papers/entropic-algorithms-pittorino.md``), for the training
+  Pittorino et al. 2021 (arXiv:2006.07897), for the training
   error (dE_err) and loss (dE_loss), by Monte Carlo with its standard error, at "informative" sigma:
   those where SGD's dE_err lies between 1% and 20%.
 

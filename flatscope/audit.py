@@ -10,12 +10,12 @@ Analyses (:data:`ANALYSES`, one registry entry each):
 
 - ``hessian``: top eigenvalues and trace (:mod:`flatscope.analyses.hessian`), group ``/hessian``;
 - ``local_energy``: δE(σ) and the σ at which the error rate rises by ε (Pittorino et al. 2021,
-  ``shared/papers/entropic-algorithms-pittorino.md``; :mod:`flatscope.analyses.local_energy`),
+  arXiv:2006.07897; :mod:`flatscope.analyses.local_energy`),
   group ``/local_energy``;
 - ``landscape``: a slice along filter-normalized random directions (Li et al. 2018;
   :mod:`flatscope.analyses.landscape`), group ``/landscape/<name>`` (default ``random-1d``);
 - ``local_entropy`` (optional, not in the default suite: Langevin sampling costs more): the local
-  entropy F(γ) (``shared/papers/local-entropy-heat-variational-garcia-trillos.md``;
+  entropy F(γ) (García Trillos, Kaplan & Sanz-Alonso 2019, arXiv:1901.10082;
   :mod:`flatscope.analyses.local_entropy`), group ``/local_entropy``, one split.
 - ``sharpness`` (optional): worst-case and average-case adaptive sharpness over a ρ grid (Andriushchenko
   et al. 2023, arXiv:2302.07011; :mod:`flatscope.analyses.sharpness`), group ``/sharpness``.
@@ -79,7 +79,7 @@ AUDIT_SCHEMA = "flatscope.audit/1"
 # Options every analysis command shares (flatscope/cli/common.py): a step does not set them, the
 # audit passes its own (except ``split``, which a step may override).
 _SHARED = ("checkpoint", "checkpoints", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-           "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "device", "seed",
+           "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed", "device", "seed",
            "dtype", "threads", "as_json", "quiet", "verbose", "label_smoothing", "metric", "output", "hvp", "workers")
 _STEP_SHARED = ("split",)
 
@@ -684,6 +684,8 @@ def shared_argv(run, split: str | None = None) -> list[str]:
         argv += ["--workers", str(run.workers)]
     if run.allow_nonfinite:
         argv.append("--allow-nonfinite")
+    if getattr(run, "allow_mixed", False):
+        argv.append("--allow-mixed")
     if run.verbose:
         argv.append("-v")
     return argv

@@ -13,7 +13,7 @@ checkpoint's flat weights ``w``. This module makes the directions ``d``:
   checkpoint along the same plane.
 
 Filter normalization follows Li et al. 2018, "Visualizing the loss landscape of neural nets" (the
-paper the entropic-algorithms slides cite, ``shared/papers/entropic-algorithms-pittorino.md``): a
+paper whose landscapes Pittorino et al. 2021, arXiv:2006.07897, use): a
 random direction has no natural scale, and networks with ReLU and BatchNorm are invariant to the scale
 of a filter, so each filter ``d_i`` of the direction is rescaled to the norm of the same filter of the
 weights, ``d_i <- d_i ||w_i|| / ||d_i||``. A filter is one slice along dimension 0 of a parameter
@@ -93,7 +93,7 @@ def normalize_direction(d: torch.Tensor, w: torch.Tensor, layout: ParamLayout, n
         raise FlatscopeError(f"unknown --bias-bn {bias_bn!r}; choose from {', '.join(BIAS_BN)}")
     out = d.clone().to(torch.float64)
     w = w.to(torch.float64)
-    for (name, sl), shape in zip(layout.slices().items(), layout.shapes):
+    for (_name, sl), shape in zip(layout.slices().items(), layout.shapes):
         dv, wv = out[sl], w[sl]
         if len(shape) <= 1:
             if bias_bn == "zero":

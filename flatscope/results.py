@@ -194,8 +194,12 @@ def write_tree(group: h5py.Group, tree: dict) -> None:
 
 
 def write_analysis(f: h5py.File, name: str, tree: dict, *, kind: str, summary: dict,
-                   options: dict, provenance: dict) -> h5py.Group:
-    """Replace group ``name`` with ``tree`` plus the standard attrs."""
+                   options: dict, provenance: dict, warnings: list[str] | None = None) -> h5py.Group:
+    """Replace group ``name`` with ``tree`` plus the standard attrs.
+
+    ``warnings`` (the messages the run raised about these numbers: sampler heating, low ESS,
+    non-convergence, ...) go to the attr ``warnings`` as a JSON list, unless the tree sets it itself.
+    """
     if name in f:
         del f[name]
     g = f.create_group(name)
@@ -206,7 +210,35 @@ def write_analysis(f: h5py.File, name: str, tree: dict, *, kind: str, summary: d
     for k, v in provenance.items():
         if v is not None:
             g.attrs[k] = _attr_value(v)
+    if warnings is not None and "warnings" not in g.attrs:
+        g.attrs["warnings"] = json.dumps([str(w) for w in warnings])
     return g
+
+
+def other_checkpoint(path: str, sha256: str) -> tuple[str, str, str] | None:
+    """The first analysis in results file ``path`` of a checkpoint other than ``sha256``.
+
+    Returns ``(group, checkpoint path, its sha256)``, or None when every analysis that records its
+    checkpoint is of this one (or the file holds none).
+    """
+    with open_results(path) as f:
+        for name, g in find_analyses(f):
+            other = g.attrs.get("checkpoint_sha256")
+            if other is not None and str(other) != sha256:
+                return f"/{name}", str(g.attrs.get("checkpoint", "?")), str(other)
+    return None
+
+
+def stored_warnings(group: h5py.Group) -> list[str]:
+    """The warnings stored with an analysis group (attr ``warnings``, a JSON list; [] when none)."""
+    raw = group.attrs.get("warnings")
+    if raw is None:
+        return []
+    try:
+        out = json.loads(raw)
+    except (TypeError, ValueError):
+        return [str(raw)]
+    return [str(w.get("message", w)) if isinstance(w, dict) else str(w) for w in out] if isinstance(out, list) else [str(out)]
 
 
 def read_tree(group: h5py.Group) -> dict:

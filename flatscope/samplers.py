@@ -4,13 +4,13 @@ The target is, for a center ``w``, a coupling ``gamma`` and an inverse temperatu
 
     q_gamma(w' | w)  ∝  exp(-beta L(w') - beta gamma / 2 ||w' - w||^2)
 
-(Entropy-SGD, entropy-sgd-notes.md; the variational notes, local-entropy-heat-variational-garcia-trillos.md,
-eq. 2.6 with tau = 1 / (beta gamma)). Its potential is ``U(w') = beta (L(w') + gamma/2 ||w' - w||^2)``.
+(Chaudhari et al. 2017, Entropy-SGD, arXiv:1611.01838; García Trillos, Kaplan & Sanz-Alonso 2019,
+arXiv:1901.10082, eq. 2.6 with tau = 1 / (beta gamma)). Its potential is ``U(w') = beta (L(w') + gamma/2 ||w' - w||^2)``.
 
 Two samplers, both run ``C`` chains at once (rows of a ``(C, dim)`` tensor):
 
 - **SGLD** (Welling & Teh 2011; the inner loop of Entropy-SGD, Algorithm 1 there; Algorithm 3 of the
-  variational paper with a constant step):
+  García Trillos et al. 2019 with a constant step):
 
       w' <- w' - eta (g(w') + gamma (w' - w)) + sqrt(2 eta / beta) xi,      xi ~ N(0, I)
 

@@ -375,9 +375,12 @@ def test_cache_reused_only_for_same_checkpoint_and_options(tmp_path):
     out = json.loads(r.stdout)
     assert not any(s["cached"] for s in out["steps"]) and "max_samples" in out["steps"][0]["reason"]
 
-    # another checkpoint at the same path (same results file): everything recomputed
+    # another checkpoint at the same path (same results file): refused, since the file would then hold
+    # analyses of two checkpoints; with --allow-mixed everything is recomputed
     shutil.copy(SAMPLES / "mlp-esgd.pt", ckpt)
-    r, other = _audit(ckpt, suite)
+    r, refused = _audit(ckpt, suite)
+    assert r.exit_code == 2 and refused is None and "holds analyses of another checkpoint" in r.stderr
+    r, other = _audit(ckpt, suite, "--allow-mixed")
     assert r.exit_code == 0
     assert all(not s["cached"] and "sha256 differs" in s["reason"] for s in other["steps"])
     assert other["checkpoint_sha256"] != first["checkpoint_sha256"]

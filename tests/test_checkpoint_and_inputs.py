@@ -27,7 +27,15 @@ def test_missing_file(cli, tmp_path):
 def test_not_a_checkpoint(cli, tmp_path):
     p = tmp_path / "notes.pt"
     p.write_text("hello, I am text")
-    assert_one_line_error(cli(["info", p]), contains="not a readable")
+    assert_one_line_error(cli(["info", p]), contains="not a PyTorch checkpoint")
+
+
+def test_markdown_is_not_called_pickled(cli, tmp_path):
+    """A text file (here one that starts like a README) is named for what it is, not 'pickled objects'."""
+    p = tmp_path / "README.md"
+    p.write_text("# flatscope\n\nflatscope measures how flat a minimum is.\n")
+    line = assert_one_line_error(cli(["hessian", p]), contains="not a PyTorch checkpoint")
+    assert "pickled" not in line
 
 
 def test_truncated_checkpoint(cli, mlp):

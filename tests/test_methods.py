@@ -2,7 +2,7 @@
 
 Quadratic: ``--model linear --loss mse`` on synthetic data, full batch, float64, is
 f(w) = 1/2 (w - c)^T A (w - c) + const with A = 2 Z^T Z / N, Z = [X, 1], c the least-squares
-solution. The local-entropy measure q_{x,tau} (variational notes, eq. 2.6) is then Gaussian with
+solution. The local-entropy measure q_{x,tau} (García Trillos et al. 2019, arXiv:1901.10082, eq. 2.6) is then Gaussian with
 mean p(x) = (A + gamma I)^{-1} (A c + gamma x), gamma = 1/tau, and the local entropy
 F_tau(x) = 1/2 (x - c)^T (A^{-1} + tau I)^{-1} (x - c) + const has gradient (I + tau A)^{-1} A (x - c).
 Stochastic methods are compared with the exact mean and covariance of their (linear, Gaussian)
@@ -108,7 +108,7 @@ def flat(model):
 
 # ------------------------------------------------------------------------------------------ eSGD
 def test_local_entropy_gradient_closed_form_by_quadrature():
-    """F_tau(x) = -log int exp(-f(x')) phi_{x,tau}(x') dx' (variational notes eq. 2.2), 1-D, by quadrature."""
+    """F_tau(x) = -log int exp(-f(x')) phi_{x,tau}(x') dx' (García Trillos et al. 2019, eq. 2.2), 1-D, by quadrature."""
     a, c, tau = 3.0, 0.7, 0.4
     grid = np.linspace(-12, 12, 200001)
     dx = grid[1] - grid[0]
@@ -124,7 +124,7 @@ def test_local_entropy_gradient_closed_form_by_quadrature():
 
 
 def test_esgd_outer_step_with_exact_expectation_is_gd_on_local_entropy(quad):
-    """Variational notes eq. 3.5: x - eta gamma (x - E_q[X]) = x - eta grad F_tau(x), tau = 1/gamma."""
+    """García Trillos et al. 2019, eq. 3.5: x - eta gamma (x - E_q[X]) = x - eta grad F_tau(x), tau = 1/gamma."""
     x = quad.x0() + 1.0
     for gamma, eta in ((0.5, 0.3), (2.0, 0.1), (10.0, 0.05)):
         tau = 1 / gamma

@@ -1,6 +1,6 @@
 """Local energy: how much the loss and the error rate rise under random weight noise of scale σ.
 
-Definition (Pittorino et al. 2021, ``shared/papers/entropic-algorithms-pittorino.md``)::
+Definition (Pittorino et al. 2021, "Entropic gradient descent algorithms and wide flat minima", arXiv:2006.07897)::
 
     δE(σ) = E_z[ E(w + σ d(z)) ] − E(w),      z ~ N(0, I)
 

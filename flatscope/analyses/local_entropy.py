@@ -1,8 +1,9 @@
 r"""Local entropy of a minimum, its landscape over the coupling gamma, and its gradient.
 
-Convention (local-entropy-heat-variational-garcia-trillos.md eq. 2.2, F_tau with a Gaussian of
-variance tau = 1/(beta gamma), generalized to an inverse temperature beta; entropic-algorithms-
-pittorino.md's L_LE up to an additive constant)::
+Convention (García Trillos, Kaplan & Sanz-Alonso 2019, "Variational characterizations of local entropy
+and heat regularization in deep learning", arXiv:1901.10082, eq. 2.2: F_tau with a Gaussian of
+variance tau = 1/(beta gamma), generalized to an inverse temperature beta; the L_LE of Pittorino et
+al. 2021, arXiv:2006.07897, up to an additive constant)::
 
     q_gamma(w' | w) ∝ exp(-beta L(w') - beta gamma / 2 ||w' - w||^2)
 
@@ -10,10 +11,11 @@ pittorino.md's L_LE up to an additive constant)::
 
 with phi_{w, s} the density of N(w, s I). F is a loss (small = a wide, deep valley); it tends to
 L(w) as gamma -> infinity and to the flat average as gamma -> 0. Entropy-SGD's "negative local
-entropy" (entropy-sgd-notes.md, entropy-sgd-report-egorov.md) is the same integral without the
+entropy" (Chaudhari et al. 2017, "Entropy-SGD: Biasing Gradient Descent Into Wide Valleys",
+arXiv:1611.01838) is the same integral without the
 Gaussian's normalization; the two differ by (n / (2 beta)) log(2 pi / (beta gamma)), n = dim w.
 
-Gradient (variational paper eq. 3.5, Entropy-SGD): grad F = gamma (w - <w'>_q).
+Gradient (García Trillos et al. 2019, eq. 3.5, Entropy-SGD): grad F = gamma (w - <w'>_q).
 
 Quadratic loss (exact). For L(w + d) = L + g.d + 1/2 d.H d and A = H + gamma I positive definite,
 completing the square, -beta(g.d + 1/2 d.A d) = -beta/2 (d + A^-1 g).A(d + A^-1 g) + beta/2 g.A^-1 g,
@@ -74,11 +76,11 @@ keeps its sign, else a local quadratic; the quadrature error is estimated from t
 the two rules (see :func:`thermodynamic_integration`), and the tail's truncation error (without an
 anchor, below) adds to it: err = sqrt(mc^2 + (quad + tail)^2).
 
-Importance sampling (variational paper, Algorithm 4): J draws w' = w + xi / sqrt(beta gamma) from the
+Importance sampling (García Trillos et al. 2019, Algorithm 4): J draws w' = w + xi / sqrt(beta gamma) from the
 Gaussian, weights exp(-beta L(w')), self-normalized; it gives <w'>, <L>, <||d||^2> and directly
 F = L(w) - (1/beta) log mean exp(-beta (L(w') - L(w))), with Kish's effective sample size
 (sum w)^2 / sum w^2. It needs no gradient but degrades exponentially with the dimension
-(variational paper, 5.1.2): it is reliable when ESS >= 100 (flagged).
+(García Trillos et al. 2019, 5.1.2): it is reliable when ESS >= 100 (flagged).
 
 beta. The default is beta = N, the number of samples in the split: then exp(-beta L) is the
 model's likelihood of the data under cross-entropy (a product of per-sample probabilities), and q is
@@ -298,7 +300,7 @@ def thermodynamic_integration(gammas, m_rep: np.ndarray, center_loss: float, anc
 # ---------------------------------------------------------------------------------------------------
 def importance_sampling(potential: Potential, center: torch.Tensor, center_loss: float, gamma: float, beta: float,
                         samples: int, generator: torch.Generator, block: int = 64) -> dict:
-    """Algorithm 4 of the variational paper: draws from N(w, I/(beta gamma)), weights exp(-beta L).
+    """Algorithm 4 of García Trillos et al. 2019: draws from N(w, I/(beta gamma)), weights exp(-beta L).
 
     Returns F (log-mean-exp) with its delta-method standard error, Kish's ESS, and the
     self-normalized <L>, <||d||^2> (with standard errors) and the gradient gamma (w - <w'>).

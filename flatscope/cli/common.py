@@ -24,19 +24,21 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, sha256_file
 from ..data import Dataset, load_data, subsample_source
 from ..errors import FlatscopeError
 from ..models import is_factory_path
 from ..objective import Objective
+from ..threads import choose_threads
 from .. import distributed
 from .. import results as store
 
 STATE = {"verbose": False}
+_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any command changes it
 
 COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
 ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite",
+                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed",
                  "label_smoothing", "metric", "output", "hvp", "workers")
 
 
@@ -68,7 +70,7 @@ def common_options(f: Callable) -> Callable:
                      help="Precision of the model and data; bfloat16/float16 run forward and backward in that "
                           "precision and sum over batches in float32 (the Lanczos recurrence is float64)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="torch CPU threads (default: torch's choice)."),
+                     help="torch CPU threads (default: the idle cores, 1 on a busy CPU; OMP_NUM_THREADS if set)."),
         click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or summary tables."),
         click.option("-v", "--verbose", is_flag=True, callback=_set_verbose, is_eager=True,
@@ -121,6 +123,8 @@ def analysis_options(f: Callable) -> Callable:
         click.option("--plot/--no-plot", default=True, show_default=True, help="Write plots beside the results file."),
         click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True),
         click.option("--allow-nonfinite", is_flag=True, help="Analyze weights that hold NaN or Inf."),
+        click.option("--allow-mixed", is_flag=True,
+                     help="Write to a results file that holds analyses of another checkpoint (refused otherwise)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -165,15 +169,15 @@ class Run:
     def __init__(self, device="auto", seed=0, dtype="float32", threads=None, as_json=False, quiet=False,
                  verbose=False, checkpoint=None, model=None, model_kwargs=None, data=None, data_kwargs=None,
                  loss=None, split="train", batch_size=None, max_samples=None, out=None, plot=False,
-                 plot_format="png", allow_nonfinite=False, label_smoothing=0.0, metric=None, output=None,
-                 hvp="auto", workers=0):
+                 plot_format="png", allow_nonfinite=False, allow_mixed=False, label_smoothing=0.0, metric=None,
+                 output=None, hvp="auto", workers=0):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
         self.checkpoint_path, self.model_name, self.model_kwargs = checkpoint, model, model_kwargs
         self.data_name, self.data_kwargs, self.loss_override = data, data_kwargs, loss
         self.split, self.batch_size, self.max_samples = split, batch_size, max_samples
         self.out_arg, self.do_plot, self.plot_format = out, plot, plot_format
-        self.allow_nonfinite = allow_nonfinite
+        self.allow_nonfinite, self.allow_mixed = allow_nonfinite, allow_mixed
         self.label_smoothing, self.metric_name, self.output_key = label_smoothing, metric, output
         self.hvp_mode, self.workers = hvp, workers
         self._loss_obj = None
@@ -182,12 +186,15 @@ class Run:
         self._ckpt: Checkpoint | None = None
         self._data: Dataset | None = None
         self.written: list[str] = []
+        self.warnings: list[str] = []   # every warning of this run; save() stores the new ones with the group
+        self._warnings_saved = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
         STATE["verbose"] = bool(self.verbose)
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        n = choose_threads(self.threads, _TORCH_THREADS)   # see flatscope/threads.py
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
         self.device = resolve_device(self.device_spec)
         distributed.init_from_env(self.device)
         self.device = distributed.local_device(self.device)
@@ -203,6 +210,19 @@ class Run:
             raise FlatscopeError(f"--batch-size must be at least 1, got {self.batch_size}")
         if check_output and self.checkpoint_path is not None:
             store.check_output_path(self.out_path)
+            self.check_not_mixed()
+
+    def check_not_mixed(self) -> None:
+        """Refuse a results file that holds analyses of another checkpoint, unless --allow-mixed."""
+        if self.allow_mixed or not os.path.isfile(self.out_path):
+            return
+        sha = self._ckpt.sha256 if self._ckpt else sha256_file(self.checkpoint_path)
+        other = store.other_checkpoint(self.out_path, sha)
+        if other is not None:
+            raise FlatscopeError(
+                f"{self.out_path} holds analyses of another checkpoint ({other[0]}: {other[1]}, sha256 "
+                f"{other[2][:12]}...), not of {self.checkpoint_path} (sha256 {sha[:12]}...); write to another file "
+                f"with -o, or pass --allow-mixed to keep both in one file")
 
     def reseed(self, offset: int = 0) -> None:
         torch.manual_seed(self.seed + offset)
@@ -322,6 +342,7 @@ class Run:
             click.echo(msg, err=True)
 
     def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
         if self.is_main:
             click.echo(f"Warning: {msg}", err=True)
 
@@ -366,9 +387,12 @@ class Run:
                 options.setdefault(key, value)
         if not self.is_main:
             return self.out_path
+        if self.checkpoint_path is not None:
+            self.check_not_mixed()
         with store.update(self.out_path) as f:
             store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
-                                 provenance=self.provenance())
+                                 provenance=self.provenance(), warnings=self.warnings[self._warnings_saved:])
+        self._warnings_saved = len(self.warnings)
         self.note(f"wrote /{name} to {self.out_path}")
         return self.out_path
 

@@ -88,12 +88,12 @@ def resolve_params(method: str, spec: dict[str, Param], given: dict) -> dict:
 
 # ---------------------------------------------------------------------------- schedules
 def gamma_at(gamma0: float, gamma1: float, t: int) -> float:
-    """Scoping of the coupling: gamma_t = gamma0 (1 + gamma1)^t (Entropy-SGD notes; t = outer updates)."""
+    """Scoping of the coupling: gamma_t = gamma0 (1 + gamma1)^t (Chaudhari et al. 2017, arXiv:1611.01838; t = outer updates)."""
     return gamma0 * (1.0 + gamma1) ** t
 
 
 def tau_at(tau0: float, tau1: float, k: int) -> float:
-    """Scoping of the variance: tau(k) = tau0 / (1 + tau1)^k (variational notes, section 6.5.1)."""
+    """Scoping of the variance: tau(k) = tau0 / (1 + tau1)^k (García Trillos et al. 2019, arXiv:1901.10082, section 6.5.1)."""
     return tau0 / (1.0 + tau1) ** k
 
 

@@ -1,7 +1,7 @@
-"""Entropy-SGD, as Algorithm 1 of the Entropy-SGD notes.
+"""Entropy-SGD, as Algorithm 1 of Chaudhari et al. 2017.
 
-Source: ``shared/papers/entropy-sgd-report-egorov.md`` (Algorithm 1, restated verbatim in
-``deep-relaxation-pde-oberman.md``)::
+Source: Chaudhari et al. 2017, "Entropy-SGD: Biasing Gradient Descent Into Wide Valleys", arXiv:1611.01838,
+Algorithm 1 (restated by Chaudhari et al. 2018, arXiv:1704.04932)::
 
     x', mu <- x
     for l <= L:  Xi_l <- fresh minibatch
@@ -13,19 +13,19 @@ Source: ``shared/papers/entropy-sgd-report-egorov.md`` (Algorithm 1, restated ve
 Conventions, and why:
 
 - **mu update**: ``mu <- (1 - alpha) mu + alpha x'`` (weight alpha on the *new* iterate), as written
-  in the Entropy-SGD notes' Algorithm 1 and demanded by issue 7. The entropic-algorithms notes
-  (``entropic-algorithms-pittorino.md``, Algorithm 1 line 7) write ``mu <- alpha mu + (1 - alpha) w'``
+  in Algorithm 1 of Chaudhari et al. 2017 and demanded by issue 7. Pittorino et al. 2021
+  (arXiv:2006.07897, Algorithm 1 line 7) write ``mu <- alpha mu + (1 - alpha) w'``
   (weight alpha on the *old* average), which is what the authors' code does with alpha = 0.75; that
   variant is this one with ``--alpha 0.25``.
-- **signs**: the Langevin drift is ``grad f(x') + gamma (x' - x)`` (both notes agree), i.e. the
+- **signs**: the Langevin drift is ``grad f(x') + gamma (x' - x)`` (both papers agree), i.e. the
   gradient of ``f(x') + gamma/2 |x - x'|^2``, the exponent of the local-entropy Gibbs measure; the
-  noise is ``sqrt(eta') eps N(0, I)`` as in the notes (the authors' code uses ``eps sqrt(2 eta')``).
-- **outer step**: ``x <- x - eta gamma (x - mu)``, with the factor gamma as in the Entropy-SGD notes:
-  ``gamma (x - <x'>)`` is the gradient of the local entropy (Lemma 4 of the deep-relaxation notes;
-  eq. 3.5 of the variational notes with tau = 1/gamma), so this is gradient descent on the local
+  noise is ``sqrt(eta') eps N(0, I)`` as in Algorithm 1 (the authors' code uses ``eps sqrt(2 eta')``).
+- **outer step**: ``x <- x - eta gamma (x - mu)``, with the factor gamma as in Chaudhari et al. 2017:
+  ``gamma (x - <x'>)`` is the gradient of the local entropy (Lemma 4 of Chaudhari et al. 2018;
+  eq. 3.5 of García Trillos et al. 2019, arXiv:1901.10082, with tau = 1/gamma), so this is gradient descent on the local
   entropy with step eta, and ``eta gamma`` is the *effective* outer step (the fraction of the way
-  to mu). It is logged, and a warning is raised when it exceeds 1 (the update overshoots mu). The
-  entropic-algorithms notes absorb gamma into eta (``w <- w - eta (w - mu)``).
+  to mu). It is logged, and a warning is raised when it exceeds 1 (the update overshoots mu). Pittorino
+  et al. 2021 absorb gamma into eta (``w <- w - eta (w - mu)``).
 - **scoping**: gamma_t = gamma0 (1 + gamma1)^t with t the number of outer updates done; t really
   advances (the authors' PyTorch code never increments its counter, so its gamma stays gamma0).
 - **momentum** (``--momentum``, ``--nesterov``) acts on the outer step only, as the authors used in
@@ -70,7 +70,7 @@ def esgd_outer_update(x: torch.Tensor, mu: torch.Tensor, gamma: float, lr: float
 
 @register("esgd")
 class EntropySGD(Method):
-    summary = "Entropy-SGD (Entropy-SGD notes, Algorithm 1): L SGLD steps, then x <- x - eta gamma (x - mu)"
+    summary = "Entropy-SGD (Chaudhari et al. 2017, Algorithm 1): L SGLD steps, then x <- x - eta gamma (x - mu)"
     default_lr = 10.0
     PARAMS = {
         "inner_steps": Param(20, int, "L, Langevin steps per outer update", positive, "at least 1",

@@ -1,18 +1,20 @@
 """HEAT: gradient descent on the heat-regularized loss, with tau scoping.
 
-The heat regularization of the loss (variational notes,
-``shared/papers/local-entropy-heat-variational-garcia-trillos.md``, section 2.2) is the loss
+The heat regularization of the loss (García Trillos, Kaplan & Sanz-Alonso 2019, "Variational characterizations of local entropy and heat
+regularization in deep learning", arXiv:1901.10082,
+section 2.2) is the loss
 smoothed by the heat kernel, F^H_tau(x) = (f * phi_{0,tau})(x) = E_{z ~ N(0, tau I)} f(x + z), the
-solution at time tau of the heat equation started from f (the "HEAT" of the deep-relaxation notes,
-``deep-relaxation-pde-oberman.md``, Table 1). Its gradient is the average of the loss gradient over
+solution at time tau of the heat equation started from f (the "HEAT" of Chaudhari, Oberman, Osher, Soatto & Carlier 2018, "Deep relaxation: partial differential equations
+for optimizing deep neural networks", arXiv:1704.04932,
+Table 1). Its gradient is the average of the loss gradient over
 Gaussian perturbations of x, estimated by the average over an inner loop of L iterates
 x + sqrt(tau) xi_l, each on a fresh minibatch::
 
     for l = 1..L:  g_l = grad f(x + sqrt(tau_k) xi_l; Xi_l)
     x <- x - eta (mean_l g_l + wd x)        (with --momentum/--nesterov)
 
-and the variance is scoped as tau(k) = tau0 / (1 + tau1)^k, k = outer updates (variational notes,
-section 6.5.1: broad smoothing early, the original loss late).
+and the variance is scoped as tau(k) = tau0 / (1 + tau1)^k, k = outer updates (García Trillos et al.
+2019, section 6.5.1: broad smoothing early, the original loss late).
 
 Budget: L gradient evaluations per outer update, one per call of :meth:`step`.
 BatchNorm: the evaluations are at perturbed points and leave the running statistics alone; the

@@ -1,6 +1,7 @@
-"""HR: heat regularization by Robbins-Monro (variational notes, Algorithms 2 and 5), tau scoped.
+"""HR: heat regularization by Robbins-Monro (García Trillos et al. 2019, Algorithms 2 and 5), tau scoped.
 
-Source: ``shared/papers/local-entropy-heat-variational-garcia-trillos.md``. Each outer iteration
+Source: García Trillos, Kaplan & Sanz-Alonso 2019, "Variational characterizations of local entropy and heat
+regularization in deep learning", arXiv:1901.10082. Each outer iteration
 moves x_k to the minimizer of x -> KL(phi_{x,tau} || q_{x_k,tau}) (Algorithm 2), whose
 Euler-Lagrange equation is h(x) = x - x_k + tau E_{Y ~ N(x, tau I)} grad f(Y) = 0 (section 5.2): an
 implicit (proximal) step of length tau on the heat-regularized loss F^H_tau. Its root is found by
@@ -10,7 +11,7 @@ Robbins-Monro (Algorithm 5), J iterations of M samples each::
     for j = 1..J:  x^{j+1} = x^j - a_j (x^j - x_k + tau/M sum_m grad f(z_m; Xi_m)),  z_m ~ N(x^j, tau I)
     x_{k+1} = x^{J+1}
 
-with a_j = c j^(-p), p in (1/2, 1] (the notes print ``c l^alpha``; the exponent must be negative for
+with a_j = c j^(-p), p in (1/2, 1] (the paper prints ``c l^alpha``; the exponent must be negative for
 Robbins-Monro, and the experiments use c = 0.1, p = 0.7). tau is the step length on the loss *and*
 the smoothing variance (there is no learning rate; ``--lr``, ``--momentum`` do not apply), scoped as
 tau(k) = tau0 / (1 + tau1)^k (section 6.5.1).
@@ -38,7 +39,7 @@ def rm_gain(c: float, p: float, j: int) -> float:
 
 @register("hr")
 class HeatRegularization(Method):
-    summary = "heat regularization by Robbins-Monro (variational notes, Algorithm 5); tau is the step"
+    summary = "heat regularization by Robbins-Monro (García Trillos et al. 2019, Algorithm 5); tau is the step"
     default_lr = None
     PARAMS = {
         "inner_steps": Param(5, int, "J, Robbins-Monro iterations per outer update", positive,

@@ -1,6 +1,7 @@
-"""IS: gradient-free local-entropy training by importance sampling (variational notes, Algorithm 4).
+"""IS: gradient-free local-entropy training by importance sampling (García Trillos et al. 2019, Algorithm 4).
 
-Source: ``shared/papers/local-entropy-heat-variational-garcia-trillos.md``. Local entropy is
+Source: García Trillos, Kaplan & Sanz-Alonso 2019, "Variational characterizations of local entropy and heat
+regularization in deep learning", arXiv:1901.10082. Local entropy is
 minimized by x_{k+1} = E_{X ~ q_{x_k,tau}}[X] (Algorithm 1; by eq. 3.5 this is gradient descent on
 the local entropy F_tau with step tau), with
 q_{x,tau}(x') proportional to exp(-beta f(x') - |x - x'|^2 / (2 tau)). The mean is estimated by
@@ -9,10 +10,10 @@ self-normalized importance sampling with the Gaussian phi_{x,tau} as proposal (A
     x^j ~ N(x_k, tau I), j = 1..J;   w^j = exp(-beta f(x^j; Xi_k));   x_{k+1} = sum_j w^j x^j / sum_j w^j
 
 No gradient is ever taken. All J samples of one outer update are weighed on the *same* minibatch
-Xi_k (weights computed on different minibatches would not be comparable). beta = 1 is the notes'
+Xi_k (weights computed on different minibatches would not be comparable). beta = 1 is the paper's
 definition (f the mean loss); ``--beta`` sharpens the weights. tau is scoped as
 tau(k) = tau0 / (1 + tau1)^k. Expect a random walk on networks with thousands of parameters unless
-tau J beta^2 is large: the curse of dimension the notes point out (section 5.1.2).
+tau J beta^2 is large: the curse of dimension the paper points out (section 5.1.2).
 
 Budget: each sample costs one forward evaluation of one minibatch, and is charged as one
 evaluation of the budget (kind ``forward``): J per outer update, one per call of :meth:`step`. A
@@ -76,7 +77,7 @@ class WeightedMean:
 
 @register("is")
 class ImportanceSampling(Method):
-    summary = "gradient-free local entropy by importance sampling (variational notes, Algorithm 4)"
+    summary = "gradient-free local entropy by importance sampling (García Trillos et al. 2019, Algorithm 4)"
     default_lr = None
     PARAMS = {
         "inner_steps": Param(100, int, "J, importance samples per outer update", positive,
@@ -85,7 +86,7 @@ class ImportanceSampling(Method):
         "tau_decay": Param(1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg,
                            "non-negative"),
         "beta": Param(1.0, float, "beta, inverse temperature of the weights exp(-beta f)", positive,
-                      "positive", source="the notes'"),
+                      "positive", source="the paper's"),
     }
 
     def __init__(self, model, loss_fn, config):

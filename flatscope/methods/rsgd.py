@@ -1,6 +1,7 @@
-"""Replicated-SGD, as Algorithm 2 of the entropic-algorithms notes.
+"""Replicated-SGD, as Algorithm 2 of Pittorino et al. 2021.
 
-Source: ``shared/papers/entropic-algorithms-pittorino.md``, Algorithm 2: y replicas w^a, center
+Source: Pittorino et al. 2021, "Entropic gradient descent algorithms and wide flat minima", arXiv:2006.07897,
+Algorithm 2: y replicas w^a, center
 w_bar = mean_a w^a; each round t every replica takes an SGD step on its own minibatch, and every K
 rounds the coupling gradient K gamma (w^a - w_bar) is added (SGD on the replicated loss
 sum_a L(w^a) + gamma sum_a d(w^a, w_bar)). gamma is scoped as gamma_t = gamma0 (1 + gamma1)^t.
@@ -74,7 +75,7 @@ def coupling_factor(mode: str, strength: float) -> float:
 
 @register("rsgd")
 class ReplicatedSGD(Method):
-    summary = "Replicated-SGD (entropic-algorithms notes, Algorithm 2): y coupled replicas, result = center"
+    summary = "Replicated-SGD (Pittorino et al. 2021, Algorithm 2): y coupled replicas, result = center"
     PARAMS = {
         "replicas": Param(3, int, "y, the number of replicas", positive, "at least 1"),
         "couple_every": Param(1, int, "K: couple every K rounds with strength K gamma", positive, "at least 1"),

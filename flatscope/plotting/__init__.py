@@ -24,6 +24,10 @@ matplotlib.use("Agg")
 PlotFn = Callable[[list, Path, str], list]
 _REGISTRY: dict[str, PlotFn] = {}
 FORMATS = ("png", "svg", "pdf")
+# What the figures being drawn are of ("mlp-sgd, train split"): set around each plot function by
+# render_group/render_files, drawn by save() above every figure, so every plot names its checkpoint
+# and split without each plot module having to.
+_SUBJECT: dict[str, str | None] = {"text": None}
 
 
 def register(kind: str):
@@ -61,6 +65,8 @@ def save(fig, out_base: Path, suffix: str, fmt: str) -> Path:
 
     path = Path(f"{out_base}.{suffix}.{fmt}")
     tmp = path.with_name(f".tmp-{path.name}")
+    if _SUBJECT["text"] and not getattr(fig, "_suptitle", None):
+        fig.suptitle(_SUBJECT["text"], fontsize=10, y=1.0, va="bottom")
     try:
         fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
         os.replace(tmp, path)
@@ -71,9 +77,51 @@ def save(fig, out_base: Path, suffix: str, fmt: str) -> Path:
     return path
 
 
+def log_axis(ax, values) -> None:
+    """A log x axis over ``values`` (σ, γ) with plain decimal labels that never overlap: at the values
+    themselves when there are few and they are spread, else at 1-2-5 steps; no minor-tick labels
+    (matplotlib's 2x10^-1 3x10^-1 4x10^-1 ran into one another)."""
+    import numpy as np
+
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    v = np.asarray(values, dtype=float).ravel()
+    s = np.unique(v[np.isfinite(v) & (v > 0)])
+    spaced = s.size >= 2 and np.all(np.diff(np.log10(s)) > 0.12)
+    ax.xaxis.set_major_locator(FixedLocator(s.tolist()) if 0 < s.size <= 6 and spaced else LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _label(path: str, tree: dict) -> str:
     ckpt = tree.get("checkpoint")
     return Path(ckpt).stem if isinstance(ckpt, str) and ckpt else Path(path).stem.replace(".flatscope", "")
+
+
+def _split_of(tree: dict) -> str | None:
+    import json
+
+    try:
+        split = json.loads(tree.get("options") or "{}").get("split")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return {"both": "train and test splits"}.get(split, f"{split} split") if split else None
+
+
+def subject(items: list) -> str:
+    """'mlp-sgd, train split' (or 'mlp-sgd vs mlp-esgd, ...'): the checkpoints and split of a figure."""
+    labels = list(dict.fromkeys(label for label, _ in items))
+    splits = list(dict.fromkeys(s for s in (_split_of(t) for _, t in items) if s))
+    who = " vs ".join(labels) if len(labels) <= 4 else f"{', '.join(labels[:3])} and {len(labels) - 3} more"
+    return who + (f", {splits[0]}" if len(splits) == 1 else (", splits differ" if splits else ""))
+
+
+def _draw(fn: PlotFn, items: list, out_base: Path, fmt: str) -> list:
+    _SUBJECT["text"] = subject(items)
+    try:
+        return fn(items, out_base, fmt)
+    finally:
+        _SUBJECT["text"] = None
 
 
 def render_group(h5path: str, name: str, fmt: str = "png") -> list[Path]:
@@ -90,7 +138,7 @@ def render_group(h5path: str, name: str, fmt: str = "png") -> list[Path]:
     base = Path(h5path)
     out_base = base.with_name(base.name[: -len(base.suffix)] if base.suffix else base.name)
     out_base = Path(f"{out_base}.{name.replace('/', '-')}")
-    return fn([(_label(h5path, tree), tree)], out_base, fmt)
+    return _draw(fn, [(_label(h5path, tree), tree)], out_base, fmt)
 
 
 def render_files(paths: list[str], fmt: str = "png", outdir: str | None = None) -> list[Path]:
@@ -122,5 +170,5 @@ def render_files(paths: list[str], fmt: str = "png", outdir: str | None = None) 
     for n, items in groups.items():
         fn = plot_function(kinds_of[n])
         if fn is not None:
-            out += fn(items, folder / f"overlay.{n.replace('/', '-')}", fmt)
+            out += _draw(fn, items, folder / f"overlay.{n.replace('/', '-')}", fmt)
     return out

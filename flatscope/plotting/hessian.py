@@ -55,6 +55,7 @@ def _eigen_plot(items, out_base: Path, fmt: str) -> Path | None:
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()   # the bottom panel's long tick labels would run into the top panel
     return save(fig, out_base, "eigenvalues", fmt)
 
 

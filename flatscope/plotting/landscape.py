@@ -146,13 +146,27 @@ def _decorate(ax, tree: dict) -> None:
         ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel(_direction_label(tree, 0), fontsize=8)
     ax.set_ylabel(_direction_label(tree, 1), fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+
+
+def _cbar_axes(ax):
+    """A colorbar axes as tall as ``ax`` itself (which may be drawn with equal aspect)."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    return make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)
 
 
 def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
     rows = [(label, tree, s) for label, tree in items for s in _splits(tree)]
     acc = any(_has_accuracy(t) for _, t in items)
     ncol = 3 if acc else 2
-    fig, axes = figure(len(rows), ncol, figsize=(5.2 * ncol, 4.3 * len(rows)), squeeze=False)
+    x0, y0 = np.asarray(rows[0][1]["x"]), np.asarray(rows[0][1]["y"])
+    ratio = (float(np.ptp(y0)) or 1.0) / (float(np.ptp(x0)) or 1.0)
+    height = 4.3 * min(max(ratio, 0.2), 1.0) + 1.0 if 0.2 <= ratio <= 5 else 4.3   # panels drawn to scale
+    fig, axes = figure(len(rows), ncol, figsize=(5.2 * ncol, height * len(rows)), squeeze=False)
     for r, (label, tree, s) in enumerate(rows):
         x, y = np.asarray(tree["x"]), np.asarray(tree["y"])
         Z = _masked(tree, s, "loss")
@@ -167,7 +181,7 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
         ax = axes[r][1]
         if levels is not None:
             cf = ax.contourf(x, y, np.ma.masked_invalid(Z), levels=levels, norm=norm, cmap="viridis")
-            fig.colorbar(cf, ax=ax, label="loss", format="%.3g")
+            fig.colorbar(cf, cax=_cbar_axes(ax), label="loss", format="%.3g")
         ax.set_title(f"{title} loss", fontsize=9)
         _decorate(ax, tree)
         if acc:
@@ -177,11 +191,14 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
                 lo, hi = float(np.nanmin(A)), float(np.nanmax(A))
                 cf = ax.contourf(x, y, np.ma.masked_invalid(A), levels=np.linspace(lo, max(hi, lo + 1e-9), 21),
                                  cmap="magma")
-                fig.colorbar(cf, ax=ax, label="accuracy", format="%.3g")
+                fig.colorbar(cf, cax=_cbar_axes(ax), label="accuracy", format="%.3g")
             ax.set_title(f"{title} accuracy", fontsize=9)
             _decorate(ax, tree)
+        # one unit of x is one unit of y (the directions are on one scale), unless that would squash a
+        # panel beyond 5:1
+        spans = (float(np.ptp(x)) or 1.0, float(np.ptp(y)) or 1.0)
         for ax in axes[r]:
-            ax.set_aspect("auto")
+            ax.set_aspect("equal" if max(spans) / min(spans) <= 5 else "auto", adjustable="box")
     fig.tight_layout()
     out = [save(fig, out_base, "contour", fmt)]
 
@@ -195,9 +212,16 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
         log = _log_scale(Z)
         ax.plot_surface(X, Y, np.log10(Z) if log else Z, cmap="viridis", linewidth=0, antialiased=True,
                         rstride=1, cstride=1)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-        ax.set_zlabel(f"log10 {s} loss" if log else f"{s} loss")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.set_xlabel(_direction_label(tree, 0), fontsize=8, labelpad=8)
+        ax.set_ylabel(_direction_label(tree, 1), fontsize=8, labelpad=8)
+        ax.set_zlabel(f"log10 {s} loss" if log else f"{s} loss", fontsize=8)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(MaxNLocator(5))
+        ax.tick_params(labelsize=7)
+        xs, ys = float(np.ptp(x)) or 1.0, float(np.ptp(y)) or 1.0
+        ax.set_box_aspect((1.0, min(max(ys / xs, 0.2), 1.0), 0.7))   # the plane's proportions, within reason
         ax.set_title(label if len(items) > 1 else f"{s} loss surface", fontsize=9)
     fig.tight_layout()
     out.append(save(fig, out_base, "surface", fmt))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import figure, register, save
+from . import figure, log_axis, register, save
 
 _STYLE = {"train": ("-", "o"), "test": ("--", "s")}
 
@@ -73,6 +73,7 @@ def plot(items, out_base, fmt):
         if ax is None:
             continue
         ax.set_xscale("log")
+        log_axis(ax, np.concatenate([np.asarray(tree["sigma"], dtype=float) for _, tree in items]))
         ax.set_xlabel(f"σ  ({', '.join(how)})")
         ax.axhline(0, color="0.75", lw=0.8, zorder=0)
         ax.grid(True, which="both", alpha=0.25)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import figure, register, save
+from . import figure, log_axis, register, save
 
 _COLORS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 
@@ -64,6 +64,7 @@ def plot(items, out_base, fmt):
     t0 = items[0][1]
     for a in (ax, axg):
         a.set_xscale("log")
+        log_axis(a, np.concatenate([np.asarray(t["gamma"], dtype=float) for _, t in items]))
         a.set_xlabel("coupling γ (scope 1/γ)")
         a.grid(True, which="both", alpha=0.3)
     ax.set_ylabel("loss")
@@ -99,6 +100,7 @@ def plot(items, out_base, fmt):
     a3.axhline(1.0, color="gray", lw=0.8, ls=":")
     for a in (a1, a2, a3):
         a.set_xscale("log")
+        log_axis(a, np.concatenate([np.asarray(t["gamma"], dtype=float) for _, t in items]))
         a.set_xlabel("coupling γ")
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=7)

@@ -17,6 +17,7 @@ from ... import __version__
 from ... import report as rep
 from ...analyses.landscape import parse_range
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
+from ...checkpoint import sha256_file
 from ...errors import FlatscopeError
 from ...params import ParamLayout
 from ...results import open_results, read_tree, to_jsonable
@@ -78,7 +79,7 @@ def _caption(path: Path, what: str) -> str:
               help="Override one analysis option (repeatable), e.g. --set local_energy.samples=32.")
 @click.option("--recompute", is_flag=True, help="Recompute everything, even results already stored for these options.")
 @click.option("--results-dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
-              help="Write each checkpoint's results to DIR/<label>.flatscope.h5 (default: <checkpoint>.flatscope.h5 "
+              help="Write each checkpoint's results to DIR/<label>.<sha256[:8]>.flatscope.h5 (default: <checkpoint>.flatscope.h5 "
                    "beside the checkpoint, the file flatscope audit uses).")
 @click.option("--interp/--no-interp", default=True, show_default=True,
               help="Loss along the straight line between each pair of checkpoints (same architecture only).")
@@ -127,7 +128,10 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
     # plan everything (option errors, output paths) before computing anything
     members = []
     for path, label in zip(paths, labels):
-        out = os.path.join(results_dir, f"{label}.flatscope.h5") if results_dir else None
+        out = None
+        if results_dir:   # the label and the file's sha256: distinct checkpoints never share a results file
+            sha = sha256_file(path)[:8] if os.path.isfile(path) else "missing"
+            out = os.path.join(results_dir, f"{label}.{sha}.flatscope.h5")
         run = Run(checkpoint=path, out=out, plot=False, plot_format="png", **shared)
         run.setup(check_output=True)
         steps = plan([Step(s.analysis, dict(s.options)) for s in suite.steps], run)
@@ -152,7 +156,8 @@ def command(checkpoints, report_dir, suite_path, only, sets, recompute, results_
                 if ckpts[i].sha256 == ckpts[j].sha256:
                     warnings.append(f"{a['label']} and {b['label']} are the same file contents; no interpolation")
                     continue
-                run = Run(checkpoint=a["path"], out=interp_file, plot=False, plot_format="png", **shared)
+                run = Run(checkpoint=a["path"], out=interp_file, plot=False, plot_format="png",
+                          **dict(shared, allow_mixed=True))   # one file holds every pair's line, by design
                 run.setup(check_output=True)
                 step = Step(ANALYSES["landscape"], {"grid": interp_grid, "range": interp_range,
                                                     "name": f"{a['label']}..{b['label']}"},

@@ -57,7 +57,7 @@ def command(run):
     def human(console):
         from rich.table import Table
 
-        console.print(f"[bold]{info['checkpoint']}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
+        console.print(f"[bold]{run.checkpoint.path}[/bold]  ({info['kind']}, sha256 {info['sha256'][:12]}...)")
         m = info["model"] or {}
         console.print(f"model   {m.get('name', '(torch.export program)')} {m.get('kwargs', '')}")
         frozen = f", {info['n_frozen']:,} frozen" if info["n_frozen"] else ""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from ...measures import flatter
-from ...results import find_analyses, open_results
+from ...results import find_analyses, open_results, stored_warnings
 from ..common import Run, common_options
 
 _PROVENANCE = ("checkpoint", "checkpoint_sha256", "command", "flatscope_version", "torch_version", "seed",
@@ -23,8 +24,25 @@ def summarize(path: str) -> dict:
             a["provenance"] = {k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
                                for k in _PROVENANCE if k in g.attrs}
             a["flatter"] = {k: d for k in a["summary"] if (d := flatter(f"{name.replace('/', '.')}.{k}"))}
+            a["warnings"] = stored_warnings(g)
             out["analyses"][name] = a
     return out
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (results store absolute paths)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:   # another drive (Windows)
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _fmt(v) -> str:
+    """A summary value as show prints it: floats to 6 digits; None (not computed, or NaN) as '-'."""
+    if v is None:
+        return "-"
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 @click.command("show")
@@ -53,9 +71,14 @@ def command(results, **common):
                 p = a["provenance"]
                 console.print(escape(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  "
                                      f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
+                if p.get("checkpoint"):
+                    sha = str(p.get("checkpoint_sha256", ""))[:12]
+                    console.print(escape(f"      checkpoint {_relative(str(p['checkpoint']))}" + (f"  (sha256 {sha}...)" if sha else "")),
+                                  highlight=False)
                 for k, v in a["summary"].items():
-                    txt = f"{v:.6g}" if isinstance(v, float) else str(v)
                     d = a["flatter"].get(k)
-                    console.print(escape(f"      {k:<30} {txt}" + (f"   ({d} = flatter)" if d else "")))
+                    console.print(escape(f"      {k:<30} {_fmt(v)}" + (f"   ({d} = flatter)" if d else "")))
+                for w in a["warnings"]:
+                    console.print(escape(f"      warning: {w}"), highlight=False)
 
     run.emit(files[0] if len(files) == 1 else {"files": files}, human)
