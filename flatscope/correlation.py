@@ -69,8 +69,9 @@ def _spearman_rows(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
 STATISTICS = {"kendall": _kendall_rows, "spearman": _spearman_rows}
 
 
-def bootstrap_ci(x, y, statistic: str = "kendall", *, resamples: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, np.ndarray]:
+def bootstrap_ci(
+    x, y, statistic: str = "kendall", *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, np.ndarray]:
     """Percentile bootstrap interval (lo, hi) of the statistic, and the resampled values (NaNs dropped)."""
     if statistic not in STATISTICS:
         raise FlatscopeError(f"unknown statistic {statistic!r}; choose {', '.join(STATISTICS)}")
@@ -149,9 +150,18 @@ class MeasureCorrelation:
     flatter: str | None = None
 
     def to_json(self) -> dict:
-        return {"measure": self.measure, "n": self.n, "kendall": self.kendall, "kendall_ci": list(self.kendall_ci),
-                "spearman": self.spearman, "spearman_ci": list(self.spearman_ci), "psi": self.psi,
-                "psi_groups": self.psi_groups, "Psi": self.Psi, "flatter": self.flatter}
+        return {
+            "measure": self.measure,
+            "n": self.n,
+            "kendall": self.kendall,
+            "kendall_ci": list(self.kendall_ci),
+            "spearman": self.spearman,
+            "spearman_ci": list(self.spearman_ci),
+            "psi": self.psi,
+            "psi_groups": self.psi_groups,
+            "Psi": self.Psi,
+            "flatter": self.flatter,
+        }
 
     @property
     def significant(self) -> bool:
@@ -160,9 +170,18 @@ class MeasureCorrelation:
         return bool(math.isfinite(lo) and (lo > 0 or hi < 0))
 
 
-def correlate_measure(name: str, values, gap, axes: dict[str, list], *, fixed: dict[str, list] | None = None,
-                      resamples: int = 2000, level: float = 0.95, seed: int = 0,
-                      flatter: str | None = None) -> MeasureCorrelation:
+def correlate_measure(
+    name: str,
+    values,
+    gap,
+    axes: dict[str, list],
+    *,
+    fixed: dict[str, list] | None = None,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    flatter: str | None = None,
+) -> MeasureCorrelation:
     """Kendall, Spearman (with bootstrap CIs) and the granulated Kendall of one measure with the gap."""
     v, g = np.asarray(values, float), np.asarray(gap, float)
     ok = np.isfinite(v) & np.isfinite(g)
@@ -174,8 +193,11 @@ def correlate_measure(name: str, values, gap, axes: dict[str, list], *, fixed: d
     klo, khi, _ = bootstrap_ci(v, g, "kendall", resamples=resamples, level=level, seed=seed)
     slo, shi, _ = bootstrap_ci(v, g, "spearman", resamples=resamples, level=level, seed=seed)
     gk = granulated_kendall(v, g, ax, fx) if ax else {"psi": {}, "groups": {}, "Psi": math.nan}
-    return MeasureCorrelation(name, int(ok.sum()), kt, (klo, khi), sp, (slo, shi), gk["psi"], gk["groups"],
-                              gk["Psi"], flatter)
+    psi: dict = gk["psi"]  # type: ignore[assignment]
+    groups: dict = gk["groups"]  # type: ignore[assignment]
+    return MeasureCorrelation(
+        name, int(ok.sum()), kt, (klo, khi), sp, (slo, shi), psi, groups, float(gk["Psi"]), flatter
+    )  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------- the gap
@@ -187,8 +209,10 @@ def parse_gap(text: str) -> list[tuple[int, str]]:
     t = str(text).replace(" ", "")
     parts = t.split("-")
     if not t or len(parts) > 2 or not all(parts):
-        raise FlatscopeError(f"--gap {text!r}: expected QUANTITY or QUANTITY-QUANTITY, e.g. test_error-train_error "
-                             f"(quantities: {', '.join(QUANTITIES)})")
+        raise FlatscopeError(
+            f"--gap {text!r}: expected QUANTITY or QUANTITY-QUANTITY, e.g. test_error-train_error "
+            f"(quantities: {', '.join(QUANTITIES)})"
+        )
     for p in parts:
         if p not in QUANTITIES:
             raise FlatscopeError(f"--gap {text!r}: unknown quantity {p!r} (quantities: {', '.join(QUANTITIES)})")

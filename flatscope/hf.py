@@ -30,8 +30,10 @@ def _config(path: str) -> dict:
     if not isinstance(cfg, dict):
         raise FlatscopeError(f"{path}/config.json is not a JSON object")
     if cfg.get("auto_map"):
-        raise FlatscopeError(f"{path} needs remote code (config.json has auto_map); flatscope never runs code from "
-                             "a model folder (trust_remote_code is not passed)")
+        raise FlatscopeError(
+            f"{path} needs remote code (config.json has auto_map); flatscope never runs code from "
+            "a model folder (trust_remote_code is not passed)"
+        )
     return cfg
 
 
@@ -49,8 +51,10 @@ def build_hf_model(path: str, *, load_weights: bool = True) -> torch.nn.Module:
     has_st = "model.safetensors" in files or "model.safetensors.index.json" in files
     if load_weights and not has_st:
         if {"pytorch_model.bin", "pytorch_model.bin.index.json"} & files:
-            raise FlatscopeError(f"{path} holds only pickled pytorch_model.bin weights, which can run code when read; "
-                                 "re-save it with save_pretrained(..., safe_serialization=True)")
+            raise FlatscopeError(
+                f"{path} holds only pickled pytorch_model.bin weights, which can run code when read; "
+                "re-save it with save_pretrained(..., safe_serialization=True)"
+            )
         raise FlatscopeError(f"{path} holds no model.safetensors weights")
     transformers.logging.set_verbosity_error()
     try:
@@ -63,12 +67,14 @@ def build_hf_model(path: str, *, load_weights: bool = True) -> torch.nn.Module:
         cls = transformers.AutoModel
     try:
         if load_weights:
-            model = cls.from_pretrained(path, config=config, use_safetensors=True, trust_remote_code=False,
-                                        local_files_only=True)
+            model = cls.from_pretrained(
+                path, config=config, use_safetensors=True, trust_remote_code=False, local_files_only=True
+            )
         else:
             model = cls(config) if cls is not transformers.AutoModel else cls.from_config(config)
     except Exception as exc:
-        raise FlatscopeError(f"{path}: cannot build {archs[0] if archs else 'the model'}: "
-                             f"{str(exc).splitlines()[0]}") from None
+        raise FlatscopeError(
+            f"{path}: cannot build {archs[0] if archs else 'the model'}: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
     return model

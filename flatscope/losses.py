@@ -43,8 +43,11 @@ def extract_output(out, key: str | None = None) -> torch.Tensor:
             try:
                 out = out[int(key)]
             except (ValueError, IndexError):
-                raise FlatscopeError(f"--output {key!r}: the model returns a tuple of {len(out)}; "
-                                     "give an index 0..{}".format(len(out) - 1)) from None
+                raise FlatscopeError(
+                    f"--output {key!r}: the model returns a tuple of {len(out)}; give an index 0..{{}}".format(
+                        len(out) - 1
+                    )
+                ) from None
         else:
             raise FlatscopeError(f"--output {key!r}: the model returns a single {type(out).__name__}")
     elif not isinstance(out, torch.Tensor):
@@ -101,12 +104,16 @@ class CrossEntropy(Loss):
         if torch.is_floating_point(y):
             raise FlatscopeError("loss 'ce' needs integer class labels; use --loss mse or bce for float targets")
         if out.dim() < 2 or tuple(out.shape[:-1]) != tuple(y.shape):
-            raise FlatscopeError(f"loss 'ce': outputs {list(out.shape)} do not fit labels {list(y.shape)} "
-                                 "(outputs must be labels' shape + classes)")
+            raise FlatscopeError(
+                f"loss 'ce': outputs {list(out.shape)} do not fit labels {list(y.shape)} "
+                "(outputs must be labels' shape + classes)"
+            )
         valid = y[y != self.ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= out.shape[-1]):
-            raise FlatscopeError(f"class labels range over {int(valid.min())}..{int(valid.max())} but the model has "
-                                 f"{out.shape[-1]} outputs")
+            raise FlatscopeError(
+                f"class labels range over {int(valid.min())}..{int(valid.max())} but the model has "
+                f"{out.shape[-1]} outputs"
+            )
 
     def mean(self, out, y):
         o, t = self._flat(out, y)
@@ -131,11 +138,15 @@ class NextToken(CrossEntropy):
 
     def check(self, out, y):
         if torch.is_floating_point(y) or y.dim() < 2:
-            raise FlatscopeError(f"loss 'lm' needs integer token sequences as targets (N, T), got {list(y.shape)} "
-                                 f"{str(y.dtype).replace('torch.', '')}")
+            raise FlatscopeError(
+                f"loss 'lm' needs integer token sequences as targets (N, T), got {list(y.shape)} "
+                f"{str(y.dtype).replace('torch.', '')}"
+            )
         if out.dim() != y.dim() + 1 or tuple(out.shape[:-1]) != tuple(y.shape):
-            raise FlatscopeError(f"loss 'lm' needs sequence logits (N, T, vocab) for targets {list(y.shape)}, "
-                                 f"got outputs {list(out.shape)}")
+            raise FlatscopeError(
+                f"loss 'lm' needs sequence logits (N, T, vocab) for targets {list(y.shape)}, "
+                f"got outputs {list(out.shape)}"
+            )
         super().check(out, y)
 
     def mean(self, out, y):
@@ -176,11 +187,14 @@ class MeanSquared(Loss):
     def check(self, out, y):
         if torch.is_floating_point(y):
             if out.numel() != y.numel():
-                raise FlatscopeError(f"loss 'mse': outputs {list(out.shape)} and targets {list(y.shape)} "
-                                     "differ in size")
+                raise FlatscopeError(
+                    f"loss 'mse': outputs {list(out.shape)} and targets {list(y.shape)} differ in size"
+                )
         elif y.dim() != 1 or out.dim() != 2 or int(y.min()) < 0 or int(y.max()) >= out.shape[-1]:
-            raise FlatscopeError(f"loss 'mse' with class labels needs outputs (N, C) and labels 0..C-1; got "
-                                 f"outputs {list(out.shape)}, labels {list(y.shape)} up to {int(y.max())}")
+            raise FlatscopeError(
+                f"loss 'mse' with class labels needs outputs (N, C) and labels 0..C-1; got "
+                f"outputs {list(out.shape)}, labels {list(y.shape)} up to {int(y.max())}"
+            )
 
     def mean(self, out, y):
         return F.mse_loss(out, self._target(out, y))
@@ -202,9 +216,11 @@ class CustomLoss(Loss):
     def mean(self, out, y):
         v = self.fn(out, y)
         if not isinstance(v, torch.Tensor) or v.numel() != 1:
-            raise FlatscopeError(f"loss {self.name!r} returned {type(v).__name__}"
-                                 + (f" of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else "")
-                                 + ", not a scalar tensor")
+            raise FlatscopeError(
+                f"loss {self.name!r} returned {type(v).__name__}"
+                + (f" of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else "")
+                + ", not a scalar tensor"
+            )
         return v.reshape(())
 
     def check(self, out, y):
@@ -260,8 +276,10 @@ def make_loss(spec, *, label_smoothing: float = 0.0, allow_import: bool = False)
         return MeanSquared()
     if ":" in spec:
         if not allow_import:
-            raise FlatscopeError(f"the checkpoint names the loss {spec!r}; flatscope imports code only when you "
-                                 f"pass it yourself: add --loss {spec}")
+            raise FlatscopeError(
+                f"the checkpoint names the loss {spec!r}; flatscope imports code only when you "
+                f"pass it yourself: add --loss {spec}"
+            )
         from .models import _import_factory
 
         return CustomLoss(_import_factory(spec), spec)

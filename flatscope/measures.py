@@ -23,14 +23,22 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-FLATTER: list[tuple[str, str]] = [
-    ("hessian.lambda_max", "lower"), ("hessian.lambda_k", "lower"), ("hessian.trace", "lower"),
-    ("local_energy.*_delta_loss_at_sigma_max", "lower"), ("local_energy.*_delta_err_at_sigma_max", "lower"),
+FLATTER: list[tuple[str, str | None]] = [
+    ("hessian.lambda_max", "lower"),
+    ("hessian.lambda_k", "lower"),
+    ("hessian.trace", "lower"),
+    ("local_energy.*_delta_loss_at_sigma_max", "lower"),
+    ("local_energy.*_delta_err_at_sigma_max", "lower"),
     ("local_energy.*_target_sigma", "higher"),
-    ("landscape.*_loss_max", "lower"), ("landscape.*_accuracy_min", "higher"),
-    ("local_entropy.entropy_gap", "lower"), ("local_entropy.local_entropy", "lower"),
-    ("local_entropy.mean_loss", "lower"), ("local_entropy.mean_sq_dist", "higher"),
-    ("sharpness.*_err*", None), ("sharpness.*stderr*", None), ("sharpness.*", "lower"),
+    ("landscape.*_loss_max", "lower"),
+    ("landscape.*_accuracy_min", "higher"),
+    ("local_entropy.entropy_gap", "lower"),
+    ("local_entropy.local_entropy", "lower"),
+    ("local_entropy.mean_loss", "lower"),
+    ("local_entropy.mean_sq_dist", "higher"),
+    ("sharpness.*_err*", None),
+    ("sharpness.*stderr*", None),
+    ("sharpness.*", "lower"),
 ]
 
 

@@ -88,13 +88,13 @@ GROUP = "track"
 class Context:
     """What a measure sees at one tracked step."""
 
-    obj: Objective                       # over the evaluation set, on a private copy of the model
-    model: torch.nn.Module               # the caller's model (read only: parameter names for the optimizer state)
+    obj: Objective  # over the evaluation set, on a private copy of the model
+    model: torch.nn.Module  # the caller's model (read only: parameter names for the optimizer state)
     optimizer: object | None
     lr: float | None
     tol: float
     seed: int
-    warm: dict                           # measure key -> previous Ritz vectors (kept across steps)
+    warm: dict  # measure key -> previous Ritz vectors (kept across steps)
     warm_start: bool
     preconditioner: Callable | None
     hvps: int = 0
@@ -150,7 +150,7 @@ MEASURES: dict[str, type] = {}
 
 def register_measure(cls: type) -> type:
     """Class decorator: make ``cls`` (a :class:`Measure`) available as ``cls.name`` in ``measures=``."""
-    MEASURES[cls.name] = cls
+    MEASURES[cls.name] = cls  # type: ignore[attr-defined]
     return cls
 
 
@@ -223,7 +223,9 @@ class LocalEnergy(Measure):
 
     def __init__(self, arg):
         if arg is None:
-            raise FlatscopeError("measure local_energy needs its noise scale: local_energy:SIGMA, e.g. local_energy:0.05")
+            raise FlatscopeError(
+                "measure local_energy needs its noise scale: local_energy:SIGMA, e.g. local_energy:0.05"
+            )
         try:
             self.sigma = float(arg)
         except ValueError:
@@ -273,19 +275,21 @@ def adam_preconditioner(model: torch.nn.Module, optimizer) -> dict[str, torch.Te
         g = group_of[id(p)]
         b1, b2 = g["betas"]
         t = float(st["step"])
-        v_hat = st["exp_avg_sq"].detach().to(torch.float64) / (1 - b2 ** t)
-        out[name] = (1 - b1 ** t) * (v_hat.sqrt() + g["eps"])
+        v_hat = st["exp_avg_sq"].detach().to(torch.float64) / (1 - b2**t)
+        out[name] = (1 - b1**t) * (v_hat.sqrt() + g["eps"])
     return out
 
 
 def has_second_moments(optimizer) -> bool:
     groups = getattr(optimizer, "param_groups", None)
-    return bool(groups) and all("betas" in g and "eps" in g for g in groups)
+    return bool(groups) and all("betas" in g and "eps" in g for g in groups or ())
 
 
 def _no_second_moments(optimizer) -> str:
-    return (f"measure pre_lambda_max needs an optimizer with second-moment state (Adam, AdamW) or a "
-            f"preconditioner= function; {type(optimizer).__name__} has none")
+    return (
+        f"measure pre_lambda_max needs an optimizer with second-moment state (Adam, AdamW) or a "
+        f"preconditioner= function; {type(optimizer).__name__} has none"
+    )
 
 
 @register_measure
@@ -304,8 +308,12 @@ class PreLambdaMax(Measure):
         fn = ctx.preconditioner or adam_preconditioner
         P = fn(ctx.model, ctx.optimizer)
         if P is None:
-            return {"pre_lambda_max": math.nan, "pre_lambda_max_residual": math.nan,
-                    "pre_lambda_max_converged": 0.0, "pre_lambda_max_hvps": 0.0}
+            return {
+                "pre_lambda_max": math.nan,
+                "pre_lambda_max_residual": math.nan,
+                "pre_lambda_max_converged": 0.0,
+                "pre_lambda_max_hvps": 0.0,
+            }
         layout = ctx.obj.layout
         missing = [n for n in layout.names if n not in P]
         if missing:
@@ -392,8 +400,16 @@ def _schedule(every, schedule) -> Callable[[int], bool]:
 
 
 # ------------------------------------------------------------------------------------------ HDF5 rows
-def append_row(path: str, row: Mapping[str, float], *, summary_extra: dict | None = None, options: dict | None = None,
-               provenance: dict | None = None, group: str = GROUP, fresh: bool = False) -> None:
+def append_row(
+    path: str,
+    row: Mapping[str, float],
+    *,
+    summary_extra: dict | None = None,
+    options: dict | None = None,
+    provenance: dict | None = None,
+    group: str = GROUP,
+    fresh: bool = False,
+) -> None:
     """Append one row to ``group`` of ``path`` atomically (:func:`flatscope.results.update`).
 
     Columns are 1-D resizable float64 datasets (``step`` int64); a column that first appears in a
@@ -410,8 +426,9 @@ def append_row(path: str, row: Mapping[str, float], *, summary_extra: dict | Non
         for k in row:
             if k not in g:
                 dt = np.int64 if k == "step" else np.float64
-                g.create_dataset(k, data=np.full(n, np.nan if dt is np.float64 else 0, dtype=dt), maxshape=(None,),
-                                 chunks=True)
+                g.create_dataset(
+                    k, data=np.full(n, np.nan if dt is np.float64 else 0, dtype=dt), maxshape=(None,), chunks=True
+                )
         for k, ds in g.items():
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
                 continue
@@ -433,8 +450,9 @@ _NO_MAX_SUFFIX = ("_residual", "_converged", "_hvps", "_stderr")
 
 def track_summary(g) -> dict:
     """``rows``, ``last_step``, and ``<column>_last`` / ``<column>_max`` of every column of a track group."""
-    cols = {k: np.asarray(ds[()], dtype=np.float64) for k, ds in g.items()
-            if isinstance(ds, h5py.Dataset) and ds.ndim == 1}
+    cols = {
+        k: np.asarray(ds[()], dtype=np.float64) for k, ds in g.items() if isinstance(ds, h5py.Dataset) and ds.ndim == 1
+    }
     steps = cols.get("step", np.zeros(0))
     out: dict = {"rows": int(steps.size), "last_step": int(steps[-1]) if steps.size else None}
     for k, v in cols.items():
@@ -527,13 +545,31 @@ class CurvatureMonitor:
     ``rows`` keeps every row in memory too.
     """
 
-    def __init__(self, model: torch.nn.Module, loss: str | None = "ce", data=None, *, every: int = 50,
-                 schedule=None, measures: Iterable[str] | str = ("lambda_max",), log: str | None = None,
-                 samples: int | None = 512, batch_size: int | None = None, test=None, seed: int = 0,
-                 tol: float = 1e-4, warm_start: bool = True, device=None, dtype: torch.dtype | None = None,
-                 objective: Callable[[torch.nn.Module], Objective] | None = None, optimizer=None,
-                 preconditioner: Callable | None = None, provenance: dict | None = None,
-                 options: dict | None = None, resume: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: str | None = "ce",
+        data=None,
+        *,
+        every: int = 50,
+        schedule=None,
+        measures: Iterable[str] | str = ("lambda_max",),
+        log: str | None = None,
+        samples: int | None = 512,
+        batch_size: int | None = None,
+        test=None,
+        seed: int = 0,
+        tol: float = 1e-4,
+        warm_start: bool = True,
+        device=None,
+        dtype: torch.dtype | None = None,
+        objective: Callable[[torch.nn.Module], Objective] | None = None,
+        optimizer=None,
+        preconditioner: Callable | None = None,
+        provenance: dict | None = None,
+        options: dict | None = None,
+        resume: bool = False,
+    ):
         self.due = _schedule(every, schedule)
         self.measures = parse_measures(measures)
         if samples is not None and (int(samples) != samples or samples < 1):
@@ -549,11 +585,13 @@ class CurvatureMonitor:
         if objective is None:
             from .losses import make_loss
 
-            loss = make_loss(loss)   # a name (ce, lm, bce, mse), a Loss, or a function fn(outputs, targets)
+            loss = make_loss(loss)  # type: ignore[assignment]  # a name, a Loss, or fn(outputs, targets)
             if data is None:
                 raise FlatscopeError("give the evaluation data (data=) or an objective factory (objective=)")
         p = next(iter(model.parameters()), None)
-        self.device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        )
         self.dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
         self.model = model
         self.loss = loss
@@ -573,20 +611,36 @@ class CurvatureMonitor:
         self.provenance = dict(provenance or {})
         self.options = MonitorOptions(
             [m.key if not isinstance(m, LocalEnergy) else f"local_energy:{m.arg}" for m in self.measures],
-            int(every) if schedule is None else None, samples, batch_size, self.seed, self.tol, self.warm_start,
+            int(every) if schedule is None else None,
+            samples,
+            batch_size,
+            self.seed,
+            self.tol,
+            self.warm_start,
             getattr(loss, "name", loss) if objective is None else None,
             0 if self.eval_data is None else len(self.eval_data),
-            0 if self.test_data is None else len(self.test_data), dict(options or {}))
+            0 if self.test_data is None else len(self.test_data),
+            dict(options or {}),
+        )
 
     def _objective(self, model: torch.nn.Module, data=None) -> Objective:
         if data is None and self._factory is not None:
             return self._factory(model)
         src = data if data is not None else self.eval_data
-        return Objective(model, data=src, loss=self.loss, batch_size=self.batch_size, device=self.device,
-                         dtype=self.dtype)
+        return Objective(
+            model, data=src, loss=self.loss, batch_size=self.batch_size, device=self.device, dtype=self.dtype
+        )
 
-    def step(self, step: int, *, lr: float | None = None, optimizer=None, model: torch.nn.Module | None = None,
-             force: bool = False, **extra: float) -> dict | None:
+    def step(
+        self,
+        step: int,
+        *,
+        lr: float | None = None,
+        optimizer=None,
+        model: torch.nn.Module | None = None,
+        force: bool = False,
+        **extra: float,
+    ) -> dict | None:
         """Measure at ``step`` if the schedule says so (or ``force``); returns the row or None.
 
         ``lr`` gives ``two_over_lr`` and ``threshold``; ``optimizer`` is read (never changed) for the
@@ -598,16 +652,24 @@ class CurvatureMonitor:
             return None
         return self.measure(int(step), lr=lr, optimizer=optimizer, model=model, **extra)
 
-    def measure(self, step: int, *, lr: float | None = None, optimizer=None, model: torch.nn.Module | None = None,
-                **extra: float) -> dict:
+    def measure(
+        self,
+        step: int,
+        *,
+        lr: float | None = None,
+        optimizer=None,
+        model: torch.nn.Module | None = None,
+        **extra: float,
+    ) -> dict:
         """Measure now, record the row (and append it to ``log``), and return it."""
         model = self.model if model is None else model
         t0 = time.perf_counter()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):       # the global RNG is left as it was
+        with torch.random.fork_rng(devices=devices):  # the global RNG is left as it was
             obj = self._objective(model)
-            ctx = Context(obj, model, optimizer, lr, self.tol, self.seed, self.warm, self.warm_start,
-                          self.preconditioner)
+            ctx = Context(
+                obj, model, optimizer, lr, self.tol, self.seed, self.warm, self.warm_start, self.preconditioner
+            )
             row: dict = {"step": int(step)}
             loss, acc = obj.evaluate()
             row["loss"], row["acc"] = float(loss), float(acc)
@@ -632,15 +694,30 @@ class CurvatureMonitor:
 
     def _write(self, row: dict) -> None:
         opts = self.options
-        options = {"measures": opts.measures, "every": opts.every, "samples": opts.samples, "n_eval": opts.n_eval,
-                   "n_test": opts.n_test, "batch_size": opts.batch_size, "seed": opts.seed, "tol": opts.tol,
-                   "warm_start": opts.warm_start, "loss": opts.loss, **opts.extra}
-        prov = {"flatscope_version": __version__, "torch_version": str(torch.__version__), "seed": self.seed,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "wall_time_s": time.time() - self.started,
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        options = {
+            "measures": opts.measures,
+            "every": opts.every,
+            "samples": opts.samples,
+            "n_eval": opts.n_eval,
+            "n_test": opts.n_test,
+            "batch_size": opts.batch_size,
+            "seed": opts.seed,
+            "tol": opts.tol,
+            "warm_start": opts.warm_start,
+            "loss": opts.loss,
+            **opts.extra,
+        }
+        prov = {
+            "flatscope_version": __version__,
+            "torch_version": str(torch.__version__),
+            "seed": self.seed,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "wall_time_s": time.time() - self.started,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         prov.update({k: v for k, v in self.provenance.items() if k not in ("wall_time_s", "timestamp")})
-        append_row(self.log, row, options=options, provenance=prov, fresh=self._fresh)
+        append_row(str(self.log), row, options=options, provenance=prov, fresh=self._fresh)
         self._fresh = False
 
     def columns(self) -> dict[str, np.ndarray]:

@@ -210,7 +210,7 @@ class Objective:
         """(inputs_b, targets_b, weight_b) over the split on the objective's device; weight_b is the
         batch's share of the split mean (count_b / count_total)."""
         total = self.count_total
-        for (i, x, y), c in zip(self._raw_batches(), self._batch_counts()):
+        for (_, x, y), c in zip(self._raw_batches(), self._batch_counts()):
             if c:
                 yield x, y, c / total
 

@@ -73,7 +73,7 @@ def clean_stale_temporaries(path: str, *, locked: bool = False) -> list[str]:
     """
     directory = os.path.dirname(os.path.abspath(path))
     mine = os.path.basename(path)[:100]
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

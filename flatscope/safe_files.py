@@ -82,8 +82,15 @@ def check_regular_file(path: str, what: str = "file") -> int:
     if stat.S_ISDIR(st.st_mode):
         raise FlatscopeError(f"{path} is a directory, not a {what}")
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
         raise FlatscopeError(f"{path} is {kind}, not a regular file; flatscope reads {what}s only from regular files")
     return st.st_size
 
@@ -117,18 +124,26 @@ def check_zip(path: str, max_total: int | None = None) -> list[zipfile.ZipInfo]:
         if info.flag_bits & 0x1:
             raise FlatscopeError(f"{path}: archive entry {name!r} is encrypted")
         total += info.file_size
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > (1 << 20) \
-                and info.file_size > 1000 * max(info.compress_size, 1):
-            raise FlatscopeError(f"{path}: archive entry {name!r} declares {human_bytes(info.file_size)} from "
-                                 f"{human_bytes(info.compress_size)} compressed (a zip bomb?); refusing to unpack it")
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > (1 << 20)
+            and info.file_size > 1000 * max(info.compress_size, 1)
+        ):
+            raise FlatscopeError(
+                f"{path}: archive entry {name!r} declares {human_bytes(info.file_size)} from "
+                f"{human_bytes(info.compress_size)} compressed (a zip bomb?); refusing to unpack it"
+            )
     if total > limit:
-        raise FlatscopeError(f"{path} declares {human_bytes(total)} of content, above the limit of "
-                             f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES)")
+        raise FlatscopeError(
+            f"{path} declares {human_bytes(total)} of content, above the limit of "
+            f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES)"
+        )
     return infos
 
 
-def check_npz(path: str, max_total: int | None = None, *,
-              allow_empty: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def check_npz(
+    path: str, max_total: int | None = None, *, allow_empty: bool = False
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of every array in an ``.npz``, read from the ``.npy`` headers only.
 
     Call before ``np.load(path, allow_pickle=False)``: the zip directory and each header must agree
@@ -160,12 +175,16 @@ def check_npz(path: str, max_total: int | None = None, *,
                 raise FlatscopeError(f"{path}: {key} holds Python objects (a pickle); flatscope loads numbers only")
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes + header_len != info.file_size:
-                raise FlatscopeError(f"{path}: {key} declares shape {list(shape)} ({human_bytes(nbytes)}) but its "
-                                     f"entry holds {human_bytes(max(info.file_size - header_len, 0))}")
+                raise FlatscopeError(
+                    f"{path}: {key} declares shape {list(shape)} ({human_bytes(nbytes)}) but its "
+                    f"entry holds {human_bytes(max(info.file_size - header_len, 0))}"
+                )
             total += nbytes
             if total > limit:
-                raise FlatscopeError(f"{path}: the arrays declare {human_bytes(total)}, above the limit of "
-                                     f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES)")
+                raise FlatscopeError(
+                    f"{path}: the arrays declare {human_bytes(total)}, above the limit of "
+                    f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES)"
+                )
             check_value_dtype(key, dtype, path)
             if not allow_empty and math.prod(shape) == 0:
                 raise FlatscopeError(f"{path}: {key} is empty (shape {list(shape)})")
@@ -191,8 +210,10 @@ def _check_h5_path(f, name: str, where: str, depth: int = 0) -> None:
         if link is None:
             raise _Missing(f"{where}: no {cur!r} in the file")
         if isinstance(link, h5py.ExternalLink):
-            raise FlatscopeError(f"{where}: {cur!r} is an external link to {link.filename}:{link.path}; "
-                                 "flatscope reads nothing outside the file it was given")
+            raise FlatscopeError(
+                f"{where}: {cur!r} is an external link to {link.filename}:{link.path}; "
+                "flatscope reads nothing outside the file it was given"
+            )
         if isinstance(link, h5py.SoftLink):
             target = link.path if link.path.startswith("/") else parent.rstrip("/") + "/" + link.path
             try:
@@ -219,18 +240,24 @@ def check_h5_dataset(f, name: str, max_total: int | None = None, *, allow_empty:
     if not isinstance(obj, h5py.Dataset):
         raise FlatscopeError(f"{where}: {name!r} is a {type(obj).__name__}, not a dataset")
     if obj.is_virtual:
-        raise FlatscopeError(f"{where}: {name!r} is a virtual dataset that maps other files; "
-                             "flatscope reads nothing outside the file it was given")
+        raise FlatscopeError(
+            f"{where}: {name!r} is a virtual dataset that maps other files; "
+            "flatscope reads nothing outside the file it was given"
+        )
     if obj.external:
-        raise FlatscopeError(f"{where}: {name!r} keeps its data in external files "
-                             f"({', '.join(str(e[0]) for e in obj.external[:2])}); refusing to read them")
+        raise FlatscopeError(
+            f"{where}: {name!r} keeps its data in external files "
+            f"({', '.join(str(e[0]) for e in obj.external[:2])}); refusing to read them"
+        )
     if obj.shape is None:
         raise FlatscopeError(f"{where}: {name!r} has no data (a null dataspace)")
     check_value_dtype(name, obj.dtype, where)
     nbytes = math.prod(obj.shape) * obj.dtype.itemsize
     if nbytes > limit:
-        raise FlatscopeError(f"{where}: {name!r} declares shape {list(obj.shape)} ({human_bytes(nbytes)}), above "
-                             f"the limit of {human_bytes(limit)} (FLATSCOPE_MAX_BYTES)")
+        raise FlatscopeError(
+            f"{where}: {name!r} declares shape {list(obj.shape)} ({human_bytes(nbytes)}), above "
+            f"the limit of {human_bytes(limit)} (FLATSCOPE_MAX_BYTES)"
+        )
     if not allow_empty and obj.size == 0:
         raise FlatscopeError(f"{where}: {name!r} is empty (shape {list(obj.shape)})")
     return obj
@@ -256,5 +283,7 @@ def check_allocation(what: str, n_values: int, bytes_per_value: int = 8) -> None
     need = int(n_values) * int(bytes_per_value)
     limit = max_bytes()
     if need > limit:
-        raise FlatscopeError(f"{what} would need {human_bytes(need)} of memory, above the limit of "
-                             f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES); ask for fewer")
+        raise FlatscopeError(
+            f"{what} would need {human_bytes(need)} of memory, above the limit of "
+            f"{human_bytes(limit)} (FLATSCOPE_MAX_BYTES); ask for fewer"
+        )

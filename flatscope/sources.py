@@ -61,10 +61,12 @@ def tree_len(tree) -> int:
 
 def to_device(tree, device, dtype: torch.dtype | None):
     """Move a tree to ``device``; floating tensors take ``dtype``, integer and bool ones keep theirs."""
+
     def move(t):
         if dtype is not None and torch.is_floating_point(t):
             return t.to(device=device, dtype=dtype)
         return t.to(device)
+
     return tree_map(move, tree)
 
 
@@ -98,8 +100,10 @@ def _as_tensor(x, what: str) -> torch.Tensor:
             raise FlatscopeError(f"{what}: cannot make a tensor from {type(x).__name__}: {exc}") from None
     if t.is_complex():
         raise FlatscopeError(f"{what}: complex values are not supported")
-    if not (torch.is_floating_point(t) or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
-                                                       torch.uint8, torch.bool)):
+    if not (
+        torch.is_floating_point(t)
+        or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+    ):
         raise FlatscopeError(f"{what}: unsupported dtype {t.dtype}")
     if t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
         t = t.long()
@@ -129,8 +133,10 @@ def split_item(item, *, target_key: str | None = None, input_key: str | None = N
         return inputs, target
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
-    raise FlatscopeError(f"a dataset item must be an (input, target) pair or a dict, not {type(item).__name__}"
-                         + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    raise FlatscopeError(
+        f"a dataset item must be an (input, target) pair or a dict, not {type(item).__name__}"
+        + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+    )
 
 
 def _default_target(inputs, target):
@@ -179,8 +185,11 @@ class TensorSource(Source):
     in_memory = True
 
     def __init__(self, inputs, targets: torch.Tensor, name: str = "data"):
-        self.inputs = tree_map(lambda t: _as_tensor(t, name), inputs) if not isinstance(inputs, torch.Tensor) \
+        self.inputs = (
+            tree_map(lambda t: _as_tensor(t, name), inputs)
+            if not isinstance(inputs, torch.Tensor)
             else _as_tensor(inputs, name)
+        )
         self.targets = _as_tensor(targets, name)
         n = tree_len(self.inputs)
         if n == 0:
@@ -201,7 +210,7 @@ class TensorSource(Source):
 
     def batches(self, batch_size):
         for s in range(0, self._n, batch_size):
-            yield tree_map(lambda t: t[s:s + batch_size], self.inputs), self.targets[s:s + batch_size]
+            yield tree_map(lambda t: t[s : s + batch_size], self.inputs), self.targets[s : s + batch_size]
 
     def take(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -224,8 +233,17 @@ class TensorSource(Source):
 class MapSource(Source):
     """A map-style dataset, streamed in index order by a ``DataLoader``."""
 
-    def __init__(self, dataset, indices=None, *, workers: int = 0, collate_fn=None, target_key=None,
-                 input_key=None, name: str = "dataset"):
+    def __init__(
+        self,
+        dataset,
+        indices=None,
+        *,
+        workers: int = 0,
+        collate_fn=None,
+        target_key=None,
+        input_key=None,
+        name: str = "dataset",
+    ):
         self.dataset = dataset
         try:
             total = len(dataset)
@@ -246,8 +264,10 @@ class MapSource(Source):
             if isinstance(batch, dict) or (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 x, y = split_item(batch, target_key=self.target_key, input_key=self.input_key)
             else:
-                raise FlatscopeError(f"{self.name}: the collate function returned {type(batch).__name__}, "
-                                     "not an (inputs, targets) pair or a dict")
+                raise FlatscopeError(
+                    f"{self.name}: the collate function returned {type(batch).__name__}, "
+                    "not an (inputs, targets) pair or a dict"
+                )
             return x, _default_target(x, y)
         from torch.utils.data import default_collate
 
@@ -264,8 +284,13 @@ class MapSource(Source):
     def _loader(self, idx, batch_size):
         from torch.utils.data import DataLoader, Subset
 
-        return DataLoader(Subset(self.dataset, idx.tolist()), batch_size=batch_size, shuffle=False,
-                          num_workers=self.workers, collate_fn=self._collate)
+        return DataLoader(
+            Subset(self.dataset, idx.tolist()),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=self._collate,
+        )
 
     def batches(self, batch_size):
         try:
@@ -281,8 +306,15 @@ class MapSource(Source):
 
     def subset(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return MapSource(self.dataset, self.indices[idx], workers=self.workers, collate_fn=self.collate_fn,
-                         target_key=self.target_key, input_key=self.input_key, name=self.name)
+        return MapSource(
+            self.dataset,
+            self.indices[idx],
+            workers=self.workers,
+            collate_fn=self.collate_fn,
+            target_key=self.target_key,
+            input_key=self.input_key,
+            name=self.name,
+        )
 
 
 class H5Source(Source):
@@ -345,7 +377,7 @@ class H5Source(Source):
     def batches(self, batch_size):
         idx = self.indices.numpy()
         for s in range(0, len(idx), batch_size):
-            yield self._read(idx[s:s + batch_size])
+            yield self._read(idx[s : s + batch_size])
 
     def take(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
@@ -403,8 +435,12 @@ def as_source(data, targets=None, *, name: str = "data", workers: int = 0) -> So
         return MapSource(data.dataset, workers=data.num_workers, collate_fn=collate, name=name)
     if isinstance(data, IterableDataset):
         raise FlatscopeError("an IterableDataset has no length or order; wrap it in a DataLoader with batch_size")
-    if targets is None and hasattr(data, "__getitem__") and hasattr(data, "__len__") \
-            and not isinstance(data, (torch.Tensor, np.ndarray, dict, tuple, list)):
+    if (
+        targets is None
+        and hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (torch.Tensor, np.ndarray, dict, tuple, list))
+    ):
         return MapSource(data, workers=workers, name=name)
     if targets is None:
         raise FlatscopeError(f"{name}: give targets with the inputs, or a Dataset of (input, target) items")

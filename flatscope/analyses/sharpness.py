@@ -86,6 +86,7 @@ def scale_vector(w0: torch.Tensor, mask: torch.Tensor, adaptive: bool, eta: floa
 
 def checked(value_fn: Callable[[torch.Tensor], float], what: str = "the metric function") -> Callable:
     """``value_fn`` with its output checked: a finite scalar, else one clear :class:`FlatscopeError`."""
+
     def call(w: torch.Tensor, where: str = "") -> float:
         try:
             v = value_fn(w)
@@ -97,12 +98,14 @@ def checked(value_fn: Callable[[torch.Tensor], float], what: str = "the metric f
             v = v.detach().cpu().numpy()
         arr = np.asarray(v)
         if arr.dtype == object or arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
-            raise FlatscopeError(f"{what} must return one number{where}, got {type(v).__name__} of shape "
-                                 f"{list(arr.shape)}")
+            raise FlatscopeError(
+                f"{what} must return one number{where}, got {type(v).__name__} of shape {list(arr.shape)}"
+            )
         x = float(arr.reshape(()))
         if not math.isfinite(x):
             raise FlatscopeError(f"{what} returned {x}{where}")
         return x
+
     return call
 
 
@@ -127,8 +130,9 @@ def _direction(gu: torch.Tensor, norm: str) -> torch.Tensor | None:
     return gu / n if n > 0 else None
 
 
-def random_start(dim: int, mask: torch.Tensor, rho: float, norm: str, seed: int, r: int,
-                 dtype=torch.float64) -> torch.Tensor:
+def random_start(
+    dim: int, mask: torch.Tensor, rho: float, norm: str, seed: int, r: int, dtype=torch.float64
+) -> torch.Tensor:
     """The start of restart ``r``: uniform on the ℓ2 sphere or in the ℓ∞ cube of radius ρ, on the mask."""
     z = draw_normal(seed, r, r + 1, dim, dtype=torch.float64)[0]
     m = mask.to(torch.float64)
@@ -150,8 +154,17 @@ class Ascent:
     evaluations: int
 
 
-def ascend(obj: Objective, c: torch.Tensor, rho: float, u0: torch.Tensor, start: tuple[float, torch.Tensor], *,
-           norm: str, steps: int, step_size: float) -> Ascent:
+def ascend(
+    obj: Objective,
+    c: torch.Tensor,
+    rho: float,
+    u0: torch.Tensor,
+    start: tuple[float, torch.Tensor],
+    *,
+    norm: str,
+    steps: int,
+    step_size: float,
+) -> Ascent:
     """Projected gradient ascent of ``L(w0 + c ⊙ u)`` over ``‖u‖_p ≤ ρ`` from ``u0`` (module docstring).
 
     ``start`` is ``(loss, gradient)`` of ``obj`` at ``w0 + c ⊙ u0``.
@@ -183,24 +196,35 @@ class WorstCase:
 
     base_loss: float
     base_error: float
-    restarts: np.ndarray          # (R,) L(w + δ_r) − L(w), the loss rise reached by each restart
+    restarts: np.ndarray  # (R,) L(w + δ_r) − L(w), the loss rise reached by each restart
     best: int
-    loss: float                   # L(w + δ*) at the best restart
-    error: float                  # error rate at w + δ* (NaN for regression)
-    ball_norm: float              # ‖u*‖_p / ρ  (1 on the boundary)
-    delta_norm: float             # ‖δ*‖₂
+    loss: float  # L(w + δ*) at the best restart
+    error: float  # error rate at w + δ* (NaN for regression)
+    ball_norm: float  # ‖u*‖_p / ρ  (1 on the boundary)
+    delta_norm: float  # ‖δ*‖₂
     evaluations: int
-    value: float = math.nan       # value_fn(w + δ*) − value_fn(w) (NaN without value_fn)
+    value: float = math.nan  # value_fn(w + δ*) − value_fn(w) (NaN without value_fn)
 
     @property
     def sharpness(self) -> float:
         return float(self.restarts[self.best])
 
 
-def worst_case(obj: Objective, rho: float, *, c: torch.Tensor, mask: torch.Tensor, norm: str = "l2",
-               steps: int = 20, step_size: float = 1.0, restarts: int = 1, seed: int = 0,
-               base: tuple[float, float, torch.Tensor] | None = None,
-               value_fn: Callable | None = None, value_base: float | None = None) -> WorstCase:
+def worst_case(
+    obj: Objective,
+    rho: float,
+    *,
+    c: torch.Tensor,
+    mask: torch.Tensor,
+    norm: str = "l2",
+    steps: int = 20,
+    step_size: float = 1.0,
+    restarts: int = 1,
+    seed: int = 0,
+    base: tuple[float, float, torch.Tensor] | None = None,
+    value_fn: Callable | None = None,
+    value_base: float | None = None,
+) -> WorstCase:
     """``max_{‖u‖_p ≤ ρ} L(w0 + c ⊙ u) − L(w0)`` on ``obj`` by projected gradient ascent with restarts.
 
     ``base``: ``(loss, error, gradient)`` at ``w0`` if already known.
@@ -229,14 +253,24 @@ def worst_case(obj: Objective, rho: float, *, c: torch.Tensor, mask: torch.Tenso
     value = math.nan
     if value_fn is not None:
         value = value_fn(w_star, f" at the worst-case point for ρ = {rho:g}") - value_base
-    return WorstCase(base_loss=l0, base_error=e0, restarts=losses - l0, best=best, loss=loss_star,
-                     error=(1.0 - acc_star), ball_norm=_ball_norm(u, norm) / rho,
-                     delta_norm=float(torch.linalg.vector_norm(c * u)), evaluations=evals + 1, value=value)
+    return WorstCase(
+        base_loss=l0,
+        base_error=e0,
+        restarts=losses - l0,
+        best=best,
+        loss=loss_star,
+        error=(1.0 - acc_star),
+        ball_norm=_ball_norm(u, norm) / rho,
+        delta_norm=float(torch.linalg.vector_norm(c * u)),
+        evaluations=evals + 1,
+        value=value,
+    )
 
 
 # ---------------------------------------------------------------------------------- average case
-def average_directions(dim: int, mask: torch.Tensor, norm: str, average: str, samples: int, seed: int,
-                       dtype=torch.float64) -> torch.Tensor:
+def average_directions(
+    dim: int, mask: torch.Tensor, norm: str, average: str, samples: int, seed: int, dtype=torch.float64
+) -> torch.Tensor:
     """``ũ_j`` (rows, shape ``(samples, dim)``): the average-case draws at ρ = 1 (module docstring).
 
     Draw ``j`` comes from the generator seeded by ``(seed + 1, j)``, independent of the restarts' starts.
@@ -270,14 +304,14 @@ class SplitSharpness:
     split: str
     base_loss: float
     base_error: float
-    n_used: int                    # samples in the sub-batches (all of the split without m)
-    worst_restarts: np.ndarray     # (n_rho, K, R) loss rise per restart
-    worst_loss: np.ndarray         # (n_rho, K) loss reached at the best restart
-    worst_error: np.ndarray        # (n_rho, K) error-rate rise there
-    ball_norm: np.ndarray          # (n_rho, K) ‖u*‖_p / ρ
-    delta_norm: np.ndarray         # (n_rho, K) ‖δ*‖₂
+    n_used: int  # samples in the sub-batches (all of the split without m)
+    worst_restarts: np.ndarray  # (n_rho, K, R) loss rise per restart
+    worst_loss: np.ndarray  # (n_rho, K) loss reached at the best restart
+    worst_error: np.ndarray  # (n_rho, K) error-rate rise there
+    ball_norm: np.ndarray  # (n_rho, K) ‖u*‖_p / ρ
+    delta_norm: np.ndarray  # (n_rho, K) ‖δ*‖₂
     evaluations: int
-    worst_value: np.ndarray | None = None   # (n_rho, K) value_fn rise at δ*, when a value_fn was given
+    worst_value: np.ndarray | None = None  # (n_rho, K) value_fn rise at δ*, when a value_fn was given
     average_draws: np.ndarray | None = None  # (n_rho, n) value_fn(w + c ⊙ u_j) − value_fn(w)
 
     @property
@@ -315,12 +349,22 @@ class SplitSharpness:
         return np.array([_mean_sem(row)[1] for row in self.average_draws])
 
     def to_tree(self) -> dict:
-        t = {"base_loss": self.base_loss, "base_error": self.base_error, "n_used": self.n_used,
-             "evaluations": self.evaluations,
-             "worst": self.worst, "worst_sem": self.worst_sem, "worst_per_batch": self.per_batch,
-             "worst_restarts": self.worst_restarts, "restart_spread": self.restart_spread,
-             "worst_loss": self.worst_loss, "worst_error": self.worst_error,
-             "ball_norm": self.ball_norm, "delta_norm": self.delta_norm, "on_sphere": self.on_sphere}
+        t = {
+            "base_loss": self.base_loss,
+            "base_error": self.base_error,
+            "n_used": self.n_used,
+            "evaluations": self.evaluations,
+            "worst": self.worst,
+            "worst_sem": self.worst_sem,
+            "worst_per_batch": self.per_batch,
+            "worst_restarts": self.worst_restarts,
+            "restart_spread": self.restart_spread,
+            "worst_loss": self.worst_loss,
+            "worst_error": self.worst_error,
+            "ball_norm": self.ball_norm,
+            "delta_norm": self.delta_norm,
+            "on_sphere": self.on_sphere,
+        }
         if self.worst_value is not None:
             t["worst_value"] = self.worst_value
         if self.average_draws is not None:
@@ -328,11 +372,20 @@ class SplitSharpness:
         return t
 
     def to_json(self) -> dict:
-        out = {"base_loss": self.base_loss, "base_error": self.base_error, "n_used": self.n_used,
-               "worst": self.worst, "worst_sem": self.worst_sem, "restart_spread": self.restart_spread,
-               "worst_loss": self.worst_loss.mean(axis=1), "worst_error": self.worst_error.mean(axis=1),
-               "ball_norm": self.ball_norm.mean(axis=1), "delta_norm": self.delta_norm.mean(axis=1),
-               "on_sphere": self.on_sphere.mean(axis=1), "evaluations": self.evaluations}
+        out = {
+            "base_loss": self.base_loss,
+            "base_error": self.base_error,
+            "n_used": self.n_used,
+            "worst": self.worst,
+            "worst_sem": self.worst_sem,
+            "restart_spread": self.restart_spread,
+            "worst_loss": self.worst_loss.mean(axis=1),
+            "worst_error": self.worst_error.mean(axis=1),
+            "ball_norm": self.ball_norm.mean(axis=1),
+            "delta_norm": self.delta_norm.mean(axis=1),
+            "on_sphere": self.on_sphere.mean(axis=1),
+            "evaluations": self.evaluations,
+        }
         if self.worst_value is not None:
             out["worst_value"] = self.worst_value.mean(axis=1)
         if self.average_draws is not None:
@@ -358,10 +411,21 @@ class SharpnessResult:
     curves: dict[str, SplitSharpness] = field(default_factory=dict)
 
     def _meta(self) -> dict:
-        return {"rho": self.rho, "norm": self.norm, "adaptive": np.bool_(self.adaptive), "eta": self.eta,
-                "params": self.params, "steps": self.steps, "step_size": self.step_size,
-                "restarts": self.restarts, "m": 0 if self.m is None else self.m, "average_mode": self.average,
-                "samples": self.samples, "seed": self.seed, "n_perturbed": self.n_perturbed}
+        return {
+            "rho": self.rho,
+            "norm": self.norm,
+            "adaptive": np.bool_(self.adaptive),
+            "eta": self.eta,
+            "params": self.params,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "restarts": self.restarts,
+            "m": 0 if self.m is None else self.m,
+            "average_mode": self.average,
+            "samples": self.samples,
+            "seed": self.seed,
+            "n_perturbed": self.n_perturbed,
+        }
 
     def to_tree(self) -> dict:
         tree = dict(self._meta(), splits=",".join(self.curves))
@@ -386,7 +450,8 @@ class SharpnessResult:
             out[f"{name}_on_sphere_at_rho_max"] = float(c.on_sphere[-1].mean())
             avg = c.average
             out[f"{name}_average_at_rho_max"] = float(avg[-1]) if avg is not None else math.nan
-            out[f"{name}_average_sem_at_rho_max"] = float(c.average_sem[-1]) if avg is not None else math.nan
+            sem = c.average_sem
+            out[f"{name}_average_sem_at_rho_max"] = float(sem[-1]) if avg is not None and sem is not None else math.nan
             ratio = float(c.worst[-1] / avg[-1]) if avg is not None and avg[-1] > 0 else math.nan
             out[f"{name}_worst_over_average_at_rho_max"] = ratio
         return out
@@ -395,7 +460,7 @@ class SharpnessResult:
         out = {k: v for k, v in self._meta().items()}
         out["m"] = self.m
         if len(self.curves) == 1:
-            (name, c), = self.curves.items()
+            ((name, c),) = self.curves.items()
             out["split"] = name
             out.update(c.to_json())
         else:
@@ -408,8 +473,10 @@ class SharpnessResult:
 def summary_keys(splits) -> list[str]:
     """The keys of :meth:`SharpnessResult.summary` for these splits (known before computing)."""
     z = np.zeros((1, 1))
-    curves = {s: SplitSharpness(s, 0.0, 0.0, 0, np.zeros((1, 1, 1)), z, z, z, z, 0, average_draws=np.zeros((1, 2)))
-              for s in splits}
+    curves = {
+        s: SplitSharpness(s, 0.0, 0.0, 0, np.zeros((1, 1, 1)), z, z, z, z, 0, average_draws=np.zeros((1, 2)))
+        for s in splits
+    }
     res = SharpnessResult(np.ones(1), "l2", True, 0.0, "all", 1, 1.0, 1, None, "surface", 2, 0, 0, curves)
     return list(res.summary())
 
@@ -418,7 +485,7 @@ def summary_keys(splits) -> list[str]:
 def sub_batches(n: int, m: int, seed: int) -> list[np.ndarray]:
     """``⌊n/m⌋`` disjoint sub-batches of ``m`` indices from a permutation seeded by ``seed``, each sorted."""
     perm = np.random.default_rng([int(seed) % 2**63, 0x5AB]).permutation(n)
-    return [np.sort(perm[k * m:(k + 1) * m]) for k in range(n // m)]
+    return [np.sort(perm[k * m : (k + 1) * m]) for k in range(n // m)]
 
 
 def check_options(*, norm: str, steps, step_size, restarts, eta, average: str, samples, m) -> None:
@@ -436,17 +503,32 @@ def check_options(*, norm: str, steps, step_size, restarts, eta, average: str, s
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise FlatscopeError(f"--eta must be a non-negative number, got {eta}")
     if int(samples) != samples or samples < 0 or samples == 1:
-        raise FlatscopeError(f"--samples must be 0 (no average case) or a whole number of at least 2 (the "
-                             f"standard error needs two draws), got {samples}")
+        raise FlatscopeError(
+            f"--samples must be 0 (no average case) or a whole number of at least 2 (the "
+            f"standard error needs two draws), got {samples}"
+        )
     if m is not None and (int(m) != m or m < 1):
         raise FlatscopeError(f"--m must be a whole number of at least 1, got {m}")
 
 
-def sharpness(objectives: Objective | Mapping[str, Objective], rhos, *, norm: str = "l2", adaptive: bool = True,
-              eta: float = 0.0, params: str = "all", steps: int = 20, step_size: float = 1.0, restarts: int = 1,
-              m: int | None = None, average: str = "surface", samples: int = 16, seed: int = 0,
-              value_fn: Callable[[torch.Tensor], float] | None = None,
-              progress: Callable[[int], None] | None = None) -> SharpnessResult:
+def sharpness(
+    objectives: Objective | Mapping[str, Objective],
+    rhos,
+    *,
+    norm: str = "l2",
+    adaptive: bool = True,
+    eta: float = 0.0,
+    params: str = "all",
+    steps: int = 20,
+    step_size: float = 1.0,
+    restarts: int = 1,
+    m: int | None = None,
+    average: str = "surface",
+    samples: int = 16,
+    seed: int = 0,
+    value_fn: Callable[[torch.Tensor], float] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SharpnessResult:
     """Worst-case and average-case sharpness at every ρ on every split (module docstring).
 
     ``objectives``: one :class:`Objective` (split ``"train"``) or ``{split: Objective}`` over the same
@@ -465,8 +547,9 @@ def sharpness(objectives: Objective | Mapping[str, Objective], rhos, *, norm: st
         raise FlatscopeError("ρ must be finite and positive (ρ = 0 has no ball to search)")
     if np.any(np.diff(rho) <= 0):
         raise FlatscopeError("ρ must be strictly increasing")
-    check_options(norm=norm, steps=steps, step_size=step_size, restarts=restarts, eta=eta, average=average,
-                  samples=samples, m=m)
+    check_options(
+        norm=norm, steps=steps, step_size=step_size, restarts=restarts, eta=eta, average=average, samples=samples, m=m
+    )
     steps, restarts, samples = int(steps), int(restarts), int(samples)
     m = None if m is None else int(m)
     first = next(iter(objs.values()))
@@ -476,23 +559,37 @@ def sharpness(objectives: Objective | Mapping[str, Objective], rhos, *, norm: st
             raise FlatscopeError(f"split {name}: the objectives must hold the same weights")
         if m is not None:
             if o.n != o.n_total:
-                raise FlatscopeError("--m (m-sharpness) needs the whole split in one process, not a data-parallel "
-                                     "shard")
+                raise FlatscopeError(
+                    "--m (m-sharpness) needs the whole split in one process, not a data-parallel shard"
+                )
             if m > o.n:
                 raise FlatscopeError(f"--m {m} is larger than the {name} split ({o.n} samples)")
     mask = first.layout.mask(params)
     progress = progress or (lambda k: None)
     fns = value_fn if isinstance(value_fn, Mapping) else {name: value_fn for name in objs}
-    res = SharpnessResult(rho=rho, norm=norm, adaptive=bool(adaptive), eta=float(eta), params=params, steps=steps,
-                          step_size=float(step_size), restarts=restarts, m=m, average=average, samples=samples,
-                          seed=int(seed), n_perturbed=0)
+    res = SharpnessResult(
+        rho=rho,
+        norm=norm,
+        adaptive=bool(adaptive),
+        eta=float(eta),
+        params=params,
+        steps=steps,
+        step_size=float(step_size),
+        restarts=restarts,
+        m=m,
+        average=average,
+        samples=samples,
+        seed=int(seed),
+        n_perturbed=0,
+    )
     for name, obj in objs.items():
         w0 = obj.w0
         c = scale_vector(w0, mask, adaptive, float(eta))
         res.n_perturbed = int((c != 0).sum())
         if res.n_perturbed == 0:
-            raise FlatscopeError("no entry can move: every perturbed weight is 0 and --eta is 0 (use --eta > 0 "
-                                 "or --no-adaptive)")
+            raise FlatscopeError(
+                "no entry can move: every perturbed weight is 0 and --eta is 0 (use --eta > 0 or --no-adaptive)"
+            )
         fn = fns.get(name)
         fn = None if fn is None else checked(fn)
         v0 = None if fn is None else fn(w0, " at the checkpoint's weights")
@@ -508,9 +605,20 @@ def sharpness(objectives: Objective | Mapping[str, Objective], rhos, *, norm: st
             g0 = part.grad(w0)
             evals += 2
             for i, r in enumerate(rho):
-                wc = worst_case(part, float(r), c=c, mask=mask, norm=norm, steps=steps, step_size=step_size,
-                                restarts=restarts, seed=seed, base=(l0, 1.0 - acc0, g0),
-                                value_fn=fn if m is None else None, value_base=v0)
+                wc = worst_case(
+                    part,
+                    float(r),
+                    c=c,
+                    mask=mask,
+                    norm=norm,
+                    steps=steps,
+                    step_size=step_size,
+                    restarts=restarts,
+                    seed=seed,
+                    base=(l0, 1.0 - acc0, g0),
+                    value_fn=fn if m is None else None,
+                    value_base=v0,
+                )
                 R[i, k] = wc.restarts
                 WL[i, k], WE[i, k] = wc.loss, wc.error - wc.base_error
                 BN[i, k], DN[i, k] = wc.ball_norm, wc.delta_norm
@@ -518,8 +626,9 @@ def sharpness(objectives: Objective | Mapping[str, Objective], rhos, *, norm: st
                     WV[i, k] = wc.value
                 evals += wc.evaluations
                 progress(1)
-        curve = SplitSharpness(name, base_loss, 1.0 - base_acc, sum(p.n for p in parts), R, WL, WE, BN, DN, evals,
-                               worst_value=WV)
+        curve = SplitSharpness(
+            name, base_loss, 1.0 - base_acc, sum(p.n for p in parts), R, WL, WE, BN, DN, evals, worst_value=WV
+        )
         if samples:
             U = average_directions(w0.numel(), mask, norm, average, samples, seed, dtype=w0.dtype).to(w0.device)
             f = fn if fn is not None else (lambda w, where="", obj=obj: obj.loss(w))

@@ -20,13 +20,15 @@ from __future__ import annotations
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("flatscope.integrations.hf_trainer needs Hugging Face transformers: pip install transformers") from exc
+    raise ImportError(
+        "flatscope.integrations.hf_trainer needs Hugging Face transformers: pip install transformers"
+    ) from exc
 
 from ..monitor import CurvatureMonitor
 
 
 def _unwrap(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)     # accelerate's AcceleratedOptimizer
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
 
 
 class CurvatureCallback(TrainerCallback):
@@ -43,14 +45,16 @@ class CurvatureCallback(TrainerCallback):
         if self.monitor is None:
             self.monitor = CurvatureMonitor(model, **self._kwargs)
         if state.global_step == 0:
-            self.monitor.step(0, lr=_lr(optimizer, kwargs.get("lr_scheduler")), optimizer=_unwrap(optimizer),
-                              model=model)
+            self.monitor.step(
+                0, lr=_lr(optimizer, kwargs.get("lr_scheduler")), optimizer=_unwrap(optimizer), model=model
+            )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if self.monitor is None:
             self.monitor = CurvatureMonitor(model, **self._kwargs)
-        self.monitor.step(int(state.global_step), lr=_lr(optimizer, lr_scheduler), optimizer=_unwrap(optimizer),
-                          model=model)
+        self.monitor.step(
+            int(state.global_step), lr=_lr(optimizer, lr_scheduler), optimizer=_unwrap(optimizer), model=model
+        )
 
 
 def _lr(optimizer, scheduler) -> float | None:

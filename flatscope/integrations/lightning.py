@@ -40,12 +40,13 @@ class CurvatureCallback(pl.Callback):
         return opts[0] if opts else None
 
     def _step(self, trainer, pl_module, step: int) -> None:
-        if step == getattr(self, "_last", None):      # gradient accumulation: one measurement per optimizer step
+        if step == getattr(self, "_last", None):  # gradient accumulation: one measurement per optimizer step
             return
         self._last = step
         opt = self._opt(trainer)
         lr = float(opt.param_groups[0]["lr"]) if opt is not None else None
-        self.monitor.step(step, lr=lr, optimizer=opt, model=pl_module)
+        if self.monitor is not None:
+            self.monitor.step(step, lr=lr, optimizer=opt, model=pl_module)
 
     def on_train_start(self, trainer, pl_module):
         if self.monitor is None:

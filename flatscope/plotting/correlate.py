@@ -31,7 +31,7 @@ def _axis_label(value) -> str:
 @register("correlate")
 def plot(items, out_base, fmt):
     paths = []
-    for label, tree in items[:1]:   # one family per file; overlaying families would mix their axes
+    for _label, tree in items[:1]:  # one family per file; overlaying families would mix their axes
         names = json.loads(tree["measures"])
         flatter = json.loads(tree.get("flatter", "[]")) or [""] * len(names)
         axes = json.loads(tree["axes"]) or ["(all)"]
@@ -54,8 +54,7 @@ def plot(items, out_base, fmt):
                     pass
                 for c, lev in enumerate(levels):
                     sel = np.array([_axis_label(v) == lev for v in col]) & ok
-                    ax.scatter(x[sel], gap[sel], s=22, color=f"C{c % 10}", label=lev, alpha=0.85,
-                               edgecolors="none")
+                    ax.scatter(x[sel], gap[sel], s=22, color=f"C{c % 10}", label=lev, alpha=0.85, edgecolors="none")
                 if logx:
                     ax.set_xscale("log")
                 psi = np.asarray(tree["psi"], dtype=float)
@@ -67,9 +66,12 @@ def plot(items, out_base, fmt):
             panels[0, 0].set_ylabel(f"gap: {tree['gap_expression']}")
             kt, kc = float(tree["kendall"][k]), np.asarray(tree["kendall_ci"], dtype=float)[k]
             sp, sc = float(tree["spearman"][k]), np.asarray(tree["spearman_ci"], dtype=float)[k]
-            fig.suptitle(f"{name} vs gap, {int(ok.sum())} models: Kendall τ = {_fmt(kt)} [{_fmt(kc[0])}, {_fmt(kc[1])}], "
-                         f"Spearman ρ = {_fmt(sp)} [{_fmt(sc[0])}, {_fmt(sc[1])}] ({100 * level:g}% bootstrap), "
-                         f"Ψ = {_fmt(float(tree['Psi'][k]))}", fontsize=10)
+            fig.suptitle(
+                f"{name} vs gap, {int(ok.sum())} models: Kendall τ = {_fmt(kt)} [{_fmt(kc[0])}, {_fmt(kc[1])}], "
+                f"Spearman ρ = {_fmt(sp)} [{_fmt(sc[0])}, {_fmt(sc[1])}] ({100 * level:g}% bootstrap), "
+                f"Ψ = {_fmt(float(tree['Psi'][k]))}",
+                fontsize=10,
+            )
             fig.tight_layout()
             safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
             paths.append(save(fig, out_base, f"scatter-{safe}", fmt))

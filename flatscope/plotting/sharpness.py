@@ -24,8 +24,9 @@ def _splits(tree: dict) -> list[str]:
 
 @register("sharpness")
 def plot(items, out_base, fmt):
-    has_err = any(np.isfinite(np.asarray(tree[s]["worst_error"], dtype=float)).any()
-                  for _, tree in items for s in _splits(tree))
+    has_err = any(
+        np.isfinite(np.asarray(tree[s]["worst_error"], dtype=float)).any() for _, tree in items for s in _splits(tree)
+    )
     fig, axes = figure(1, 2 if has_err else 1, figsize=(11 if has_err else 5.8, 4.2), squeeze=False)
     ax, ax_err = axes[0, 0], (axes[0, 1] if has_err else None)
     many = len(items) > 1
@@ -48,20 +49,39 @@ def plot(items, out_base, fmt):
             if m:
                 yerr = np.asarray(c["worst_sem"], dtype=float)
             else:
-                restarts = np.asarray(c["worst_restarts"], dtype=float).mean(axis=1)   # (n_rho, R)
+                restarts = np.asarray(c["worst_restarts"], dtype=float).mean(axis=1)  # (n_rho, R)
                 yerr = np.vstack([worst - restarts.min(axis=1), np.zeros_like(worst)])
             yerr = np.broadcast_to(np.nan_to_num(yerr), (2, worst.size))
             vals, ends = [worst], [worst - yerr[0], worst + yerr[1]]
-            ax.errorbar(rho, worst, yerr=yerr, color=color, ls=ls, marker="o", ms=4, capsize=2.5, lw=1.4,
-                        label=None if short else " ".join(x for x in ("worst", f"(m = {m})" if m else "", name) if x))
+            ax.errorbar(
+                rho,
+                worst,
+                yerr=yerr,
+                color=color,
+                ls=ls,
+                marker="o",
+                ms=4,
+                capsize=2.5,
+                lw=1.4,
+                label=None if short else " ".join(x for x in ("worst", f"(m = {m})" if m else "", name) if x),
+            )
             if "average" in c:
                 avg, sem = np.asarray(c["average"], dtype=float), np.asarray(c["average_sem"], dtype=float)
                 vals.append(avg)
                 ends += [avg - np.nan_to_num(sem), avg + np.nan_to_num(sem)]
-                ax.errorbar(rho, avg, yerr=sem,
-                            color=avg_color, ls=ls if not many else ":", marker="s", mfc="white", ms=4, capsize=2.5,
-                            lw=1.2,
-                            label=None if short else " ".join(x for x in ("average", name) if x))
+                ax.errorbar(
+                    rho,
+                    avg,
+                    yerr=sem,
+                    color=avg_color,
+                    ls=ls if not many else ":",
+                    marker="s",
+                    mfc="white",
+                    ms=4,
+                    capsize=2.5,
+                    lw=1.2,
+                    label=None if short else " ".join(x for x in ("average", name) if x),
+                )
             ends = np.concatenate(ends)
             ends = ends[np.isfinite(ends)]
             if ends.size:
@@ -83,7 +103,11 @@ def plot(items, out_base, fmt):
         ball = "balls differ"
     else:
         ad = adaptive.lower() in ("true", "1")
-        ball = (f"adaptive {norm}" + (f", η = {float(eta):g}" if eta not in (None, "") else "")) if ad else f"standard {norm}"
+        ball = (
+            (f"adaptive {norm}" + (f", η = {float(eta):g}" if eta not in (None, "") else ""))
+            if ad
+            else f"standard {norm}"
+        )
     ax.set_xscale("log")
     if np.isfinite(floor):
         # symlog: log above the smallest |value| (sharpness grows like ρ to ρ²), linear through 0 for the

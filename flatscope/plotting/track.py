@@ -13,8 +13,19 @@ import numpy as np
 from . import figure, register, save
 
 _SHARP = ("lambda_max", "pre_lambda_max")
-_BOOK = {"step", "wall_time_s", "cost_s", "hvps", "lr", "two_over_lr", "threshold", "loss", "acc", "test_loss",
-         "test_acc"}
+_BOOK = {
+    "step",
+    "wall_time_s",
+    "cost_s",
+    "hvps",
+    "lr",
+    "two_over_lr",
+    "threshold",
+    "loss",
+    "acc",
+    "test_loss",
+    "test_acc",
+}
 _SUFFIX = ("_residual", "_stderr", "_converged", "_hvps")
 
 
@@ -49,8 +60,15 @@ def plot(items, out_base, fmt):
             ax.plot(step, two, ":", color=c, lw=1.2, label=f"{label} 2/η")
         thr = _col(tree, "threshold")
         if thr is not None and two is not None and np.isfinite(thr).any() and not np.allclose(thr, two, equal_nan=True):
-            ax.plot(step, thr, "--", color=c, lw=1.0, alpha=0.7,
-                    label=f"{label} threshold" + (" (Adam)" if "pre_lambda_max" in tree else " (momentum)"))
+            ax.plot(
+                step,
+                thr,
+                "--",
+                color=c,
+                lw=1.0,
+                alpha=0.7,
+                label=f"{label} threshold" + (" (Adam)" if "pre_lambda_max" in tree else " (momentum)"),
+            )
         for key, ls, text in (("loss", "-", "loss (tracked subset)"), ("test_loss", "--", "test loss")):
             v = _col(tree, key)
             if v is not None and np.isfinite(v).any():
@@ -71,8 +89,14 @@ def plot(items, out_base, fmt):
     extra = []
     for _, tree in items:
         for k in tree:
-            if (k not in _BOOK and k not in _SHARP and not k.endswith(_SUFFIX) and k not in extra
-                    and isinstance(tree[k], np.ndarray) and tree[k].ndim == 1):
+            if (
+                k not in _BOOK
+                and k not in _SHARP
+                and not k.endswith(_SUFFIX)
+                and k not in extra
+                and isinstance(tree[k], np.ndarray)
+                and tree[k].ndim == 1
+            ):
                 extra.append(k)
     if extra:
         cols = min(3, len(extra))
@@ -90,7 +114,7 @@ def plot(items, out_base, fmt):
             a.set_title(key, fontsize=9)
             a.set_xlabel("optimizer step")
             a.grid(alpha=0.3)
-        for a in list(axes.flat)[len(extra):]:
+        for a in list(axes.flat)[len(extra) :]:
             a.set_visible(False)
         if len(items) > 1:
             axes.flat[0].legend(fontsize=7)

@@ -32,38 +32,106 @@ def _whole(text, name: str) -> int:
 
 def parse_options(rho_spec, steps, step_size, restarts, eta, samples, m, norm, average) -> dict:
     """The command's options as :func:`flatscope.analyses.sharpness.sharpness` takes them (checked)."""
-    out = {"rhos": parse_rhos(rho_spec), "steps": _whole(steps, "--steps"),
-           "step_size": _number(step_size, "--step-size"), "restarts": _whole(restarts, "--restarts"),
-           "eta": _number(eta, "--eta"), "samples": _whole(samples, "--samples"),
-           "m": None if m is None else _whole(m, "--m")}
-    check_options(norm=norm, steps=out["steps"], step_size=out["step_size"], restarts=out["restarts"], eta=out["eta"],
-                  average=average, samples=out["samples"], m=out["m"])
+    out = {
+        "rhos": parse_rhos(rho_spec),
+        "steps": _whole(steps, "--steps"),
+        "step_size": _number(step_size, "--step-size"),
+        "restarts": _whole(restarts, "--restarts"),
+        "eta": _number(eta, "--eta"),
+        "samples": _whole(samples, "--samples"),
+        "m": None if m is None else _whole(m, "--m"),
+    }
+    check_options(
+        norm=norm,
+        steps=out["steps"],
+        step_size=out["step_size"],
+        restarts=out["restarts"],
+        eta=out["eta"],
+        average=average,
+        samples=out["samples"],
+        m=out["m"],
+    )
     return out
 
 
 @click.command("sharpness")
-@click.option("--rho", "rho_spec", default=DEFAULT_RHO, show_default=True, metavar="SPEC",
-              help="Radii ρ > 0: a..b (10 log-spaced), a..b:N, a..b:N:lin|log, or a comma list, e.g. 0.05,0.1.")
-@click.option("--norm", type=click.Choice(NORMS), default="l2", show_default=True,
-              help="The ball: ‖δ ⊘ c‖₂ ≤ ρ (l2) or ‖δ ⊘ c‖∞ ≤ ρ (linf).")
-@click.option("--adaptive/--no-adaptive", default=True, show_default=True,
-              help="Scale the ball elementwise by c = |w| + η (adaptive, invariant to layer rescaling) or not (c = 1).")
-@click.option("--eta", default="0", show_default=True, metavar="ETA",
-              help="η in c = |w| + η (adaptive only); 0 as in Andriushchenko et al. 2023, 0.01 is ASAM's ball.")
-@click.option("--steps", default="20", show_default=True, metavar="N",
-              help="Projected gradient-ascent steps per restart (one gradient over the data each).")
-@click.option("--step-size", default="1", show_default=True, metavar="A",
-              help="First ascent step, as a fraction of ρ; halved whenever a step does not raise the loss.")
-@click.option("--restarts", default="1", show_default=True, metavar="R",
-              help="Ascents per ρ: the first from δ = 0, the others from seeded random points of the ball.")
-@click.option("--m", "m", default=None, metavar="M",
-              help="m-sharpness: the mean over disjoint sub-batches of M samples of each one's worst case.")
-@click.option("--average", type=click.Choice(AVERAGES), default="surface", show_default=True,
-              help="Average case over the ball's surface (uniform) or a Gaussian of the same second moment.")
-@click.option("--samples", default="16", show_default=True, metavar="N",
-              help="Average-case draws (0: skip the average case); the same draws at every ρ.")
-@click.option("--params", default="all", show_default=True, metavar="all|weights|REGEX",
-              help="Which parameters may move: all, weights (tensors of 2+ dims), or a regex on names.")
+@click.option(
+    "--rho",
+    "rho_spec",
+    default=DEFAULT_RHO,
+    show_default=True,
+    metavar="SPEC",
+    help="Radii ρ > 0: a..b (10 log-spaced), a..b:N, a..b:N:lin|log, or a comma list, e.g. 0.05,0.1.",
+)
+@click.option(
+    "--norm",
+    type=click.Choice(NORMS),
+    default="l2",
+    show_default=True,
+    help="The ball: ‖δ ⊘ c‖₂ ≤ ρ (l2) or ‖δ ⊘ c‖∞ ≤ ρ (linf).",
+)
+@click.option(
+    "--adaptive/--no-adaptive",
+    default=True,
+    show_default=True,
+    help="Scale the ball elementwise by c = |w| + η (adaptive, invariant to layer rescaling) or not (c = 1).",
+)
+@click.option(
+    "--eta",
+    default="0",
+    show_default=True,
+    metavar="ETA",
+    help="η in c = |w| + η (adaptive only); 0 as in Andriushchenko et al. 2023, 0.01 is ASAM's ball.",
+)
+@click.option(
+    "--steps",
+    default="20",
+    show_default=True,
+    metavar="N",
+    help="Projected gradient-ascent steps per restart (one gradient over the data each).",
+)
+@click.option(
+    "--step-size",
+    default="1",
+    show_default=True,
+    metavar="A",
+    help="First ascent step, as a fraction of ρ; halved whenever a step does not raise the loss.",
+)
+@click.option(
+    "--restarts",
+    default="1",
+    show_default=True,
+    metavar="R",
+    help="Ascents per ρ: the first from δ = 0, the others from seeded random points of the ball.",
+)
+@click.option(
+    "--m",
+    "m",
+    default=None,
+    metavar="M",
+    help="m-sharpness: the mean over disjoint sub-batches of M samples of each one's worst case.",
+)
+@click.option(
+    "--average",
+    type=click.Choice(AVERAGES),
+    default="surface",
+    show_default=True,
+    help="Average case over the ball's surface (uniform) or a Gaussian of the same second moment.",
+)
+@click.option(
+    "--samples",
+    default="16",
+    show_default=True,
+    metavar="N",
+    help="Average-case draws (0: skip the average case); the same draws at every ρ.",
+)
+@click.option(
+    "--params",
+    default="all",
+    show_default=True,
+    metavar="all|weights|REGEX",
+    help="Which parameters may move: all, weights (tensors of 2+ dims), or a regex on names.",
+)
 @analysis_options
 @pass_run
 def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, average, samples, params):
@@ -94,12 +162,35 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
         k = min(o.n // opts["m"] for o in objs.values())
     total = sum(len(opts["rhos"]) * ((o.n // opts["m"]) if opts["m"] else 1) + opts["samples"] for o in objs.values())
     with run.progress(total, "sharpness") as advance:
-        res = sharpness(objs, opts["rhos"], norm=norm, adaptive=adaptive, eta=opts["eta"], params=params,
-                        steps=opts["steps"], step_size=opts["step_size"], restarts=opts["restarts"], m=opts["m"],
-                        average=average, samples=opts["samples"], seed=run.seed, progress=advance)
-    options = {"rho": rho_spec, "norm": norm, "adaptive": adaptive, "eta": opts["eta"], "steps": opts["steps"],
-               "step_size": opts["step_size"], "restarts": opts["restarts"], "m": opts["m"], "average": average,
-               "samples": opts["samples"], "params": params}
+        res = sharpness(
+            objs,
+            opts["rhos"],
+            norm=norm,
+            adaptive=adaptive,
+            eta=opts["eta"],
+            params=params,
+            steps=opts["steps"],
+            step_size=opts["step_size"],
+            restarts=opts["restarts"],
+            m=opts["m"],
+            average=average,
+            samples=opts["samples"],
+            seed=run.seed,
+            progress=advance,
+        )
+    options = {
+        "rho": rho_spec,
+        "norm": norm,
+        "adaptive": adaptive,
+        "eta": opts["eta"],
+        "steps": opts["steps"],
+        "step_size": opts["step_size"],
+        "restarts": opts["restarts"],
+        "m": opts["m"],
+        "average": average,
+        "samples": opts["samples"],
+        "params": params,
+    }
     run.save("sharpness", res.to_tree(), kind="sharpness", summary=res.summary(), options=options)
     plots = run.plot("sharpness")
     payload = res.to_json()
@@ -113,8 +204,10 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
         how = f"{opts['steps']} steps × {opts['restarts']} restart(s)"
         if opts["m"]:
             how += f", m = {opts['m']} ({k} sub-batch{'es' if k > 1 else ''} of the smallest split)"
-        console.print(f"sharpness, {ball} over {res.n_perturbed:,} entries, {how}; average case: "
-                      + (f"{opts['samples']} draws ({average})" if opts["samples"] else "skipped"))
+        console.print(
+            f"sharpness, {ball} over {res.n_perturbed:,} entries, {how}; average case: "
+            + (f"{opts['samples']} draws ({average})" if opts["samples"] else "skipped")
+        )
         for split, c in res.curves.items():
             head = f"[bold]{split}[/bold]: base loss {c.base_loss:.5g}"
             if c.base_error == c.base_error:
@@ -125,10 +218,16 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
                 cols += ["average", "± sem"]
             t = Table(*cols)
             for i, r in enumerate(res.rho):
-                row = [f"{r:.3g}", f"{c.worst[i]:.3g}",
-                       f"{c.worst_sem[i]:.2g}" if opts["m"] else
-                       (f"{c.restart_spread[i]:.2g}" if opts["restarts"] > 1 else "-"),
-                       f"{c.worst_error[i].mean():.4f}", f"{c.ball_norm[i].mean():.3f}", f"{c.delta_norm[i].mean():.3g}"]
+                row = [
+                    f"{r:.3g}",
+                    f"{c.worst[i]:.3g}",
+                    f"{c.worst_sem[i]:.2g}"
+                    if opts["m"]
+                    else (f"{c.restart_spread[i]:.2g}" if opts["restarts"] > 1 else "-"),
+                    f"{c.worst_error[i].mean():.4f}",
+                    f"{c.ball_norm[i].mean():.3f}",
+                    f"{c.delta_norm[i].mean():.3g}",
+                ]
                 if opts["samples"]:
                     row += [f"{c.average[i]:.3g}", f"{c.average_sem[i]:.2g}"]
                 t.add_row(*row)
