@@ -28,8 +28,8 @@ Stable entry point for other analyses (e.g. landscape directions along the top H
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ import math
 import click
 import torch
 
-from ...analyses.local_entropy import local_entropy, parse_gamma
+from ...analyses.local_entropy import FULL_BATCH_MAX_SAMPLES, default_minibatch, local_entropy, parse_gamma
 from ...errors import FlatscopeError
 from ...samplers import ObjectivePotential, power_lambda_max
 from ..common import analysis_options, pass_run
@@ -85,8 +85,10 @@ def parse_beta(spec: str) -> float | None:
               help="Langevin step eta (learning-rate units); auto = C/(lambda_max + gamma) with C = 0.25 for sgld "
                    "(0.1 with --integrator euler), adapted in burn-in to acceptance 0.574 for mala.")
 @click.option("--minibatch", "minibatch_spec", default=None, metavar="M|full",
-              help="SGLD minibatch size (drawn with replacement per chain and step) [default: 64]; full = full "
-                   "batch. MALA always uses the full batch. The default is capped at the split's size.")
+              help="SGLD minibatch size (drawn with replacement per chain and step); full = full batch [default: "
+                   f"full for splits of at most {FULL_BATCH_MAX_SAMPLES} samples, else 64]. With a minibatch, half "
+                   "the chains use M and half 2M: the minibatch bias is estimated from the two and folded into "
+                   "the errors. MALA always uses the full batch."),
 @click.option("--is-samples", type=int, default=256, show_default=True,
               help="Importance-sampling draws per gamma for the gradient-free cross-check (0: off).")
 @click.option("--lambda-max", type=float, default=None, metavar="FLOAT",
@@ -118,7 +120,7 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
     grid, relative = parse_gamma(gamma_spec)
     beta = parse_beta(beta_spec)
     step_size, step_fraction = parse_step(step_spec)
-    minibatch = parse_minibatch(minibatch_spec if minibatch_spec is not None else "64")
+    minibatch = parse_minibatch(minibatch_spec) if minibatch_spec is not None else None
     if sampler == "mala":
         if minibatch_spec is not None and parse_minibatch(minibatch_spec) is not None:
             raise FlatscopeError("MALA needs full-batch gradients to be exact; drop --minibatch or use --sampler sgld")
@@ -133,8 +135,8 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
     results = {}
     for split in run.splits():
         obj = run.objective(split)
-        if minibatch_spec is None and minibatch is not None:
-            minibatch = min(minibatch, obj.n)
+        if minibatch_spec is None and sampler == "sgld":
+            minibatch = default_minibatch(obj.n)
         if minibatch is not None and minibatch > obj.n:
             raise FlatscopeError(f"--minibatch {minibatch} exceeds the {obj.n} samples of the {split} split")
         lam = lambda_max
