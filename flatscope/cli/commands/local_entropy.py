@@ -88,7 +88,7 @@ def parse_beta(spec: str) -> float | None:
               help="SGLD minibatch size (drawn with replacement per chain and step); full = full batch [default: "
                    f"full for splits of at most {FULL_BATCH_MAX_SAMPLES} samples, else 64]. With a minibatch, half "
                    "the chains use M and half 2M: the minibatch bias is estimated from the two and folded into "
-                   "the errors. MALA always uses the full batch."),
+                   "the errors. MALA always uses the full batch.")
 @click.option("--is-samples", type=int, default=256, show_default=True,
               help="Importance-sampling draws per gamma for the gradient-free cross-check (0: off).")
 @click.option("--lambda-max", type=float, default=None, metavar="FLOAT",
