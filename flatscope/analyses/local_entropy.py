@@ -520,7 +520,7 @@ def _restart_frozen(run: ChainRun, pot: Potential, center: torch.Tensor, gamma: 
     return ChainRun(loss=put(run.loss, sub.loss), sq_dist=put(run.sq_dist, sub.sq_dist),
                     virial=put(run.virial, sub.virial), mean_params=put(run.mean_params, sub.mean_params),
                     accept=put(run.accept, sub.accept), final=put(run.final, sub.final),
-                    step=float(np.median(chain_step)), diverged=run.diverged | sub.diverged.to(run.diverged.device),
+                    step=float(np.median(chain_step)), diverged=put(run.diverged, sub.diverged),
                     grad_evals=run.grad_evals, fraction=fraction, chain_step=chain_step, minibatch=run.minibatch,
                     restarted=frozen)
 
