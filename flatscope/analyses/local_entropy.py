@@ -406,7 +406,8 @@ class LocalEntropyResult:
         small = flat), ``mean_loss`` <L>_q, ``mean_sq_dist``, ``grad_norm`` |grad F|, plus
         ``center_loss``, ``beta``, ``gamma_min``, ``gamma_max``, ``lambda_max``, ``max_rhat``,
         ``min_ess``, ``min_accept_rate`` (MALA; NaN for SGLD), ``is_min_ess`` (NaN without IS),
-        ``n_warnings``.
+        ``n_minibatch_biased`` (gammas whose estimated minibatch bias exceeds the standard error;
+        0 with full-batch gradients), ``n_warnings``.
         """
         p = self.per_gamma
         imp = self.importance
@@ -421,6 +422,7 @@ class LocalEntropyResult:
             "min_accept_rate": (float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"]))
                                 else math.nan),
             "is_min_ess": float(np.min(imp["ess"])) if imp else math.nan,
+            "n_minibatch_biased": int(np.sum(p.get("minibatch_biased", 0))),
             "n_warnings": len(self.warnings),
         }
 

@@ -196,11 +196,13 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
                 head += f"  {'accept':>6}"
             if res.importance:
                 head += f"  {'F by IS':>21} {'IS ESS':>6}"
+            if res.minibatch:
+                head += "  minibatch bias"
             console.print(escape(head), highlight=False)
             for k, g in enumerate(res.gamma):
                 row = (f"{g:9.4g}  {p['local_entropy'][k]:10.5g} ± {p['local_entropy_err'][k]:<8.2g}  "
-                       f"{p['mean_loss'][k]:10.5g} ± {p['mean_loss_sem'][k]:<8.2g}  "
-                       f"{p['mean_sq_dist'][k]:9.4g} ± {p['mean_sq_dist_sem'][k]:<7.2g}  {p['grad_norm'][k]:8.3g}  "
+                       f"{p['mean_loss'][k]:10.5g} ± {p['mean_loss_err'][k]:<8.2g}  "
+                       f"{p['mean_sq_dist'][k]:9.4g} ± {p['mean_sq_dist_err'][k]:<7.2g}  {p['grad_norm'][k]:8.3g}  "
                        f"{p['rhat'][k]:5.3f}  {p['ess'][k]:6.0f}")
                 if res.sampler == "mala":
                     row += f"  {p['accept_rate'][k]:6.3f}"
@@ -208,9 +210,15 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
                     imp = res.importance
                     row += (f"  {imp['local_entropy'][k]:10.5g} ± {imp['local_entropy_err'][k]:<8.2g} "
                             f"{imp['ess'][k]:6.0f}")
+                if res.minibatch:
+                    row += "  ! > s.e." if p["minibatch_biased"][k] else "  ok"
                 console.print(escape(row), highlight=False)
             console.print(f"F(gamma_max) from {res.anchor}; asymptotic tail L + m/2 = "
                           f"{res.center_loss + float(p['tail']):.6g}", highlight=False)
+            if res.minibatch:
+                console.print(f"minibatch {res.minibatch} (half the chains) and {2 * res.minibatch} (the other half): "
+                              "errors include the estimated minibatch bias; '!' marks gammas where that bias "
+                              "exceeds the standard error", highlight=False)
         console.print(f"results: {run.out_path}", highlight=False)
 
     run.emit(payload, human)
