@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flatscope.analyses.local_entropy import default_minibatch, local_entropy  # noqa: E402
-from flatscope.objective import Objective  # noqa: E402
-from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from flatscope.analyses.local_entropy import default_minibatch, local_entropy
+from flatscope.objective import Objective
+from _machine import machine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,14 +141,14 @@ def zscores(res, ref, center: np.ndarray) -> dict:
 
 CONFIGS = {
     # name: (kwargs for local_entropy)
-    "mb64": dict(minibatch=64),
-    "mb64-long": dict(minibatch=64, steps=2000),
-    "full": dict(minibatch=None),
-    "full-long": dict(minibatch=None, steps=2000),
-    "default": dict(minibatch="default"),
-    "default-long": dict(minibatch="default", steps=2000),
-    "mb16": dict(minibatch=16),
-    "mala": dict(sampler="mala"),
+    "mb64": {"minibatch": 64},
+    "mb64-long": {"minibatch": 64, "steps": 2000},
+    "full": {"minibatch": None},
+    "full-long": {"minibatch": None, "steps": 2000},
+    "default": {"minibatch": "default"},
+    "default-long": {"minibatch": "default", "steps": 2000},
+    "mb16": {"minibatch": 16},
+    "mala": {"sampler": "mala"},
 }
 
 
@@ -160,7 +160,7 @@ def run(name: str, config: str, seed: int, ref_cache: dict) -> dict:
         c = obj.w0.numpy()
         hw = 10 / np.sqrt(beta * gam[0])
         ref_cache[name] = reference(loss, c, gam, beta, hw, 200_001 if c.size == 1 else 1601)
-    kw = dict(chains=8, steps=1000, burn_in=200, is_samples=256)
+    kw = {"chains": 8, "steps": 1000, "burn_in": 200, "is_samples": 256}
     kw.update(CONFIGS[config])
     if kw.get("minibatch") == "default":     # what `flatscope local-entropy` picks for this split
         kw["minibatch"] = default_minibatch(obj.n)

@@ -33,7 +33,7 @@ from flatscope.objective import Objective, exact_hessian
 from flatscope.samplers import Potential, run_chains
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_error_bars as B  # noqa: E402
+import bench_error_bars as B
 
 torch.set_num_threads(1)
 Z = 4.0
@@ -45,7 +45,7 @@ def against_quadrature(name, seed=0, **kw):
     beta = float(obj.n)
     c = obj.w0.numpy()
     ref = B.reference(loss, c, gam, beta, 10 / math.sqrt(beta * gam[0]), 200_001 if c.size == 1 else 1601)
-    opts = dict(chains=8, steps=1000, burn_in=200, is_samples=256, minibatch=default_minibatch(obj.n))
+    opts = {"chains": 8, "steps": 1000, "burn_in": 200, "is_samples": 256, "minibatch": default_minibatch(obj.n)}
     opts.update(kw)
     res = local_entropy(obj, gam, seed=seed, **opts)
     return res, B.zscores(res, ref, c)
@@ -69,7 +69,7 @@ def test_default_is_full_batch_for_small_splits_and_the_well_is_within_its_error
 @pytest.mark.slow
 @pytest.mark.parametrize("steps", [1000, 2000])
 def test_logistic_regression_default_options_within_errors(steps):
-    res, z = against_quadrature("logreg", steps=steps)
+    _res, z = against_quadrature("logreg", steps=steps)
     assert_z(z)
 
 

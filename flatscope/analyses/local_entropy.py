@@ -90,11 +90,24 @@ plus tiny fluctuations.
 Minibatch heating. SGLD's minibatch gradient adds noise of covariance eta^2 Sigma per step to the
 injected 2 eta / beta; on a quadratic the stationary covariance then grows by Delta S with
 A Delta S + Delta S A = eta Sigma (first order in eta, A = H + gamma I), so <L>_q rises by
-tr(H Delta S)/2 <= tr(A Delta S)/2 = eta tr(Sigma) / 4, with near equality where gamma is below the
-curvature. flatscope estimates tr(Sigma) from 32 minibatch gradients at each of (up to) four chains'
-final states and
-reports this bound (``minibatch_heating``, loss units) beside the ratio eta beta sigma_top / 2 of
-the top direction (``minibatch_noise_ratio``), and warns when it exceeds 10% of <L>_q - L(w).
+tr(H Delta S)/2 <= tr(A Delta S)/2 = eta tr(Sigma) / 4 (``minibatch_heating``, loss units, from
+32 minibatch gradients at up to four chains' final states; ``minibatch_noise_ratio`` = eta beta
+sigma_top / 2 for the top direction). On small models this bias reached 6-10 standard errors
+(benchmarks/RESULTS.md), so:
+
+- the default (:func:`default_minibatch`) is full-batch gradients for splits of at most
+  ``FULL_BATCH_MAX_SAMPLES`` samples (no minibatch bias; the Leimkuhler-Matthews step bias is
+  second order and measured below the standard errors);
+- with a minibatch ``m`` (asked for, or the default on larger splits) and at least 4 chains, half the
+  chains draw ``m`` samples and half ``2m``. Since Sigma_m = Sigma / m, the bias of any average is
+  b(m) = c / m to first order in eta, so the bias of the pooled estimate is
+  ``(1/m + 1/(2m))/2 / (1/m - 1/(2m)) (q_m - q_2m) = 1.5 (q_m - q_2m)`` (``<q>_bias``), with its
+  own Monte Carlo error from the two groups' spreads (``<q>_bias_sem``), for ⟨L⟩_q, ⟨|d|^2⟩_q, F
+  (thermodynamic integration of each group's virial) and |grad F|. The reported errors
+  (``mean_loss_err``, ``mean_sq_dist_err``, ``local_entropy_err``, ``grad_norm_err``, ``grad_err``)
+  fold it in, sqrt(se^2 + bias^2 + bias_sem^2) (the ``_sem`` fields stay the Monte Carlo errors
+  alone), and a gamma is flagged (``minibatch_biased``, a warning, the table, the plot) when the
+  estimated bias is resolved (beyond twice its own error) and larger than the standard error.
 
 The samplers are in :mod:`flatscope.samplers`.
 """
@@ -118,7 +131,6 @@ from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, Obj
 IS_MIN_ESS = 100.0
 RHAT_WARN = 1.01     # Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021): R-hat < 1.01 and ESS > 400
 ESS_WARN = 400.0
-MINIBATCH_NOISE_WARN = 0.1   # warn when the predicted minibatch bias of <L>_q exceeds 10% of <L>_q - L(w)
 FULL_BATCH_MAX_SAMPLES = 4096   # the default minibatch: the full batch up to this many samples, else 64
 DEFAULT_MINIBATCH = 64
 FROZEN_ACCEPT = 0.05         # a MALA chain accepting fewer proposals than this is frozen (restarted)
