@@ -70,7 +70,8 @@ def parse_beta(spec: str) -> float | None:
               help="Inverse temperature; auto = the number of samples N of the split (exp(-N L) is the likelihood "
                    "under cross-entropy). Entropy-SGD's noise eps=1e-4 is beta = 2/eps^2 = 2e8.")
 @click.option("--sampler", type=click.Choice(["sgld", "mala"]), default="sgld", show_default=True,
-              help="sgld: Langevin with minibatch gradients (Entropy-SGD's inner loop); mala: full batch, "
+              help="sgld: Langevin (Entropy-SGD's inner loop; full-batch or minibatch gradients, see --minibatch); "
+                   "mala: full batch, "
                    "Metropolis-adjusted (exact; small models).")
 @click.option("--integrator", type=click.Choice(["lm", "euler"]), default="lm", show_default=True,
               help="SGLD noise: lm = sqrt(2 eta/beta)(xi_t + xi_t+1)/2 (Leimkuhler-Matthews: exact variance on "
