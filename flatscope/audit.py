@@ -289,13 +289,17 @@ def _local_entropy_norm(opts: dict, strict: bool = False) -> dict:
 
 
 def _local_entropy_expected(step: "Step", target: Target) -> dict:
+    from .analyses.local_entropy import default_minibatch
     from .cli.commands.local_entropy import parse_minibatch
 
     p = dict(step.params)
     spec = p.pop("minibatch_spec")
-    minibatch = None if p["sampler"] == "mala" else parse_minibatch(spec if spec is not None else "64")
-    if spec is None and minibatch is not None:   # the command caps the default at the split's size
-        minibatch = min(minibatch, len(target.run.split_source(step.splits[0])))
+    if p["sampler"] == "mala":
+        minibatch = None
+    elif spec is not None:
+        minibatch = parse_minibatch(spec)
+    else:                                         # the command's default depends on the split's size
+        minibatch = default_minibatch(len(target.run.split_source(step.splits[0])))
     want = {"gamma": p.pop("gamma_spec"), "beta": p.pop("beta_spec"), "step_size": p.pop("step_spec"),
             "minibatch": minibatch or "full", **p}
     return _local_entropy_norm(want)

@@ -195,9 +195,8 @@ def correlate_measure(
     gk = granulated_kendall(v, g, ax, fx) if ax else {"psi": {}, "groups": {}, "Psi": math.nan}
     psi: dict = gk["psi"]  # type: ignore[assignment]
     groups: dict = gk["groups"]  # type: ignore[assignment]
-    return MeasureCorrelation(
-        name, int(ok.sum()), kt, (klo, khi), sp, (slo, shi), psi, groups, float(gk["Psi"]), flatter
-    )  # type: ignore[arg-type]
+    Psi = float(gk["Psi"])  # type: ignore[arg-type]
+    return MeasureCorrelation(name, int(ok.sum()), kt, (klo, khi), sp, (slo, shi), psi, groups, Psi, flatter)
 
 
 # ------------------------------------------------------------------------------------------- the gap

@@ -28,8 +28,8 @@ Stable entry point for other analyses (e.g. landscape directions along the top H
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -307,6 +307,8 @@ class SLQResult:
     the tridiagonal ``T_m`` (Ritz values), weights = squared first components of its eigenvectors.
     ``nodes``/``weights`` have shape ``(n_probes, n_steps)``; a probe whose Krylov space became
     invariant early leaves NaN nodes with zero weight in its unused slots. Each row's weights sum to 1.
+    ``alphas`` ``(n_probes, n_steps)`` and ``betas`` ``(n_probes, n_steps - 1)``: the tridiagonals
+    themselves (NaN-padded; None for rules built from nodes and weights alone).
     """
 
     nodes: np.ndarray
@@ -315,6 +317,8 @@ class SLQResult:
     n_matvec: int
     n_steps: int
     nonfinite_at: int | None = None
+    alphas: np.ndarray | None = None
+    betas: np.ndarray | None = None
 
     @property
     def n_probes(self) -> int:
@@ -330,6 +334,79 @@ class SLQResult:
         v = self.probe_integrals(f)
         se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
         return float(np.mean(v)), se
+
+    def count_bracket(self, z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe, bounds ``(lo, hi)`` on ``mu_v((-inf, z))``, the share of the spectrum below ``z``.
+
+        The Gauss rule's count ``sum_{node < z} w`` is biased (a node near ``z`` carries the mass of a
+        whole neighbourhood to one side). The Gauss-Radau rule with a node prescribed at ``z`` bounds
+        it exactly (the Chebyshev-Markov-Stieltjes inequalities; Markov-Krein: among all measures
+        with the moments the ``k``-step Lanczos tridiagonal fixes, none puts more mass at ``z`` than
+        the Radau weight there; Golub & Meurant 2010, "Matrices, Moments and Quadrature with
+        Applications", ch. 6-7): ``lo = sum_{x_j < z} w_j <= mu_v(z-) <= mu_v(z+) <= lo + w_z``. The
+        Radau rule uses ``T_{k-1}`` and ``beta_{k-1}``, its last diagonal entry moved to
+        ``z + beta_{k-1}^2 [(T_{k-1} - z I)^{-1}]_{k-1,k-1}`` (Golub 1973). A probe whose Krylov space
+        was invariant has an exact rule (then ``lo = hi`` up to nodes at ``z``). Without the stored
+        tridiagonals the Gauss rule's own bracket ``[sum_{x<z} w - w_left, sum_{x<z} w + w_right]``
+        (the weights of the nodes on either side of ``z``) is used.
+        """
+        from scipy.linalg import eigh_tridiagonal
+
+        P = self.n_probes
+        lo, hi = np.zeros(P), np.zeros(P)
+        for r in range(P):
+            keep = self.weights[r] > 0
+            x, w = self.nodes[r, keep], self.weights[r, keep]
+            a = None if self.alphas is None else self.alphas[r][np.isfinite(self.alphas[r])]
+            k = 0 if a is None else len(a)
+            exact = a is not None and (k < self.n_steps or k >= self.dim)   # invariant Krylov space: exact rule
+            if a is None or k < 2 or exact:
+                below = x < z
+                if exact or a is not None:
+                    lo[r], hi[r] = w[below].sum(), w[x <= z].sum()
+                else:
+                    left = w[below][np.argmax(x[below])] if below.any() else 0.0
+                    right = w[~below][np.argmin(x[~below])] if (~below).any() else 0.0
+                    lo[r], hi[r] = w[below].sum() - left, w[below].sum() + right
+                continue
+            b = self.betas[r][: k - 1]  # type: ignore[index]
+            T = np.diag(a[: k - 1] - z) + np.diag(b[: k - 2], 1) + np.diag(b[: k - 2], -1)
+            e = np.zeros(k - 1)
+            e[-1] = 1.0
+            try:
+                delta = np.linalg.solve(T, e)[-1]
+            except np.linalg.LinAlgError:
+                delta = np.inf
+            if not np.isfinite(delta):          # z is a Ritz value of T_{k-1}: the Gauss rule of T_{k-1} has it
+                lo[r], hi[r] = w[x < z].sum(), w[x <= z].sum()
+                continue
+            ar = a.copy()
+            ar[-1] = z + b[-1] ** 2 * delta
+            th, U = eigh_tridiagonal(ar, b)
+            wr = U[0] ** 2
+            j = int(np.argmin(np.abs(th - z)))
+            below = th < z
+            below[j] = False
+            lo[r] = wr[below].sum()
+            hi[r] = lo[r] + wr[j]
+        return lo, hi
+
+    def fraction_below(self, z: float = 0.0) -> dict:
+        """The fraction of eigenvalues below ``z`` with its errors, from :meth:`count_bracket`.
+
+        ``estimate``: the mean over probes of the bracket midpoints; ``stderr``: their standard error
+        over probes (NaN for one probe); ``bias_bound``: the mean half-width of the brackets (the
+        largest quadrature bias a midpoint can have); ``err`` = ``stderr + bias_bound``; ``lo``,
+        ``hi``: the mean bounds; ``gauss``: the plain Gauss-rule count (biased; for comparison).
+        """
+        lo, hi = self.count_bracket(z)
+        mid = 0.5 * (lo + hi)
+        se = float(np.std(mid, ddof=1) / math.sqrt(len(mid))) if len(mid) > 1 else float("nan")
+        bound = float(np.mean(0.5 * (hi - lo)))
+        gauss = float(self.probe_integrals(lambda x: (x < z).astype(float)).mean())
+        return {"estimate": float(np.mean(mid)), "stderr": se, "bias_bound": bound,
+                "err": (se if np.isfinite(se) else 0.0) + bound, "lo": float(np.mean(lo)), "hi": float(np.mean(hi)),
+                "gauss": gauss}
 
     def default_sigma(self, sigma_rel: float) -> float:
         """Broadening width: ``sigma_rel`` times the spread of the nodes (1 if all nodes coincide)."""
@@ -433,6 +510,8 @@ def slq(matvec: Matvec, dim: int, n_probes: int = 8, n_steps: int = 80, *, seed:
     m = min(int(n_steps), dim)
     nodes = np.full((n_probes, m), np.nan)
     weights = np.zeros((n_probes, m))
+    alph = np.full((n_probes, m), np.nan)
+    bet = np.full((n_probes, max(m - 1, 0)), np.nan)
     batch = int(probe_batch) if probe_batch else n_probes
     n_mv, bad = 0, None
     done = 0
@@ -453,11 +532,13 @@ def slq(matvec: Matvec, dim: int, n_probes: int = 8, n_steps: int = 80, *, seed:
             th, U = eigh_tridiagonal(np.asarray(a), np.asarray(bt)) if len(a) > 1 else (np.asarray(a), np.ones((1, 1)))
             nodes[start + r, : len(th)] = th
             weights[start + r, : len(th)] = U[0] ** 2
+            alph[start + r, : len(a)] = a
+            bet[start + r, : len(bt)] = bt
             done += 1
         if bad is not None:
             break
     keep = weights.sum(axis=1) > 0
-    return SLQResult(nodes[keep], weights[keep], dim, n_mv, m, bad)
+    return SLQResult(nodes[keep], weights[keep], dim, n_mv, m, bad, alph[keep], bet[keep])
 
 
 # ---------------------------------------------------------------------------------------------

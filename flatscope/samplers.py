@@ -63,9 +63,10 @@ Geyer's initial monotone sequence), :func:`split_rhat`, :func:`effective_sample_
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -159,8 +160,11 @@ def _flat_module(model: torch.nn.Module):
 class ObjectivePotential(Potential):
     """A :class:`flatscope.objective.Objective` as a batched :class:`Potential`.
 
+    Data access goes through the objective's public API only (``obj.batches()``, ``obj.minibatch(idx)``,
+    ``obj.batch_loss``, ``obj.module_loss``), so inputs may be any batchable structure.
+
     ``chain_mode``: ``"vmap"`` pushes all chains through one ``torch.func.vmap`` of
-    ``grad_and_value(obj._batch_loss)``; ``"loop"`` runs them one after another through a private
+    ``grad_and_value(obj.batch_loss)``; ``"loop"`` runs them one after another through a private
     copy of the model whose parameters are views of one flat buffer (plain autograd, no functorch
     overhead: the fastest single chain); ``"auto"`` (the default) takes ``vmap`` when there are at
     least ``VMAP_MIN_CHAINS`` chains and the work of one chain's call (rows x parameters) is at most
@@ -179,6 +183,8 @@ class ObjectivePotential(Potential):
         self.chain_mode = chain_mode
         self.block = int(block)
         gv = grad_and_value(obj.batch_loss)
+        # the cross-process sum of a sharded objective (identity on one process)
+        self._reduce = getattr(obj, "_reduce", lambda t: t)
         self._gv_shared = vmap(gv, in_dims=(0, None, None))
         self._gv_own = vmap(gv, in_dims=(0, 0, 0))
         self._fm = None
@@ -188,7 +194,7 @@ class ObjectivePotential(Potential):
             return self.chain_mode
         return "vmap" if C >= VMAP_MIN_CHAINS and rows * self.dim <= VMAP_MAX_WORK else "loop"
 
-    def _loop_one(self, w: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor):
+    def _loop_one(self, w: torch.Tensor, xb, yb):
         if self._fm is None:
             self._fm = _flat_module(self.obj.model)
         m, params, flat = self._fm
@@ -203,7 +209,7 @@ class ObjectivePotential(Potential):
         C = W.shape[0]
         losses = torch.zeros(C, dtype=torch.float64, device=self.device)
         grads = torch.zeros_like(W)
-        mode = self._mode(C, min(obj.batch_size, obj.n))
+        mode = self._mode(C, min(getattr(obj, "batch_size", obj.n) or obj.n, obj.n))
         for xb, yb, wt in obj.batches():
             if mode == "vmap":
                 g, lo = self._gv_shared(W, xb, yb)
@@ -213,7 +219,7 @@ class ObjectivePotential(Potential):
                 g = torch.stack([p[1] for p in pairs])
             losses += wt * lo.double()
             grads += wt * g
-        return obj._reduce(losses), obj._reduce(grads)
+        return self._reduce(losses), self._reduce(grads)
 
     def minibatch_loss_grad(self, W, m, gen):
         obj = self.obj
@@ -271,8 +277,11 @@ class ChainRun:
     ``loss``, ``sq_dist``, ``virial``: full traces ``(C, steps)`` (float64) of ``L(w')``,
     ``||w' - w||^2`` and ``(w' - w) . grad L(w')``; ``mean_params``: per-chain mean of ``w'``
     ``(C, dim)`` (float64); ``accept``: per-chain MALA acceptance rate (NaN for SGLD);
-    ``final``: the last states (warm starts); ``step``: the step size ``eta`` used after burn-in;
-    ``fraction``: eta (lambda_max + gamma) after MALA's adaptation (None without it).
+    ``final``: the last states (warm starts); ``step``: the step size ``eta`` used after burn-in
+    (the median over chains when MALA adapted one per chain); ``chain_step``: per chain ``(C,)``;
+    ``fraction``: per-chain eta (lambda_max + gamma) after MALA's adaptation ``(C,)`` (None without it);
+    ``minibatch``: per-chain minibatch sizes ``(C,)`` (0: full batch); ``restarted``: chains that
+    the analysis restarted because they froze (None: none).
     """
 
     loss: torch.Tensor
@@ -284,19 +293,27 @@ class ChainRun:
     step: float
     diverged: torch.Tensor
     grad_evals: int
-    fraction: float | None = None
+    fraction: np.ndarray | None = None
+    chain_step: np.ndarray | None = None
+    minibatch: np.ndarray | None = None
+    restarted: np.ndarray | None = None
 
 
 def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: float, init: torch.Tensor, *,
-               sampler: str = "sgld", step: float, steps: int, burn_in: int = 0, minibatch: int | None = None,
+               sampler: str = "sgld", step, steps: int, burn_in: int = 0, minibatch=None,
                adapt: bool = False, lambda_max: float | None = None, generator: torch.Generator,
                divergence_scale: float | None = None, progress: Callable[[int], None] | None = None,
                check_every: int = 100, integrator: str = "lm") -> ChainRun:
     """Run ``init.shape[0]`` chains targeting ``q_gamma(. | center)`` for ``burn_in + steps`` steps.
 
-    ``step`` is eta (learning-rate units). ``integrator`` (SGLD): ``euler`` or ``lm`` (see the
-    module docstring). With ``adapt`` (MALA only) ``log(eta (lambda_max + gamma))``
-    follows a Robbins-Monro recursion toward acceptance 0.574 during burn-in. ``divergence_scale``
+    ``step`` is eta (learning-rate units): one number, or (MALA) one per chain. ``minibatch``: None
+    (full batch), one size, or (SGLD) one size per chain (chains with equal sizes must be
+    contiguous: the two-size minibatch bias estimate runs half the chains at ``m`` and half at
+    ``2m``). ``integrator`` (SGLD): ``euler`` or ``lm`` (see the module docstring). With ``adapt``
+    (MALA only) each chain's ``log(eta (lambda_max + gamma))`` follows its own Robbins-Monro
+    recursion toward acceptance 0.574 during burn-in (a chain whose warm start lands in a stiffer
+    region than the others shrinks its own step instead of freezing; each kept chain is still an
+    exact MALA chain, with a fixed step). ``divergence_scale``
     is the squared-distance scale of the divergence test (see the module docstring); a divergence
     raises :class:`SamplerDivergence` naming the chains, the coupling and the step.
     """
@@ -304,24 +321,44 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
         raise FlatscopeError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if integrator not in INTEGRATORS:
         raise FlatscopeError(f"unknown integrator {integrator!r}; choose from {', '.join(INTEGRATORS)}")
-    if sampler == "mala" and minibatch:
+    C, n = init.shape
+    sizes = None if minibatch is None else np.broadcast_to(np.asarray(minibatch, dtype=np.int64), (C,)).copy()
+    if sizes is not None and np.all(sizes == 0):
+        sizes = None
+    if sampler == "mala" and sizes is not None:
         raise FlatscopeError("MALA is exact only with full-batch gradients; drop --minibatch or use --sampler sgld")
+    if sizes is not None and np.any(sizes < 1):
+        raise FlatscopeError(f"minibatch sizes must be at least 1, got {sorted(set(sizes.tolist()))}")
     if steps < 1:
         raise FlatscopeError(f"the number of sampling steps must be at least 1, got {steps}")
-    if not (gamma > 0 and beta > 0 and step > 0):
+    steps_in = np.broadcast_to(np.asarray(step, dtype=np.float64), (C,))
+    if not (gamma > 0 and beta > 0 and np.all(steps_in > 0)):
         raise FlatscopeError(f"gamma, beta and the step size must be positive (got {gamma}, {beta}, {step})")
-    C, n = init.shape
+    if sampler == "sgld" and not np.all(steps_in == steps_in[0]):
+        raise FlatscopeError("SGLD runs every chain with one step size")
     dev, dt = init.device, init.dtype
     gen = generator
     W = init.clone()
-    eta = float(step)
+    f64 = torch.float64
+    eta = float(steps_in[0])                                     # SGLD: one step
+    eta_c = torch.as_tensor(steps_in.copy(), dtype=f64, device=dev)   # MALA: one per chain
     scale = lambda_max + gamma if (adapt and lambda_max is not None) else None
     thresh = DIVERGENCE_FACTOR * (divergence_scale if divergence_scale is not None else n / (beta * gamma))
+    # contiguous groups of chains sharing a minibatch size
+    groups = []
+    if sizes is not None:
+        cuts = [0] + [i for i in range(1, C) if sizes[i] != sizes[i - 1]] + [C]
+        groups = [(int(sizes[a]), slice(a, b)) for a, b in itertools.pairwise(cuts)]
+
+    def minibatch_grad(W):
+        if len(groups) == 1:
+            return potential.minibatch_loss_grad(W, groups[0][0], gen)
+        parts = [potential.minibatch_loss_grad(W[sl], m, gen) for m, sl in groups]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     rec_L, rec_sq, rec_vir = [], [], []
     sum_w = torch.zeros(C, n, dtype=torch.float64, device=dev)
     acc_sum = torch.zeros(C, dtype=torch.float64, device=dev)
-    f64 = torch.float64
 
     def noise(shape):
         return torch.randn(shape, generator=gen, device=gen.device, dtype=dt).to(dev)
@@ -331,7 +368,8 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
         sq = (D * D).sum(-1, dtype=f64)
         bad = ~torch.isfinite(L) | ~torch.isfinite(sq) | (sq > thresh)
         if bool(bad.any()):
-            _raise_divergence(bad, gamma, eta, lambda_max, t_done, sampler)
+            _raise_divergence(bad, gamma, eta if sampler == "sgld" else float(eta_c.max()), lambda_max, t_done,
+                              sampler)
 
     if sampler == "mala":
         L, G = potential.loss_grad(W)
@@ -341,7 +379,7 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
     pending = 0
     for t in range(total):
         if sampler == "sgld":
-            L, G = potential.minibatch_loss_grad(W, minibatch, gen) if minibatch else potential.loss_grad(W)
+            L, G = minibatch_grad(W) if groups else potential.loss_grad(W)
         D = W - center
         if t >= burn_in:
             rec_L.append(L)
@@ -349,8 +387,8 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
             rec_vir.append(torch.linalg.vecdot(D, G))
             sum_w += W
         xi = noise((C, n))
-        sd = math.sqrt(2.0 * eta / beta)
         if sampler == "sgld":
+            sd = math.sqrt(2.0 * eta / beta)
             # w' <- w' - eta (g + gamma (w' - w)) + sqrt(2 eta / beta) xi, in place; LM: xi -> (xi_t + xi_t+1)/2
             W.add_(G, alpha=-eta).add_(D, alpha=-eta * gamma)
             if lm:
@@ -359,14 +397,15 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
             else:
                 W.add_(xi, alpha=sd)
         else:
-            Y = W - eta * (G + gamma * D) + sd * xi
+            ec = eta_c.to(dt)[:, None]
+            Y = W - ec * (G + gamma * D) + torch.sqrt(2.0 * ec / beta) * xi
             LY, GY = potential.loss_grad(Y)
             DY = Y - center
             U_x = beta * (L + 0.5 * gamma * (D * D).sum(-1, dtype=f64))
             U_y = beta * (LY + 0.5 * gamma * (DY * DY).sum(-1, dtype=f64))
-            back = W - Y + eta * (GY + gamma * DY)
+            back = W - Y + ec * (GY + gamma * DY)
             log_fwd = -0.5 * (xi * xi).sum(-1, dtype=f64)
-            log_back = -beta * (back * back).sum(-1, dtype=f64) / (4.0 * eta)
+            log_back = -beta * (back * back).sum(-1, dtype=f64) / (4.0 * eta_c)
             log_alpha = U_x - U_y + log_back - log_fwd
             log_alpha = torch.where(torch.isfinite(log_alpha), log_alpha, torch.full_like(log_alpha, -math.inf))
             u = torch.rand(C, generator=gen, device=gen.device, dtype=f64).to(dev)
@@ -377,10 +416,10 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
             if t >= burn_in:
                 acc_sum += accept
             elif adapt and scale is not None:
-                rate = float(torch.exp(torch.clamp(log_alpha, max=0.0)).mean())
+                rate = torch.exp(torch.clamp(log_alpha, max=0.0))          # per chain
                 kappa = 1.0 / (t + 1.0) ** 0.6
-                c = min(math.exp(math.log(eta * scale) + kappa * (rate - MALA_TARGET_ACCEPT)), 4.0)
-                eta = c / scale
+                c = torch.clamp(torch.exp(torch.log(eta_c * scale) + kappa * (rate - MALA_TARGET_ACCEPT)), max=4.0)
+                eta_c = c / scale
         pending += 1
         if progress is not None and (pending == 10 or t == total - 1):
             progress(pending)
@@ -393,12 +432,14 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
     check(total, L)
     bad = ~(torch.isfinite(tr_loss).all(1) & torch.isfinite(tr_vir).all(1))
     if bool(bad.any()):
-        _raise_divergence(bad, gamma, eta, lambda_max, total, sampler)
+        _raise_divergence(bad, gamma, eta if sampler == "sgld" else float(eta_c.max()), lambda_max, total, sampler)
     grad_evals = total + (1 if sampler == "mala" else 0)
+    chain_step = eta_c.cpu().numpy() if sampler == "mala" else np.full(C, eta)
     return ChainRun(loss=tr_loss, sq_dist=tr_sq, virial=tr_vir, mean_params=sum_w / steps,
                     accept=(acc_sum / steps) if sampler == "mala" else torch.full((C,), math.nan, dtype=f64),
-                    final=W, step=eta, diverged=bad.cpu(), grad_evals=grad_evals,
-                    fraction=eta * scale if scale is not None else None)
+                    final=W, step=float(np.median(chain_step)), diverged=bad.cpu(), grad_evals=grad_evals,
+                    fraction=chain_step * scale if scale is not None else None, chain_step=chain_step,
+                    minibatch=sizes if sizes is not None else np.zeros(C, dtype=np.int64))
 
 
 def _raise_divergence(bad, gamma, eta, lambda_max, step_no, sampler):
@@ -420,7 +461,7 @@ def split_rhat(x: np.ndarray) -> float:
     equilibrated) raises R-hat even with one chain. NaN for fewer than 4 draws or no variance.
     """
     x = np.asarray(x, dtype=np.float64)
-    C, S = x.shape
+    _, S = x.shape
     half = S // 2
     if half < 2:
         return math.nan

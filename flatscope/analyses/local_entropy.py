@@ -92,11 +92,24 @@ plus tiny fluctuations.
 Minibatch heating. SGLD's minibatch gradient adds noise of covariance eta^2 Sigma per step to the
 injected 2 eta / beta; on a quadratic the stationary covariance then grows by Delta S with
 A Delta S + Delta S A = eta Sigma (first order in eta, A = H + gamma I), so <L>_q rises by
-tr(H Delta S)/2 <= tr(A Delta S)/2 = eta tr(Sigma) / 4, with near equality where gamma is below the
-curvature. flatscope estimates tr(Sigma) from 32 minibatch gradients at each of (up to) four chains'
-final states and
-reports this bound (``minibatch_heating``, loss units) beside the ratio eta beta sigma_top / 2 of
-the top direction (``minibatch_noise_ratio``), and warns when it exceeds 10% of <L>_q - L(w).
+tr(H Delta S)/2 <= tr(A Delta S)/2 = eta tr(Sigma) / 4 (``minibatch_heating``, loss units, from
+32 minibatch gradients at up to four chains' final states; ``minibatch_noise_ratio`` = eta beta
+sigma_top / 2 for the top direction). On small models this bias reached 6-10 standard errors
+(benchmarks/RESULTS.md), so:
+
+- the default (:func:`default_minibatch`) is full-batch gradients for splits of at most
+  ``FULL_BATCH_MAX_SAMPLES`` samples (no minibatch bias; the Leimkuhler-Matthews step bias is
+  second order and measured below the standard errors);
+- with a minibatch ``m`` (asked for, or the default on larger splits) and at least 4 chains, half the
+  chains draw ``m`` samples and half ``2m``. Since Sigma_m = Sigma / m, the bias of any average is
+  b(m) = c / m to first order in eta, so the bias of the pooled estimate is
+  ``(1/m + 1/(2m))/2 / (1/m - 1/(2m)) (q_m - q_2m) = 1.5 (q_m - q_2m)`` (``<q>_bias``), with its
+  own Monte Carlo error from the two groups' spreads (``<q>_bias_sem``), for ⟨L⟩_q, ⟨|d|^2⟩_q, F
+  (thermodynamic integration of each group's virial) and |grad F|. The reported errors
+  (``mean_loss_err``, ``mean_sq_dist_err``, ``local_entropy_err``, ``grad_norm_err``, ``grad_err``)
+  fold it in, sqrt(se^2 + bias^2 + bias_sem^2) (the ``_sem`` fields stay the Monte Carlo errors
+  alone), and a gamma is flagged (``minibatch_biased``, a warning, the table, the plot) when the
+  estimated bias is resolved (beyond twice its own error) and larger than the standard error.
 
 The samplers are in :mod:`flatscope.samplers`.
 """
@@ -106,8 +119,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -120,7 +133,9 @@ from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, Obj
 IS_MIN_ESS = 100.0
 RHAT_WARN = 1.01     # Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021): R-hat < 1.01 and ESS > 400
 ESS_WARN = 400.0
-MINIBATCH_NOISE_WARN = 0.1   # warn when the predicted minibatch bias of <L>_q exceeds 10% of <L>_q - L(w)
+FULL_BATCH_MAX_SAMPLES = 4096   # the default minibatch: the full batch up to this many samples, else 64
+DEFAULT_MINIBATCH = 64
+FROZEN_ACCEPT = 0.05         # a MALA chain accepting fewer proposals than this is frozen (restarted)
 TAIL_BATCHES = 10
 
 
@@ -132,6 +147,13 @@ def parse_gamma(spec: str) -> tuple[np.ndarray, bool]:
     :mod:`flatscope.grids` (shared with ``--sigma``); a trailing ``x`` on every number makes it
     relative to the top Hessian eigenvalue: ``0.1x..100x:7`` is 0.1 λ_max ... 100 λ_max."""
     return parse_grid(spec, option="--gamma", symbol="γ", positive=True, relative=True)
+
+
+def default_minibatch(n_samples: int) -> int | None:
+    """The default SGLD minibatch: None (full-batch gradients, no minibatch bias) for a split of at most
+    ``FULL_BATCH_MAX_SAMPLES`` samples, else ``DEFAULT_MINIBATCH`` (whose bias is then estimated from two
+    minibatch sizes and folded into the reported errors); benchmarks/bench_error_bars.py measured both."""
+    return None if n_samples <= FULL_BATCH_MAX_SAMPLES else DEFAULT_MINIBATCH
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,12 +402,15 @@ class LocalEntropyResult:
     warnings: list = field(default_factory=list)
     anchor: str = "asymptotic tail"
 
-    JSON_KEYS = ("mean_loss", "mean_loss_sem", "mean_sq_dist", "mean_sq_dist_sem", "local_entropy",
+    JSON_KEYS = ("mean_loss", "mean_loss_sem", "mean_loss_err", "mean_sq_dist", "mean_sq_dist_sem",
+                 "mean_sq_dist_err", "local_entropy",
                  "local_entropy_err", "local_entropy_mc_err", "local_entropy_quad_err", "local_entropy_direct",
                  "local_entropy_direct_err", "virial", "virial_sem", "dF_dgamma", "dF_dgamma_sem",
                  "dF_dgamma_direct", "dF_dgamma_direct_sem", "grad_norm", "grad_norm_err", "grad_noise_floor",
                  "grad_norm_debiased", "step_size", "step_fraction", "accept_rate", "rhat", "ess",
-                 "minibatch_noise_ratio", "minibatch_heating",
+                 "minibatch_noise_ratio", "minibatch_heating", "minibatch_biased", "mean_loss_bias",
+                 "mean_loss_bias_sem", "mean_sq_dist_bias", "mean_sq_dist_bias_sem", "local_entropy_bias",
+                 "local_entropy_bias_sem", "grad_norm_bias", "grad_norm_bias_sem",
                  "wall_time_s", "grad_evals")
 
     def summary(self) -> dict:
@@ -395,7 +420,8 @@ class LocalEntropyResult:
         small = flat), ``mean_loss`` <L>_q, ``mean_sq_dist``, ``grad_norm`` |grad F|, plus
         ``center_loss``, ``beta``, ``gamma_min``, ``gamma_max``, ``lambda_max``, ``max_rhat``,
         ``min_ess``, ``min_accept_rate`` (MALA; NaN for SGLD), ``is_min_ess`` (NaN without IS),
-        ``n_warnings``.
+        ``n_minibatch_biased`` (gammas whose estimated minibatch bias exceeds the standard error;
+        0 with full-batch gradients), ``n_warnings``.
         """
         p = self.per_gamma
         imp = self.importance
@@ -410,6 +436,7 @@ class LocalEntropyResult:
             "min_accept_rate": (float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"]))
                                 else math.nan),
             "is_min_ess": float(np.min(imp["ess"])) if imp else math.nan,
+            "n_minibatch_biased": int(np.sum(p.get("minibatch_biased", 0))),
             "n_warnings": len(self.warnings),
         }
 
@@ -462,13 +489,65 @@ def _sem(rep: np.ndarray) -> float:
     return float(rep.std(ddof=1) / math.sqrt(len(rep))) if len(rep) > 1 else math.nan
 
 
+def _restart_frozen(run: ChainRun, pot: Potential, center: torch.Tensor, gamma: float, beta: float, lam: float,
+                    warnings: list, *, gen, steps: int, burn_in: int, adapt: bool, scale: float,
+                    integrator: str) -> ChainRun:
+    """Restart every MALA chain whose acceptance over the kept steps is below ``FROZEN_ACCEPT``.
+
+    A chain freezes when its warm start lies in a region much stiffer than where the others are
+    (its step is then several times over its stability limit and every proposal is rejected);
+    more steps cannot help. Such chains are redrawn from the prior N(w, I/(beta gamma)) and run
+    again (burn-in with their own step adaptation, then ``steps`` kept steps) starting from the
+    median step of the healthy chains; the restart and any chain still frozen after it are
+    reported in ``warnings``. When every chain is frozen nothing is restarted (the caller raises).
+    """
+    acc = run.accept.cpu().numpy()
+    frozen = np.flatnonzero(acc < FROZEN_ACCEPT)
+    if frozen.size == 0 or frozen.size == acc.size:
+        return run
+    healthy = np.setdiff1d(np.arange(acc.size), frozen)
+    eta = float(np.median(run.chain_step[healthy]))
+    idx = torch.as_tensor(frozen, device=run.final.device)
+    W0 = center + torch.randn((frozen.size, center.numel()), generator=gen, device=gen.device,
+                              dtype=center.dtype).to(center.device) / math.sqrt(beta * gamma)
+    sub = run_chains(pot, center, gamma, beta, W0, sampler="mala", step=eta, steps=steps, burn_in=burn_in,
+                     adapt=adapt, lambda_max=lam, generator=gen, divergence_scale=scale, integrator=integrator)
+    rates = ", ".join(f"{int(i)}: {acc[i]:.3f}" for i in frozen)
+    after = sub.accept.cpu().numpy()
+    warnings.append(f"gamma={gamma:.4g}: MALA chain(s) froze (acceptance {rates} over the kept steps; "
+                    f"their warm starts lay where the step is over the stability limit); restarted them from "
+                    f"the prior with a fresh burn-in: acceptance now "
+                    + ", ".join(f"{a:.3f}" for a in after))
+    if np.any(after < FROZEN_ACCEPT):
+        warnings.append(f"gamma={gamma:.4g}: MALA chain(s) {frozen[after < FROZEN_ACCEPT].tolist()} are still "
+                        "frozen after a restart: the error bars there are not reliable; lower --step-size "
+                        "or raise --burn-in")
+
+    def put(full, part):
+        out = full.clone()
+        out[idx] = part.to(out.device)
+        return out
+
+    chain_step = run.chain_step.copy()
+    chain_step[frozen] = sub.chain_step
+    fraction = None if run.fraction is None else run.fraction.copy()
+    if fraction is not None and sub.fraction is not None:
+        fraction[frozen] = sub.fraction
+    return ChainRun(loss=put(run.loss, sub.loss), sq_dist=put(run.sq_dist, sub.sq_dist),
+                    virial=put(run.virial, sub.virial), mean_params=put(run.mean_params, sub.mean_params),
+                    accept=put(run.accept, sub.accept), final=put(run.final, sub.final),
+                    step=float(np.median(chain_step)), diverged=put(run.diverged, sub.diverged),
+                    grad_evals=run.grad_evals, fraction=fraction, chain_step=chain_step, minibatch=run.minibatch,
+                    restarted=frozen)
+
+
 def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "sgld", steps: int = 1000,
                   burn_in: int = 200, thin: int = 10, chains: int = 4, step_size: float | None = None,
                   step_fraction: float | None = None, minibatch: int | None = None, is_samples: int = 0,
                   lambda_max: float | None = None, warm_start: str = "previous", chain_mode: str = "auto",
                   center: torch.Tensor | None = None, seed: int = 0, device_generator: torch.Generator | None = None,
                   local_curvature: bool = True, retries: int = 2, integrator: str = "lm",
-                  progress: Callable[[int], None] | None = None) -> LocalEntropyResult:
+                  bias_check: bool = True, progress: Callable[[int], None] | None = None) -> LocalEntropyResult:
     """Estimate the local entropy landscape of ``target`` around its weights at each coupling.
 
     ``target``: an :class:`~flatscope.objective.Objective` (center: its weights) or a
@@ -579,6 +658,17 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         return float(np.mean(tops)), float(np.mean(traces))
 
     noise_center = minibatch_noise(center[None]) if sampler == "sgld" and minibatch else None
+    # the two-size minibatch bias estimate: half the chains at m, half at 2m (see the module docstring)
+    chain_minibatch = minibatch
+    groups = None
+    if minibatch is not None and bias_check:
+        if chains >= 4:
+            half = chains // 2
+            chain_minibatch = np.array([minibatch] * half + [2 * minibatch] * (chains - half), dtype=np.int64)
+            groups = (np.arange(half), np.arange(half, chains), minibatch, 2 * minibatch)
+        else:
+            warnings.append(f"--minibatch {minibatch} with {chains} chains: the minibatch bias needs at least 4 "
+                            "chains (two per minibatch size) to be estimated; it is not checked")
 
     W = None
     prev_gamma = None
@@ -604,15 +694,18 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             eta = step_size if step_size is not None else frac / (lam_k + g_k)
             try:
                 run = run_chains(pot, center, g_k, beta, W, sampler=sampler, step=eta, steps=steps, burn_in=burn_in,
-                                 minibatch=minibatch, adapt=adapt, lambda_max=lam_k, generator=gen,
+                                 minibatch=chain_minibatch, adapt=adapt, lambda_max=lam_k, generator=gen,
                                  divergence_scale=scale, progress=progress, integrator=integrator)
                 break
             except SamplerDivergence as exc:
                 if step_size is not None or attempt == retries:
                     raise
-                frac /= 4.0
+                frac = frac / 4.0
                 warnings.append(f"gamma={g_k:.4g}: chains diverged with the automatic step; retried with "
-                                f"c={frac:.3g} ({exc})")
+                                f"c={float(np.median(frac)):.3g} ({exc})")
+        if sampler == "mala":
+            run = _restart_frozen(run, pot, center, g_k, beta, lam_k, warnings, gen=gen, steps=steps,
+                                  burn_in=burn_in, adapt=adapt, scale=scale, integrator=integrator)
         if adapt and run.fraction is not None:
             frac = run.fraction
         runs[k] = run
@@ -681,6 +774,55 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             u = grad[k] / grad_norm[k] if grad_norm[k] > 0 else np.zeros(n)
             gn_err[k] = float(np.sqrt(np.sum(u**2 * sem_vec**2)))
 
+    # ---------------------------------------------------------------- minibatch bias (two sizes)
+    bias, bias_sem = {}, {}
+    shift_bias = np.full((K, n), np.nan)
+    shift_bias_sem = np.full((K, n), np.nan)
+    flagged = np.zeros(K, dtype=bool)
+    flag_what: list[list[str]] = [[] for _ in range(K)]
+    if groups is not None:
+        gA, gB, mA, mB = groups
+        fac = 0.5 * (1 / mA + 1 / mB) / (1 / mA - 1 / mB)     # bias of the pooled mean per unit (A - B)
+
+        def two(repA, repB):
+            d = repA.mean(0) - repB.mean(0)
+            sd = np.sqrt(repA.var(0, ddof=1) / len(repA) + repB.var(0, ddof=1) / len(repB))
+            return fac * d, fac * sd
+
+        loss_rep = np.stack([runs[k].loss.cpu().numpy().mean(1) for k in range(K)], 1)
+        bias["mean_loss"], bias_sem["mean_loss"] = two(loss_rep[gA], loss_rep[gB])
+        bias["mean_sq_dist"], bias_sem["mean_sq_dist"] = two(sq_rep[gA], sq_rep[gB])
+        tA = thermodynamic_integration(gam, vir_rep[gA], center_loss, anchor, 0.0, lam)
+        tB = thermodynamic_integration(gam, vir_rep[gB], center_loss, anchor, 0.0, lam)
+        bias["local_entropy"] = fac * (tA["local_entropy"] - tB["local_entropy"])
+        bias_sem["local_entropy"] = fac * np.sqrt(tA["mc_err"] ** 2 + tB["mc_err"] ** 2)
+        gnA, gnB = np.zeros(K), np.zeros(K)
+        for k in range(K):
+            mp = runs[k].mean_params.cpu().numpy()
+            shift_bias[k] = fac * (mp[gA].mean(0) - mp[gB].mean(0))
+            shift_bias_sem[k] = fac * np.sqrt(mp[gA].var(0, ddof=1) / len(gA) + mp[gB].var(0, ddof=1) / len(gB))
+            gnA[k] = gam[k] * np.linalg.norm(c_np - mp[gA].mean(0))
+            gnB[k] = gam[k] * np.linalg.norm(c_np - mp[gB].mean(0))
+        bias["grad_norm"] = fac * (gnA - gnB)
+        bias_sem["grad_norm"] = fac * np.sqrt(chains / len(gA) + chains / len(gB)) * gn_err
+        errs = {"mean_loss": mean_loss_sem, "mean_sq_dist": mean_sq_sem, "local_entropy": ti["err"],
+                "grad_norm": gn_err}
+        for q, b in bias.items():
+            # flagged: the bias is resolved (beyond twice its own noise) and larger than the error bar
+            hit = (np.abs(b) > errs[q]) & (np.abs(b) > 2 * bias_sem[q])
+            for k in np.flatnonzero(hit):
+                flag_what[k].append(q)
+            flagged |= hit
+
+    def total(q, err):
+        """The reported error: the Monte Carlo error with the minibatch bias (and its own noise) folded in."""
+        if q not in bias:
+            return err
+        return np.sqrt(err**2 + bias[q] ** 2 + bias_sem[q] ** 2)
+
+    grad_err = grad_sem if groups is None else np.sqrt(grad_sem**2 + (gam[:, None] * shift_bias) ** 2
+                                                       + (gam[:, None] * shift_bias_sem) ** 2)
+
     def diag(fn, name):
         return np.array([fn(getattr(runs[k], name).cpu().numpy()) for k in range(K)])
 
@@ -702,11 +844,15 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         if sampler == "mala" and accept[k] < 0.15:
             warnings.append(f"gamma={gam[k]:.4g}: MALA acceptance {accept[k]:.3f} is low; chains barely move "
                             "(lower --step-size)")
-        gap_k = abs(mean_loss[k] - center_loss)
-        if np.isfinite(heating[k]) and heating[k] > MINIBATCH_NOISE_WARN * gap_k:
-            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise heats the chains: it raises <L>_q by up to "
-                            f"{heating[k]:.2g} (eta tr Cov(g_minibatch) / 4), {heating[k] / gap_k:.0%} of "
-                            f"<L>_q - L(w) (raise --minibatch, lower --step-size, or use --sampler mala)")
+        if flagged[k]:
+            what = ", ".join(f"{q} by {bias[q][k]:+.3g} ± {bias_sem[q][k]:.2g}" for q in flag_what[k])
+            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise biases {what} (estimated from chains at "
+                            f"minibatch {groups[2]} and {groups[3]}), beyond the reported standard error: raise "
+                            "--minibatch, lower --step-size, or use --minibatch full")
+        elif groups is None and np.isfinite(heating[k]) and heating[k] > mean_loss_sem[k]:
+            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise heats the chains: it may raise <L>_q by "
+                            f"up to {heating[k]:.2g} (eta tr Cov(g_minibatch) / 4), more than its standard error "
+                            f"{mean_loss_sem[k]:.2g} (raise --minibatch, lower --step-size, or use --minibatch full)")
     if sampler == "mala" and np.all(accept < 0.01):
         raise FlatscopeError(f"MALA accepted almost no proposal (rate {accept.max():.3g}): the step size is far "
                              "too large for this curvature; lower --step-size")
@@ -726,16 +872,18 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     traces["step"] = keep + burn_in
 
     per_gamma = {
-        "mean_loss": mean_loss, "mean_loss_sem": mean_loss_sem,
+        "mean_loss": mean_loss, "mean_loss_sem": mean_loss_sem, "mean_loss_err": total("mean_loss", mean_loss_sem),
         "mean_sq_dist": mean_sq, "mean_sq_dist_sem": mean_sq_sem,
+        "mean_sq_dist_err": total("mean_sq_dist", mean_sq_sem),
         "virial": vir, "virial_sem": vir_sem, "dF_dgamma": dF, "dF_dgamma_sem": dF_sem,
         "dF_dgamma_direct": dF_direct, "dF_dgamma_direct_sem": dF_direct_sem,
-        "local_entropy": ti["local_entropy"], "local_entropy_err": ti["err"], "local_entropy_mc_err": ti["mc_err"],
+        "local_entropy": ti["local_entropy"], "local_entropy_err": total("local_entropy", ti["err"]),
+        "local_entropy_mc_err": ti["mc_err"],
         "local_entropy_quad_err": ti["quad_err"], "local_entropy_trapezoid": ti["trapezoid"],
         "quadrature_rule": ti["rule"],
         "local_entropy_direct": ti_direct["local_entropy"], "local_entropy_direct_err": ti_direct["err"],
         "tail": np.float64(ti["tail"]), "tail_err": np.float64(ti["tail_err"]), "tail_gap": np.float64(tail_gap),
-        "grad_norm": grad_norm, "grad_norm_err": gn_err, "grad_noise_floor": gn_floor,
+        "grad_norm": grad_norm, "grad_norm_err": total("grad_norm", gn_err), "grad_noise_floor": gn_floor,
         "grad_norm_debiased": np.sqrt(np.maximum(grad_norm**2 - np.nan_to_num(gn_floor) ** 2, 0.0)),
         "step_size": step, "step_fraction": step * (lam_used + gam), "lambda_local": lam_used,
         "accept_rate": accept,
@@ -744,11 +892,16 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         "rhat_loss": rhat["loss"], "rhat_sq_dist": rhat["sq_dist"], "rhat_virial": rhat["virial"],
         "ess_loss": ess["loss"], "ess_sq_dist": ess["sq_dist"], "ess_virial": ess["virial"],
         "minibatch_noise_ratio": noise_ratio, "minibatch_heating": heating, "wall_time_s": wall, "grad_evals": evals,
+        "minibatch_biased": flagged,
     }
+    for q in ("mean_loss", "mean_sq_dist", "local_entropy", "grad_norm"):
+        per_gamma[f"{q}_bias"] = bias.get(q, np.full(K, np.nan))
+        per_gamma[f"{q}_bias_sem"] = bias_sem.get(q, np.full(K, np.nan))
     return LocalEntropyResult(gamma=gam, beta=beta, n_params=n, center_loss=center_loss, center_grad_norm=gnorm,
                               lambda_max=lam, lambda_max_source=lam_src, sampler=sampler, chains=chains,
                               steps=steps, burn_in=burn_in, thin=thin, minibatch=minibatch, warm_start=warm_start,
                               integrator=integrator if sampler == "sgld" else "mala",
                               per_gamma=per_gamma,
-                              vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem},
+                              vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem,
+                                       "grad_err": grad_err, "mean_shift_bias": shift_bias},
                               traces=traces, importance=importance, warnings=warnings, anchor=ti["anchor"])

@@ -2,7 +2,9 @@
 
 - ``<base>.entropy``: F(gamma) and <L>_q against gamma (log x) with error bands, L(w) as a line and
   the importance-sampling estimates of F as markers (crosses where its ESS is below 100); beside it
-  the gaps F - L(w) and <L>_q - L(w) on a log scale (symlog if a gap is not positive);
+  the gaps F - L(w) and <L>_q - L(w) on a log scale (symlog if a gap is not positive); the error
+  bands include the estimated minibatch bias, and gammas where that bias exceeds the standard error
+  are ringed in red ("minibatch bias > s.e.");
 - ``<base>.distance``: <|w'-w|^2>_q against gamma (log-log) beside the prior's n/(beta gamma), their
   ratio (1 where the loss does not constrain q), and |grad F| = gamma |w - <w'>_q| with its Monte
   Carlo noise floor (the norm that chain noise alone would give);
@@ -39,7 +41,8 @@ def plot(items, out_base, fmt):
         g = _arr(t, "gamma")
         L0 = float(t["center_loss"])
         F, Fe = _arr(t, "local_entropy"), np.nan_to_num(_arr(t, "local_entropy_err"))
-        mL, mLe = _arr(t, "mean_loss"), np.nan_to_num(_arr(t, "mean_loss_sem"))
+        mL = _arr(t, "mean_loss")
+        mLe = np.nan_to_num(_arr(t, "mean_loss_err") if "mean_loss_err" in t else _arr(t, "mean_loss_sem"))
         pre = f"{label}: " if multi else ""
         ax.plot(g, F, "-o", color=c, ms=4, label=f"{pre}F(γ) (TI)")
         ax.fill_between(g, F - Fe, F + Fe, color=c, alpha=0.2, lw=0)
@@ -50,6 +53,11 @@ def plot(items, out_base, fmt):
         axg.errorbar(g, mL - L0, yerr=mLe, fmt="--s", color=c, ms=3, capsize=2, alpha=0.8,
                      label=f"{pre}⟨L⟩_q − L(w)")
         any_neg |= bool(np.any(F - L0 <= 0) or np.any(mL - L0 <= 0))
+        biased = np.asarray(t.get("minibatch_biased", np.zeros(len(g), bool)), dtype=bool)
+        if biased.any():
+            for a, off in ((ax, 0.0), (axg, L0)):
+                a.plot(g[biased], F[biased] - off, "o", ms=11, mfc="none", mec="red", mew=1.5,
+                       label="minibatch bias > s.e." if a is ax and i == 0 else None)
         imp = t.get("importance")
         if isinstance(imp, dict) and "local_entropy" in imp:
             Fi, Fie, ess = (np.asarray(imp[k], dtype=float) for k in ("local_entropy", "local_entropy_err", "ess"))
@@ -86,7 +94,8 @@ def plot(items, out_base, fmt):
         c = _COLORS[i % len(_COLORS)]
         g = _arr(t, "gamma")
         pre = f"{label}: " if multi else ""
-        sq, sqe = _arr(t, "mean_sq_dist"), _arr(t, "mean_sq_dist_sem")
+        sq = _arr(t, "mean_sq_dist")
+        sqe = _arr(t, "mean_sq_dist_err") if "mean_sq_dist_err" in t else _arr(t, "mean_sq_dist_sem")
         n, beta = float(t["n_params"]), float(t["beta"])
         a1.errorbar(g, sq, yerr=sqe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}⟨‖w'−w‖²⟩_q")
         gg = np.geomspace(g.min(), g.max(), 50)

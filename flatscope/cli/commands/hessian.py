@@ -114,7 +114,8 @@ def command(run, top, bottom, density, probes, steps, sigma, trace_probes, trace
             ("trace", f"{s['trace']:.6g} +- {s['trace_stderr']:.2g}  ({res.traces.method if res.traces else '-'})"),
             ("effective rank", f"{s['effective_rank']:.4g}  (trace / lambda_max)"),
             ("negative mass", "n/a (needs --density)" if res.density is None else
-             f"{s['negative_mass']:.3g}  (fraction of eigenvalues < 0: {s['negative_fraction']:.3g})"),
+             f"{s['negative_mass']:.3g}  (fraction of eigenvalues < 0: {s['negative_fraction']:.3g} "
+             f"± {s['negative_fraction_err']:.2g}, quadrature bias bound included)"),
         ]
         if res.density is not None:
             m, se = res.density.integral(lambda x: x)

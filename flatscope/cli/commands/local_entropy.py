@@ -7,7 +7,7 @@ import math
 import click
 import torch
 
-from ...analyses.local_entropy import local_entropy, parse_gamma
+from ...analyses.local_entropy import FULL_BATCH_MAX_SAMPLES, default_minibatch, local_entropy, parse_gamma
 from ...errors import FlatscopeError
 from ...safe_files import check_allocation
 from ...samplers import ObjectivePotential, power_lambda_max
@@ -71,7 +71,8 @@ def parse_beta(spec: str) -> float | None:
               help="Inverse temperature; auto = the number of samples N of the split (exp(-N L) is the likelihood "
                    "under cross-entropy). Entropy-SGD's noise eps=1e-4 is beta = 2/eps^2 = 2e8.")
 @click.option("--sampler", type=click.Choice(["sgld", "mala"]), default="sgld", show_default=True,
-              help="sgld: Langevin with minibatch gradients (Entropy-SGD's inner loop); mala: full batch, "
+              help="sgld: Langevin (Entropy-SGD's inner loop; full-batch or minibatch gradients, see --minibatch); "
+                   "mala: full batch, "
                    "Metropolis-adjusted (exact; small models).")
 @click.option("--integrator", type=click.Choice(["lm", "euler"]), default="lm", show_default=True,
               help="SGLD noise: lm = sqrt(2 eta/beta)(xi_t + xi_t+1)/2 (Leimkuhler-Matthews: exact variance on "
@@ -86,8 +87,10 @@ def parse_beta(spec: str) -> float | None:
               help="Langevin step eta (learning-rate units); auto = C/(lambda_max + gamma) with C = 0.25 for sgld "
                    "(0.1 with --integrator euler), adapted in burn-in to acceptance 0.574 for mala.")
 @click.option("--minibatch", "minibatch_spec", default=None, metavar="M|full",
-              help="SGLD minibatch size (drawn with replacement per chain and step) [default: 64]; full = full "
-                   "batch. MALA always uses the full batch. The default is capped at the split's size.")
+              help="SGLD minibatch size (drawn with replacement per chain and step); full = full batch [default: "
+                   f"full for splits of at most {FULL_BATCH_MAX_SAMPLES} samples, else 64]. With a minibatch, half "
+                   "the chains use M and half 2M: the minibatch bias is estimated from the two and folded into "
+                   "the errors. MALA always uses the full batch.")
 @click.option("--is-samples", type=int, default=256, show_default=True,
               help="Importance-sampling draws per gamma for the gradient-free cross-check (0: off).")
 @click.option("--lambda-max", type=float, default=None, metavar="FLOAT",
@@ -119,7 +122,7 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
     grid, relative = parse_gamma(gamma_spec)
     beta = parse_beta(beta_spec)
     step_size, step_fraction = parse_step(step_spec)
-    minibatch = parse_minibatch(minibatch_spec if minibatch_spec is not None else "64")
+    minibatch = parse_minibatch(minibatch_spec) if minibatch_spec is not None else None
     if sampler == "mala":
         if minibatch_spec is not None and parse_minibatch(minibatch_spec) is not None:
             raise FlatscopeError("MALA needs full-batch gradients to be exact; drop --minibatch or use --sampler sgld")
@@ -136,8 +139,8 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
         obj = run.objective(split)
         check_allocation(f"--chains {chains}", chains * obj.dim * 6)
         check_allocation(f"--is-samples {is_samples}", is_samples * obj.dim * 2)
-        if minibatch_spec is None and minibatch is not None:
-            minibatch = min(minibatch, obj.n)
+        if minibatch_spec is None and sampler == "sgld":
+            minibatch = default_minibatch(obj.n)
         if minibatch is not None and minibatch > obj.n:
             raise FlatscopeError(f"--minibatch {minibatch} exceeds the {obj.n} samples of the {split} split")
         lam = lambda_max
@@ -197,11 +200,13 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
                 head += f"  {'accept':>6}"
             if res.importance:
                 head += f"  {'F by IS':>21} {'IS ESS':>6}"
+            if res.minibatch:
+                head += "  minibatch bias"
             console.print(escape(head), highlight=False)
             for k, g in enumerate(res.gamma):
                 row = (f"{g:9.4g}  {p['local_entropy'][k]:10.5g} ± {p['local_entropy_err'][k]:<8.2g}  "
-                       f"{p['mean_loss'][k]:10.5g} ± {p['mean_loss_sem'][k]:<8.2g}  "
-                       f"{p['mean_sq_dist'][k]:9.4g} ± {p['mean_sq_dist_sem'][k]:<7.2g}  {p['grad_norm'][k]:8.3g}  "
+                       f"{p['mean_loss'][k]:10.5g} ± {p['mean_loss_err'][k]:<8.2g}  "
+                       f"{p['mean_sq_dist'][k]:9.4g} ± {p['mean_sq_dist_err'][k]:<7.2g}  {p['grad_norm'][k]:8.3g}  "
                        f"{p['rhat'][k]:5.3f}  {p['ess'][k]:6.0f}")
                 if res.sampler == "mala":
                     row += f"  {p['accept_rate'][k]:6.3f}"
@@ -209,9 +214,15 @@ def command(run, gamma_spec, beta_spec, sampler, integrator, steps, burn_in, thi
                     imp = res.importance
                     row += (f"  {imp['local_entropy'][k]:10.5g} ± {imp['local_entropy_err'][k]:<8.2g} "
                             f"{imp['ess'][k]:6.0f}")
+                if res.minibatch:
+                    row += "  ! > s.e." if p["minibatch_biased"][k] else "  ok"
                 console.print(escape(row), highlight=False)
             console.print(f"F(gamma_max) from {res.anchor}; asymptotic tail L + m/2 = "
                           f"{res.center_loss + float(p['tail']):.6g}", highlight=False)
+            if res.minibatch:
+                console.print(f"minibatch {res.minibatch} (half the chains) and {2 * res.minibatch} (the other half): "
+                              "errors include the estimated minibatch bias; '!' marks gammas where that bias "
+                              "exceeds the standard error", highlight=False)
         console.print(f"results: {run.out_path}", highlight=False)
 
     run.emit(payload, human)
