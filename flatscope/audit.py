@@ -78,9 +78,35 @@ AUDIT_SCHEMA = "flatscope.audit/1"
 
 # Options every analysis command shares (flatscope/cli/common.py): a step does not set them, the
 # audit passes its own (except ``split``, which a step may override).
-_SHARED = ("checkpoint", "checkpoints", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-           "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed", "device", "seed",
-           "dtype", "threads", "as_json", "quiet", "verbose", "label_smoothing", "metric", "output", "hvp", "workers")
+_SHARED = (
+    "checkpoint",
+    "checkpoints",
+    "model",
+    "model_kwargs",
+    "data",
+    "data_kwargs",
+    "loss",
+    "split",
+    "batch_size",
+    "max_samples",
+    "out",
+    "plot",
+    "plot_format",
+    "allow_nonfinite",
+    "allow_mixed",
+    "device",
+    "seed",
+    "dtype",
+    "threads",
+    "as_json",
+    "quiet",
+    "verbose",
+    "label_smoothing",
+    "metric",
+    "output",
+    "hvp",
+    "workers",
+)
 _STEP_SHARED = ("split",)
 
 
@@ -111,17 +137,17 @@ class Analysis:
     """One kind of audit step: a flatscope analysis command and how to read and cache its result."""
 
     name: str
-    command: str                                   # module flatscope/cli/commands/<command>.py
-    kind: str                                      # the group's ``kind`` attr
-    defaults: dict                                 # audit defaults (option name -> value)
+    command: str  # module flatscope/cli/commands/<command>.py
+    kind: str  # the group's ``kind`` attr
+    defaults: dict  # audit defaults (option name -> value)
     in_default_suite: bool
-    group: Callable[["Step"], str]                 # the HDF5 group the step writes
-    expected: Callable[["Step", Target], dict]     # stored options that must match for a cache hit
-    metric_keys: Callable[["Step"], list]          # the summary keys the result will have
-    normalize: Callable[[dict], dict] = lambda stored: stored   # stored options -> comparable form
-    complete: Callable[[object], str | None] = lambda g: None   # why a stored group is unusable
-    denied: tuple = ()                             # command options an audit step may not set
-    validate: Callable[["Step"], None] = lambda step: None   # option checks that need no data (at plan time)
+    group: Callable[["Step"], str]  # the HDF5 group the step writes
+    expected: Callable[["Step", Target], dict]  # stored options that must match for a cache hit
+    metric_keys: Callable[["Step"], list]  # the summary keys the result will have
+    normalize: Callable[[dict], dict] = lambda stored: stored  # stored options -> comparable form
+    complete: Callable[[object], str | None] = lambda g: None  # why a stored group is unusable
+    denied: tuple = ()  # command options an audit step may not set
+    validate: Callable[["Step"], None] = lambda step: None  # option checks that need no data (at plan time)
     describe: str = ""
 
 
@@ -134,9 +160,12 @@ def _hessian_keys(step: "Step") -> list:
 def _one_split(name: str):
     def group(step: "Step") -> str:
         if len(step.splits) != 1:
-            raise FlatscopeError(f"suite step {name} analyses one split: set split = \"train\" or \"test\" in its "
-                                 f"table (e.g. --set {name}.split=train)")
+            raise FlatscopeError(
+                f"suite step {name} analyses one split: set split = \"train\" or \"test\" in its "
+                f"table (e.g. --set {name}.split=train)"
+            )
         return name
+
     return group
 
 
@@ -161,9 +190,15 @@ def _local_energy_expected(step: "Step", target: Target) -> dict:
             raise FlatscopeError(f"--target-error {eps!r} is not a number") from None
     bn = p["bn"]
     if bn == "recompute" and not target.has_batchnorm:
-        bn = "eval"          # the command does the same (with a warning)
-    return {"sigma": parse_sigmas(p["sigma_spec"]).tolist(), "samples": _whole(p["samples"], "--samples", 2),
-            "noise": p["noise"], "params": p["params"], "bn": bn, "target_error": eps}
+        bn = "eval"  # the command does the same (with a warning)
+    return {
+        "sigma": parse_sigmas(p["sigma_spec"]).tolist(),
+        "samples": _whole(p["samples"], "--samples", 2),
+        "noise": p["noise"],
+        "params": p["params"],
+        "bn": bn,
+        "target_error": eps,
+    }
 
 
 def _local_energy_validate(step: "Step") -> None:
@@ -203,8 +238,18 @@ def _local_energy_keys(step: "Step") -> list:
         if step.params["target_error"] is not None:
             c.target = TargetSigma(0.0, math.nan, False, 0.0, 0.0, 0.0, math.nan, math.nan, 0, 0)
         curves[s] = c
-    res = LocalEnergyResult(sigma=np.array([1.0]), samples=2, noise="", params="", bn="", batched=False, chunk=1,
-                            seed=0, n_perturbed=0, curves=curves)
+    res = LocalEnergyResult(
+        sigma=np.array([1.0]),
+        samples=2,
+        noise="",
+        params="",
+        bn="",
+        batched=False,
+        chunk=1,
+        seed=0,
+        n_perturbed=0,
+        curves=curves,
+    )
     return list(res.summary())
 
 
@@ -234,13 +279,21 @@ def _landscape_expected(step: "Step", target: Target) -> dict:
     if bn == "recompute" and not target.has_batchnorm:
         bn = "eval"
     run = target.run
-    return {"directions": kind, "dims": k,
-            "range": [list(r) for r in parse_range(p["range_text"], k, (-1.0, 1.0) if random else (-0.5, 1.5))],
-            "grid": parse_grid(p["grid_text"], k), "norm": p["norm"] if random else None,
-            "bias_bn": p["bias_bn"] if random else None, "orthogonalize": bool(p["orthogonalize"]) if random else None,
-            "seed": run.seed if random else None, "bn": bn,
-            "checkpoint_sha256": [target.sha256] + list(step.extra_sha256), "dtype": run.dtype_name,
-            "loss": run.loss_name, "data": target.data_spec}
+    return {
+        "directions": kind,
+        "dims": k,
+        "range": [list(r) for r in parse_range(p["range_text"], k, (-1.0, 1.0) if random else (-0.5, 1.5))],
+        "grid": parse_grid(p["grid_text"], k),
+        "norm": p["norm"] if random else None,
+        "bias_bn": p["bias_bn"] if random else None,
+        "orthogonalize": bool(p["orthogonalize"]) if random else None,
+        "seed": run.seed if random else None,
+        "bn": bn,
+        "checkpoint_sha256": [target.sha256] + list(step.extra_sha256),
+        "dtype": run.dtype_name,
+        "loss": run.loss_name,
+        "data": target.data_spec,
+    }
 
 
 def _landscape_validate(step: "Step") -> None:
@@ -298,10 +351,15 @@ def _local_entropy_expected(step: "Step", target: Target) -> dict:
         minibatch = None
     elif spec is not None:
         minibatch = parse_minibatch(spec)
-    else:                                         # the command's default depends on the split's size
+    else:  # the command's default depends on the split's size
         minibatch = default_minibatch(len(target.run.split_source(step.splits[0])))
-    want = {"gamma": p.pop("gamma_spec"), "beta": p.pop("beta_spec"), "step_size": p.pop("step_spec"),
-            "minibatch": minibatch or "full", **p}
+    want = {
+        "gamma": p.pop("gamma_spec"),
+        "beta": p.pop("beta_spec"),
+        "step_size": p.pop("step_spec"),
+        "minibatch": minibatch or "full",
+        **p,
+    }
     return _local_entropy_norm(want)
 
 
@@ -317,12 +375,40 @@ def _local_entropy_validate(step: "Step") -> None:
 def _local_entropy_keys(step: "Step") -> list:
     from .analyses.local_entropy import LocalEntropyResult
 
-    one = {k: np.zeros(1) for k in ("local_entropy", "local_entropy_err", "mean_loss", "mean_sq_dist", "grad_norm",
-                                     "rhat", "ess", "accept_rate")}
-    res = LocalEntropyResult(gamma=np.ones(1), beta=1.0, n_params=1, center_loss=0.0, center_grad_norm=0.0,
-                             lambda_max=0.0, lambda_max_source="", sampler="", chains=1, steps=1, burn_in=0, thin=1,
-                             minibatch=None, warm_start="", integrator="", per_gamma=one, vectors={}, traces={},
-                             importance=None)
+    one = {
+        k: np.zeros(1)
+        for k in (
+            "local_entropy",
+            "local_entropy_err",
+            "mean_loss",
+            "mean_sq_dist",
+            "grad_norm",
+            "rhat",
+            "ess",
+            "accept_rate",
+        )
+    }
+    res = LocalEntropyResult(
+        gamma=np.ones(1),
+        beta=1.0,
+        n_params=1,
+        center_loss=0.0,
+        center_grad_norm=0.0,
+        lambda_max=0.0,
+        lambda_max_source="",
+        sampler="",
+        chains=1,
+        steps=1,
+        burn_in=0,
+        thin=1,
+        minibatch=None,
+        warm_start="",
+        integrator="",
+        per_gamma=one,
+        vectors={},
+        traces={},
+        importance=None,
+    )
     return list(res.summary())
 
 
@@ -330,16 +416,35 @@ def _sharpness_parse(step: "Step") -> dict:
     from .cli.commands.sharpness import parse_options
 
     p = step.params
-    return parse_options(p["rho_spec"], p["steps"], p["step_size"], p["restarts"], p["eta"], p["samples"], p["m"],
-                         p["norm"], p["average"])
+    return parse_options(
+        p["rho_spec"],
+        p["steps"],
+        p["step_size"],
+        p["restarts"],
+        p["eta"],
+        p["samples"],
+        p["m"],
+        p["norm"],
+        p["average"],
+    )
 
 
 def _sharpness_expected(step: "Step", target: Target) -> dict:
     o = _sharpness_parse(step)
     p = step.params
-    return {"rho": o["rhos"].tolist(), "norm": p["norm"], "adaptive": bool(p["adaptive"]), "eta": o["eta"],
-            "steps": o["steps"], "step_size": o["step_size"], "restarts": o["restarts"], "m": o["m"],
-            "average": p["average"], "samples": o["samples"], "params": p["params"]}
+    return {
+        "rho": o["rhos"].tolist(),
+        "norm": p["norm"],
+        "adaptive": bool(p["adaptive"]),
+        "eta": o["eta"],
+        "steps": o["steps"],
+        "step_size": o["step_size"],
+        "restarts": o["restarts"],
+        "m": o["m"],
+        "average": p["average"],
+        "samples": o["samples"],
+        "params": p["params"],
+    }
 
 
 def _sharpness_normalize(stored: dict) -> dict:
@@ -359,47 +464,87 @@ def _sharpness_keys(step: "Step") -> list:
     return summary_keys(step.splits)
 
 
-ANALYSES: dict[str, Analysis] = {a.name: a for a in [
-    Analysis(
-        name="hessian", command="hessian", kind="hessian", in_default_suite=True,
-        defaults={"top": 3, "density": False, "trace_probes": 30},
-        group=_one_split("hessian"),
-        expected=lambda step, target: {k: v for k, v in step.params.items() if k != "hvp"},
-        metric_keys=_hessian_keys, complete=_hessian_complete,
-        describe="top eigenvalues (Lanczos) and the trace (Hutch++)"),
-    Analysis(
-        name="local_energy", command="local_energy", kind="local_energy", in_default_suite=True,
-        defaults={"sigma": "0.01..1:5", "samples": 8, "target_error": 0.01},
-        group=lambda step: "local_energy", expected=_local_energy_expected, normalize=_local_energy_normalize,
-        metric_keys=_local_energy_keys, validate=_local_energy_validate,
-        describe="δE(σ) of loss and error under multiplicative weight noise, and the σ where the error rises by ε"),
-    Analysis(
-        name="landscape", command="landscape", kind="landscape", in_default_suite=True,
-        defaults={"grid": 21},
-        denied=("directions", "hessian_from", "trajectory", "directions_from", "resume"),
-        group=_landscape_group, expected=_landscape_expected, metric_keys=_landscape_keys,
-        complete=_landscape_complete, validate=_landscape_validate,
-        describe="loss along a filter-normalized random direction (Li et al. 2018)"),
-    Analysis(
-        name="local_entropy", command="local_entropy", kind="local_entropy", in_default_suite=False,
-        defaults={"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
-        group=_one_split("local_entropy"), expected=_local_entropy_expected, normalize=_local_entropy_norm,
-        metric_keys=_local_entropy_keys, validate=_local_entropy_validate,
-        describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)"),
-    Analysis(
-        name="sharpness", command="sharpness", kind="sharpness", in_default_suite=False,
-        defaults={"rho": "0.1..1:3", "steps": 10, "samples": 8},
-        group=lambda step: "sharpness", expected=_sharpness_expected, normalize=_sharpness_normalize,
-        metric_keys=_sharpness_keys, validate=lambda step: _sharpness_parse(step) and None,
-        describe="worst-case and average-case adaptive sharpness (Andriushchenko et al. 2023; optional: add it "
-                 "with --step or a [sharpness] table)"),
-]}
+ANALYSES: dict[str, Analysis] = {
+    a.name: a
+    for a in [
+        Analysis(
+            name="hessian",
+            command="hessian",
+            kind="hessian",
+            in_default_suite=True,
+            defaults={"top": 3, "density": False, "trace_probes": 30},
+            group=_one_split("hessian"),
+            expected=lambda step, target: {k: v for k, v in step.params.items() if k != "hvp"},
+            metric_keys=_hessian_keys,
+            complete=_hessian_complete,
+            describe="top eigenvalues (Lanczos) and the trace (Hutch++)",
+        ),
+        Analysis(
+            name="local_energy",
+            command="local_energy",
+            kind="local_energy",
+            in_default_suite=True,
+            defaults={"sigma": "0.01..1:5", "samples": 8, "target_error": 0.01},
+            group=lambda step: "local_energy",
+            expected=_local_energy_expected,
+            normalize=_local_energy_normalize,
+            metric_keys=_local_energy_keys,
+            validate=_local_energy_validate,
+            describe="δE(σ) of loss and error under multiplicative weight noise, and the σ where the error rises by ε",
+        ),
+        Analysis(
+            name="landscape",
+            command="landscape",
+            kind="landscape",
+            in_default_suite=True,
+            defaults={"grid": 21},
+            denied=("directions", "hessian_from", "trajectory", "directions_from", "resume"),
+            group=_landscape_group,
+            expected=_landscape_expected,
+            metric_keys=_landscape_keys,
+            complete=_landscape_complete,
+            validate=_landscape_validate,
+            describe="loss along a filter-normalized random direction (Li et al. 2018)",
+        ),
+        Analysis(
+            name="local_entropy",
+            command="local_entropy",
+            kind="local_entropy",
+            in_default_suite=False,
+            defaults={"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
+            group=_one_split("local_entropy"),
+            expected=_local_entropy_expected,
+            normalize=_local_entropy_norm,
+            metric_keys=_local_entropy_keys,
+            validate=_local_entropy_validate,
+            describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)",
+        ),
+        Analysis(
+            name="sharpness",
+            command="sharpness",
+            kind="sharpness",
+            in_default_suite=False,
+            defaults={"rho": "0.1..1:3", "steps": 10, "samples": 8},
+            group=lambda step: "sharpness",
+            expected=_sharpness_expected,
+            normalize=_sharpness_normalize,
+            metric_keys=_sharpness_keys,
+            validate=lambda step: _sharpness_parse(step) and None,
+            describe="worst-case and average-case adaptive sharpness (Andriushchenko et al. 2023; optional: add it "
+            "with --step or a [sharpness] table)",
+        ),
+    ]
+}
 
 DEFAULT_SUITE = {a.name: {} for a in ANALYSES.values() if a.in_default_suite}
 # flatscope compare's default suite: the audit's, plus a cheap spectral density (4 probes x 40 Lanczos
 # steps) for the overlaid spectra, plus local entropy and sharpness at the audit defaults.
-COMPARE_SUITE = {"hessian": {"density": True, "probes": 4, "steps": 40}, "local_energy": {}, "landscape": {},
-                 "local_entropy": {}}
+COMPARE_SUITE = {
+    "hessian": {"density": True, "probes": 4, "steps": 40},
+    "local_energy": {},
+    "landscape": {},
+    "local_entropy": {},
+}
 COMPARE_SUITE["sharpness"] = {}
 
 
@@ -482,7 +627,7 @@ def parse_value(text: str):
     return t
 
 
-MAX_OPTION_INT = 2**53   # larger whole numbers are not option values (and overflow torch and numpy)
+MAX_OPTION_INT = 2**53  # larger whole numbers are not option values (and overflow torch and numpy)
 
 
 def _bounded_int(v: int, where: str) -> int:
@@ -504,13 +649,13 @@ class Step:
 
     analysis: Analysis
     options: dict = field(default_factory=dict)
-    extra_checkpoints: list = field(default_factory=list)    # landscape: interpolation to these
+    extra_checkpoints: list = field(default_factory=list)  # landscape: interpolation to these
     extra_sha256: list = field(default_factory=list)
     argv: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)               # the command's parsed step options
+    params: dict = field(default_factory=dict)  # the command's parsed step options
     splits: list = field(default_factory=list)
     group: str = ""
-    metrics: list = field(default_factory=list)              # predicted metric names
+    metrics: list = field(default_factory=list)  # predicted metric names
 
     @property
     def name(self) -> str:
@@ -536,7 +681,7 @@ def _norm_key(k: str) -> str:
 
 
 MAX_SUITE_BYTES = 1 << 20
-MAX_SUITE_DEPTH = 4   # [analysis] table > option > list of numbers
+MAX_SUITE_DEPTH = 4  # [analysis] table > option > list of numbers
 
 
 def _depth(x, level: int = 0) -> int:
@@ -557,14 +702,17 @@ def read_toml(path: str) -> dict:
         try:
             import tomli as tomllib  # type: ignore[import-not-found, no-redef]
         except ImportError:
-            raise FlatscopeError("reading a --suite file needs Python >= 3.11 (tomllib) or `pip install tomli`; "
-                                 "or give the options as --step/--set flags") from None
+            raise FlatscopeError(
+                "reading a --suite file needs Python >= 3.11 (tomllib) or `pip install tomli`; "
+                "or give the options as --step/--set flags"
+            ) from None
     from .safe_files import check_regular_file, human_bytes
 
     size = check_regular_file(path, "suite file")
     if size > MAX_SUITE_BYTES:
-        raise FlatscopeError(f"suite file {path} is {human_bytes(size)}; a suite is at most "
-                             f"{human_bytes(MAX_SUITE_BYTES)} of TOML")
+        raise FlatscopeError(
+            f"suite file {path} is {human_bytes(size)}; a suite is at most {human_bytes(MAX_SUITE_BYTES)} of TOML"
+        )
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
@@ -580,8 +728,14 @@ def read_toml(path: str) -> dict:
     return table
 
 
-def build_suite(table: dict | None = None, *, only: list[str] | None = None, sets: list[str] = (),
-                fail_if: list[str] = (), source: str = "default") -> Suite:
+def build_suite(
+    table: dict | None = None,
+    *,
+    only: list[str] | None = None,
+    sets: list[str] = (),
+    fail_if: list[str] = (),
+    source: str = "default",
+) -> Suite:
     """The suite from a parsed TOML table (None: the default suite), ``--step`` selections, ``--set``
     overrides and ``--fail-if`` thresholds. Options start from each analysis' audit defaults.
 
@@ -605,12 +759,15 @@ def build_suite(table: dict | None = None, *, only: list[str] | None = None, set
             if key == "fail_if":
                 continue
             if not isinstance(value, dict):
-                raise FlatscopeError(f"{source}: unexpected top-level key {key!r}; a suite holds fail_if = [...] "
-                                     f"and one [table] per analysis ({', '.join(ANALYSES)})")
+                raise FlatscopeError(
+                    f"{source}: unexpected top-level key {key!r}; a suite holds fail_if = [...] "
+                    f"and one [table] per analysis ({', '.join(ANALYSES)})"
+                )
             name = analysis(key).name
             if "fail_if" in value:
-                raise FlatscopeError(f"{source}: fail_if is inside [{key}]; put it at the top of the file, "
-                                     "before the first [table]")
+                raise FlatscopeError(
+                    f"{source}: fail_if is inside [{key}]; put it at the top of the file, before the first [table]"
+                )
             if name in tables:
                 raise FlatscopeError(f"{source}: analysis {name} appears twice")
             tables[name] = {_norm_key(k): v for k, v in value.items()}
@@ -657,9 +814,22 @@ def load_suite(path: str | None, *, only=None, sets=(), fail_if=(), compare: boo
 # -------------------------------------------------------------------------------------------- plan
 def shared_argv(run, split: str | None = None) -> list[str]:
     """The shared options of ``run`` as command-line flags for a step (quiet, the audit's results file)."""
-    argv = ["--device", run.device_spec, "--seed", str(run.seed), "--dtype", run.dtype_name,
-            "--split", split or run.split, "-o", run.out_path, "--plot" if run.do_plot else "--no-plot",
-            "--plot-format", run.plot_format, "-q"]
+    argv = [
+        "--device",
+        run.device_spec,
+        "--seed",
+        str(run.seed),
+        "--dtype",
+        run.dtype_name,
+        "--split",
+        split or run.split,
+        "-o",
+        run.out_path,
+        "--plot" if run.do_plot else "--no-plot",
+        "--plot-format",
+        run.plot_format,
+        "-q",
+    ]
     if run.threads:
         argv += ["--threads", str(run.threads)]
     if run.batch_size is not None:
@@ -716,10 +886,16 @@ def plan(steps: list[Step], run) -> list[Step]:
         for key, value in opts.items():
             if key not in table:
                 hint = difflib.get_close_matches(key, list(table), n=1)
-                denied = f" (not available in an audit; run flatscope {command_of(a).name} directly)" if key in a.denied else ""
-                raise FlatscopeError(f"{where}: unknown option {key!r}{denied}"
-                                     + (f"; did you mean {hint[0]!r}?" if hint and not denied else "")
-                                     + f" (options: {', '.join(sorted(table))})")
+                denied = (
+                    f" (not available in an audit; run flatscope {command_of(a).name} directly)"
+                    if key in a.denied
+                    else ""
+                )
+                raise FlatscopeError(
+                    f"{where}: unknown option {key!r}{denied}"
+                    + (f"; did you mean {hint[0]!r}?" if hint and not denied else "")
+                    + f" (options: {', '.join(sorted(table))})"
+                )
             argv += _tokens(key, table[key], value, where)
         cmd = command_of(a)
         try:
@@ -801,10 +977,16 @@ def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
             return False, "the stored options are unreadable"
     stored_cmp = step.analysis.normalize(stored)
     want = dict(step.analysis.expected(step, target))
-    want.update(split="both" if len(step.splits) == 2 else step.splits[0], max_samples=run.max_samples,
-                batch_size=run.batch_size)
-    for key, value, default in (("label_smoothing", run.label_smoothing, 0.0), ("metric", run.metric_name, None),
-                                ("output", run.output_key, None)):   # they change the numbers (hvp modes do not)
+    want.update(
+        split="both" if len(step.splits) == 2 else step.splits[0],
+        max_samples=run.max_samples,
+        batch_size=run.batch_size,
+    )
+    for key, value, default in (
+        ("label_smoothing", run.label_smoothing, 0.0),
+        ("metric", run.metric_name, None),
+        ("output", run.output_key, None),
+    ):  # they change the numbers (hvp modes do not)
         if value != default or key in stored_cmp:
             want[key] = value
     for k, v in want.items():
@@ -847,16 +1029,23 @@ class StepRecord:
     group: str
     cached: bool
     reason: str
-    seconds: float                 # this audit's time on the step (reading it, or computing it)
-    command: str                   # the equivalent flatscope command line
-    options: dict                  # the stored options attr
-    summary: dict                  # the stored summary attr
-    wall_time_s: float | None      # how long the stored computation took
+    seconds: float  # this audit's time on the step (reading it, or computing it)
+    command: str  # the equivalent flatscope command line
+    options: dict  # the stored options attr
+    summary: dict  # the stored summary attr
+    wall_time_s: float | None  # how long the stored computation took
 
     def to_json(self) -> dict:
-        return {"analysis": self.analysis, "group": f"/{self.group}", "cached": self.cached, "reason": self.reason,
-                "seconds": self.seconds, "wall_time_s": self.wall_time_s, "command": self.command,
-                "options": self.options}
+        return {
+            "analysis": self.analysis,
+            "group": f"/{self.group}",
+            "cached": self.cached,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "wall_time_s": self.wall_time_s,
+            "command": self.command,
+            "options": self.options,
+        }
 
 
 def read_group(path: str, group: str) -> tuple[dict, dict, float | None]:
@@ -868,8 +1057,9 @@ def read_group(path: str, group: str) -> tuple[dict, dict, float | None]:
     return summary, options, (float(wall) if wall is not None else None)
 
 
-def run_steps(steps: list[Step], run, *, recompute: bool = False,
-              note: Callable[[str], None] = lambda msg: None) -> list[StepRecord]:
+def run_steps(
+    steps: list[Step], run, *, recompute: bool = False, note: Callable[[str], None] = lambda msg: None
+) -> list[StepRecord]:
     """Run (or read from the results file) each planned step on ``run``'s checkpoint, in order."""
     target = Target(run)
     path = run.out_path
@@ -902,8 +1092,9 @@ def run_steps(steps: list[Step], run, *, recompute: bool = False,
         summary, options, wall = read_group(path, step.group)
         if not hit:
             note(f"{step.name}: wrote /{step.group} in {seconds:.1f} s")
-        records.append(StepRecord(step.name, step.group, hit, reason, seconds, step.command_line(), options,
-                                  summary, wall))
+        records.append(
+            StepRecord(step.name, step.group, hit, reason, seconds, step.command_line(), options, summary, wall)
+        )
     return records
 
 
@@ -927,8 +1118,15 @@ class Outcome:
 
     def to_json(self) -> dict:
         t = self.threshold
-        return {"threshold": t.text, "metric": t.metric, "op": t.op, "bound": t.value, "value": self.value,
-                "failed": self.failed, "message": self.message}
+        return {
+            "threshold": t.text,
+            "metric": t.metric,
+            "op": t.op,
+            "bound": t.value,
+            "value": self.value,
+            "failed": self.failed,
+            "message": self.message,
+        }
 
 
 def check_thresholds(thresholds: list[Threshold], metrics: dict) -> list[Outcome]:
@@ -960,14 +1158,22 @@ class AuditResult:
 
     def to_json(self) -> dict:
         """The ``--json`` object (schema :data:`AUDIT_SCHEMA`, documented in the README)."""
-        return to_jsonable({
-            "schema": AUDIT_SCHEMA, "checkpoint": self.checkpoint, "checkpoint_sha256": self.sha256,
-            "results": self.results, "suite": self.suite,
-            "verdict": "pass" if self.passed else "fail", "exit_code": self.exit_code,
-            "metrics": self.metrics, "thresholds": [o.to_json() for o in self.outcomes],
-            "failed": [o.threshold.text for o in self.outcomes if o.failed],
-            "steps": [r.to_json() for r in self.records], "seconds": self.seconds,
-        })
+        return to_jsonable(
+            {
+                "schema": AUDIT_SCHEMA,
+                "checkpoint": self.checkpoint,
+                "checkpoint_sha256": self.sha256,
+                "results": self.results,
+                "suite": self.suite,
+                "verdict": "pass" if self.passed else "fail",
+                "exit_code": self.exit_code,
+                "metrics": self.metrics,
+                "thresholds": [o.to_json() for o in self.outcomes],
+                "failed": [o.threshold.text for o in self.outcomes if o.failed],
+                "steps": [r.to_json() for r in self.records],
+                "seconds": self.seconds,
+            }
+        )
 
 
 def audit(run, suite: Suite, *, recompute: bool = False, note: Callable[[str], None] = lambda m: None) -> AuditResult:
@@ -981,5 +1187,13 @@ def audit(run, suite: Suite, *, recompute: bool = False, note: Callable[[str], N
     metrics = collect_metrics(steps, records)
     metrics.update({k: v for k, v in stored_metrics(run.out_path).items() if k not in metrics})
     outcomes = check_thresholds(suite.thresholds, metrics)
-    return AuditResult(os.path.abspath(run.checkpoint_path), sha, os.path.abspath(run.out_path), suite.source,
-                       records, metrics, outcomes, time.perf_counter() - t0)
+    return AuditResult(
+        os.path.abspath(run.checkpoint_path),
+        sha,
+        os.path.abspath(run.out_path),
+        suite.source,
+        records,
+        metrics,
+        outcomes,
+        time.perf_counter() - t0,
+    )

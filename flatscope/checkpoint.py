@@ -51,10 +51,10 @@ class Checkpoint:
     data_spec: dict | None
     loss: str | None
     train: dict = field(default_factory=dict)
-    kind: str = "flatscope"          # flatscope | state_dict | export
+    kind: str = "flatscope"  # flatscope | state_dict | export
     sha256: str = ""
     raw: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)   # conversions made while loading, for the user
+    notes: list = field(default_factory=list)  # conversions made while loading, for the user
 
     @property
     def n_params(self) -> int:
@@ -80,7 +80,7 @@ def _sniff(path: str) -> bytes:
 def _safe_torch_load(path: str):
     head = _sniff(path)
     if head == _ZIP_MAGIC:
-        check_zip(path)               # the declared sizes, before torch unpacks anything
+        check_zip(path)  # the declared sizes, before torch unpacks anything
     elif not head or head[0] != 0x80:  # neither torch's zip format nor a pickle (protocol 2+)
         raise FlatscopeError(f"{path} is not a PyTorch checkpoint (not a readable torch.save zip archive or pickle)")
     try:
@@ -89,14 +89,20 @@ def _safe_torch_load(path: str):
         text = str(exc)
         lines = text.strip().splitlines()
         if "weights_only" not in text.replace(" ", "_").lower() and "Weights only" not in text:
-            raise FlatscopeError(f"{path} is not a readable PyTorch checkpoint: {lines[0] if lines else 'bad pickle'}") from None
+            raise FlatscopeError(
+                f"{path} is not a readable PyTorch checkpoint: {lines[0] if lines else 'bad pickle'}"
+            ) from None
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         detail = detail.split(" Please use")[0]
-        raise FlatscopeError(f"refused to load {path}: it holds pickled objects that safe (weights_only) loading "
-                             f"does not allow, and flatscope never runs code from a checkpoint ({detail.strip()})") from None
+        raise FlatscopeError(
+            f"refused to load {path}: it holds pickled objects that safe (weights_only) loading "
+            f"does not allow, and flatscope never runs code from a checkpoint ({detail.strip()})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign or truncated files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlatscopeError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {msg}") from None
+        raise FlatscopeError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {msg}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- torch.export archives
@@ -115,8 +121,10 @@ def _safe_pickle_bytes(data: bytes, path: str, entry: str) -> bytes:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0]).strip()
         detail = detail.split(" Please use")[0]
-        raise FlatscopeError(f"refused to load {path}: its entry {entry} is a pickle that safe (weights_only) "
-                             f"loading does not allow, and flatscope never runs code from a checkpoint ({detail})") from None
+        raise FlatscopeError(
+            f"refused to load {path}: its entry {entry} is a pickle that safe (weights_only) "
+            f"loading does not allow, and flatscope never runs code from a checkpoint ({detail})"
+        ) from None
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -130,12 +138,16 @@ def _payload_config(data: bytes, path: str, entry: str, *, constants: bool) -> N
         raise FlatscopeError(f"{path}: {entry} is not a valid payload config") from None
     for fqn, meta in items:
         if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
-            raise FlatscopeError(f"refused to load {path}: {entry} marks {fqn!r} as pickled (use_pickle), which "
-                                 "torch would unpickle without weights_only; flatscope never runs code from a checkpoint")
+            raise FlatscopeError(
+                f"refused to load {path}: {entry} marks {fqn!r} as pickled (use_pickle), which "
+                "torch would unpickle without weights_only; flatscope never runs code from a checkpoint"
+            )
         name = str(meta.get("path_name", ""))
         if constants and not name.startswith("tensor_"):
-            raise FlatscopeError(f"refused to load {path}: constant {fqn!r} is a pickled object ({name}), "
-                                 "not a tensor; flatscope never runs code from a checkpoint")
+            raise FlatscopeError(
+                f"refused to load {path}: constant {fqn!r} is a pickled object ({name}), "
+                "not a tensor; flatscope never runs code from a checkpoint"
+            )
 
 
 def _sanitized_export(path: str) -> io.BytesIO:
@@ -147,15 +159,20 @@ def _sanitized_export(path: str) -> io.BytesIO:
         legacy = "version" in names or not (len(firsts) == 1 and all("/" in n for n in names))
         root = "" if legacy else next(iter(firsts)) + "/"
         if f"{root}archive_format" not in names and "serialized_exported_program.json" not in names:
-            raise FlatscopeError(f"{path} is not a readable torch.export program (no archive_format entry; "
-                                 "a torch.save checkpoint should be named .pt)")
+            raise FlatscopeError(
+                f"{path} is not a readable torch.export program (no archive_format entry; "
+                "a torch.save checkpoint should be named .pt)"
+            )
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
             for name in names:
-                rel = name[len(root):]
+                rel = name[len(root) :]
                 data = z.read(name)
-                if rel in _PT2_PLAIN or rel.startswith((".data/", "extra/")) or (
-                        legacy and rel == "serialized_exported_program.json"):
+                if (
+                    rel in _PT2_PLAIN
+                    or rel.startswith((".data/", "extra/"))
+                    or (legacy and rel == "serialized_exported_program.json")
+                ):
                     pass
                 elif legacy and rel in _PT2_PICKLES_LEGACY:
                     data = _safe_pickle_bytes(data, path, name)
@@ -168,13 +185,17 @@ def _sanitized_export(path: str) -> io.BytesIO:
                 elif not legacy and rel.startswith("data/constants/") and rel.endswith("_constants_config.json"):
                     _payload_config(data, path, name, constants=True)
                 elif not legacy and rel.startswith(("data/weights/weight_", "data/constants/tensor_")):
-                    pass   # raw tensor bytes, read with frombuffer
+                    pass  # raw tensor bytes, read with frombuffer
                 elif rel.startswith(("data/aotinductor/", "data/executorch/")):
-                    raise FlatscopeError(f"refused to load {path}: it holds compiled code ({name}); flatscope loads "
-                                         "only the exported graph and its weights")
+                    raise FlatscopeError(
+                        f"refused to load {path}: it holds compiled code ({name}); flatscope loads "
+                        "only the exported graph and its weights"
+                    )
                 else:
-                    raise FlatscopeError(f"refused to load {path}: unexpected archive entry {name!r} (flatscope "
-                                         "loads only the entries of a plain torch.export.save program)")
+                    raise FlatscopeError(
+                        f"refused to load {path}: unexpected archive entry {name!r} (flatscope "
+                        "loads only the entries of a plain torch.export.save program)"
+                    )
                 w.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
     out.seek(0)
     return out
@@ -200,8 +221,10 @@ def _check_export_graph(ep, path: str) -> None:
             if callable(t) and getattr(t, "__name__", "").startswith("sym_") and t is getattr(torch, t.__name__, None):
                 continue
             name = getattr(t, "__qualname__", None) or str(t)
-            raise FlatscopeError(f"refused to load {path}: its graph calls {getattr(t, '__module__', '?')}.{name}, "
-                                 "which is not a tensor operator; flatscope runs only operator graphs")
+            raise FlatscopeError(
+                f"refused to load {path}: its graph calls {getattr(t, '__module__', '?')}.{name}, "
+                "which is not a tensor operator; flatscope runs only operator graphs"
+            )
 
 
 def _load_export(path: str) -> torch.nn.Module:
@@ -227,7 +250,7 @@ def _load_export(path: str) -> torch.nn.Module:
             lg.setLevel(lv)
     _check_export_graph(ep, path)
     if ep.state_dict:
-        validate_state_dict(dict(ep.state_dict), path)   # parameters and buffers (constants may be indices)
+        validate_state_dict(dict(ep.state_dict), path)  # parameters and buffers (constants may be indices)
     module = ep.module()
     example = ep.example_inputs[0] if ep.example_inputs else ()
     if len(example) == 1 and isinstance(example[0], torch.Tensor) and example[0].dim() >= 1:
@@ -237,9 +260,11 @@ def _load_export(path: str) -> torch.nn.Module:
             with torch.no_grad():
                 module(probe)
         except Exception:  # noqa: BLE001 - a shape guard of the export
-            raise FlatscopeError(f"{path} was exported with a fixed batch size {x.shape[0]}; flatscope evaluates "
-                                 "whole data splits in batches, so export with a dynamic batch dimension: "
-                                 "dynamic_shapes=({0: torch.export.Dim('batch')},)") from None
+            raise FlatscopeError(
+                f"{path} was exported with a fixed batch size {x.shape[0]}; flatscope evaluates "
+                "whole data splits in batches, so export with a dynamic batch dimension: "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)"
+            ) from None
     return module
 
 
@@ -290,8 +315,9 @@ CONVERTED_DTYPES = (torch.float16, torch.bfloat16)
 INTEGER_KEYS = ("num_batches_tracked",)
 
 
-def validate_state_dict(state, path: str, *, max_numel: int | None = None,
-                        integer_keys: tuple[str, ...] = INTEGER_KEYS) -> tuple[dict, list[str]]:
+def validate_state_dict(
+    state, path: str, *, max_numel: int | None = None, integer_keys: tuple[str, ...] = INTEGER_KEYS
+) -> tuple[dict, list[str]]:
     """Check a loaded state_dict and return ``(state, notes)``; refuse what flatscope cannot analyze.
 
     Keys must be strings; values dense (strided) CPU-loadable tensors, not meta, sparse or quantized;
@@ -312,19 +338,25 @@ def validate_state_dict(state, path: str, *, max_numel: int | None = None,
         if not isinstance(v, torch.Tensor):
             raise FlatscopeError(f"{path}: state_dict entry {k!r} is a {type(v).__name__}, not a tensor")
         if v.layout != torch.strided:
-            raise FlatscopeError(f"{path}: {k!r} is a {str(v.layout).replace('torch.', '')} tensor; flatscope needs "
-                                 "dense weights (call .to_dense() before saving)")
+            raise FlatscopeError(
+                f"{path}: {k!r} is a {str(v.layout).replace('torch.', '')} tensor; flatscope needs "
+                "dense weights (call .to_dense() before saving)"
+            )
         if v.device.type == "meta":
             raise FlatscopeError(f"{path}: {k!r} is a meta tensor (a shape without values); nothing to analyze")
         if v.is_quantized:
             raise FlatscopeError(f"{path}: {k!r} is quantized ({v.dtype}); flatscope analyzes floating weights")
         if v.is_complex():
-            raise FlatscopeError(f"{path}: {k!r} is complex ({str(v.dtype).replace('torch.', '')}); flatscope "
-                                 "analyzes real floating weights")
+            raise FlatscopeError(
+                f"{path}: {k!r} is complex ({str(v.dtype).replace('torch.', '')}); flatscope "
+                "analyzes real floating weights"
+            )
         if not v.is_floating_point():
             if not k.endswith(integer_keys):
-                raise FlatscopeError(f"{path}: {k!r} holds {str(v.dtype).replace('torch.', '')} values; flatscope "
-                                     "analyzes floating-point weights (float32, float64; float16/bfloat16 converted)")
+                raise FlatscopeError(
+                    f"{path}: {k!r} holds {str(v.dtype).replace('torch.', '')} values; flatscope "
+                    "analyzes floating-point weights (float32, float64; float16/bfloat16 converted)"
+                )
         elif v.dtype in CONVERTED_DTYPES:
             name = str(v.dtype).replace("torch.", "")
             converted[name] = converted.get(name, 0) + 1
@@ -339,14 +371,16 @@ def validate_state_dict(state, path: str, *, max_numel: int | None = None,
 
 def _check_spec(spec, path: str, what: str) -> dict:
     if not isinstance(spec, dict):
-        raise FlatscopeError(f"{path}: the stored {what} spec is a {type(spec).__name__}, not "
-                             '{"name": ..., "kwargs": {...}}')
+        raise FlatscopeError(
+            f"{path}: the stored {what} spec is a {type(spec).__name__}, not {{\"name\": ..., \"kwargs\": {{...}}}}"
+        )
     if not isinstance(spec.get("name"), str) or not spec["name"]:
         raise FlatscopeError(f"{path}: the stored {what} spec has no name")
     kwargs = spec.get("kwargs")
     if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
-        raise FlatscopeError(f"{path}: the stored {what} kwargs must be a mapping of names to values, "
-                             f"not {type(kwargs).__name__}")
+        raise FlatscopeError(
+            f"{path}: the stored {what} kwargs must be a mapping of names to values, not {type(kwargs).__name__}"
+        )
     return spec
 
 
@@ -369,8 +403,9 @@ def peek_checkpoint(path: str) -> dict:
     return obj
 
 
-def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: bool = False,
-                    allow_nonfinite: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str, *, model_spec: dict | None = None, allow_import: bool = False, allow_nonfinite: bool = False
+) -> Checkpoint:
     """Load a checkpoint safely.
 
     ``model_spec`` (from ``--model``/``--model-kwargs``) overrides the stored one and is required for a
@@ -383,7 +418,9 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
         from .hf import build_hf_model, is_hf_folder
 
         if not is_hf_folder(path):
-            raise FlatscopeError(f"{path} is a directory, not a checkpoint (nor a Hugging Face folder with config.json)")
+            raise FlatscopeError(
+                f"{path} is a directory, not a checkpoint (nor a Hugging Face folder with config.json)"
+            )
         if model_spec is not None:
             raise FlatscopeError(f"{path} is a Hugging Face folder: its config names the architecture; drop --model")
         model = build_hf_model(path)
@@ -395,10 +432,11 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
     if path.endswith(".safetensors"):
         state = _load_safetensors(path)
         if model_spec is None:
-            raise FlatscopeError(f"{path} holds weights only: name its architecture with --model NAME "
-                                 "(and --model-kwargs JSON)")
+            raise FlatscopeError(
+                f"{path} holds weights only: name its architecture with --model NAME (and --model-kwargs JSON)"
+            )
         state, notes = validate_state_dict(state, path)
-        model = build_model(model_spec, allow_import=allow_import)   # tied names are filled in below
+        model = build_model(model_spec, allow_import=allow_import)  # tied names are filled in below
         load_state_dict_strict(model, _fill_tied(model, state))
         if not allow_nonfinite:
             _check_finite(model, path)
@@ -417,7 +455,9 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
     if obj.get("format") == FORMAT:
         version = obj.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
-            raise FlatscopeError(f"{path}: checkpoint format version {version!r} is newer than this flatscope reads ({VERSION})")
+            raise FlatscopeError(
+                f"{path}: checkpoint format version {version!r} is newer than this flatscope reads ({VERSION})"
+            )
         spec = model_spec or obj.get("model")
         if spec is None:
             raise FlatscopeError(f"{path}: no model spec stored; pass --model")
@@ -440,17 +480,20 @@ def load_checkpoint(path: str, *, model_spec: dict | None = None, allow_import: 
         if state is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             state = obj
         if state is None:
-            raise FlatscopeError(f"{path} is neither a flatscope checkpoint nor a state_dict "
-                                 f"(top-level keys: {', '.join(map(str, list(obj)[:6]))})")
+            raise FlatscopeError(
+                f"{path} is neither a flatscope checkpoint nor a state_dict "
+                f"(top-level keys: {', '.join(map(str, list(obj)[:6]))})"
+            )
         if model_spec is None:
-            raise FlatscopeError(f"{path} is a bare state_dict: name its architecture with --model NAME "
-                                 "(and --model-kwargs JSON)")
+            raise FlatscopeError(
+                f"{path} is a bare state_dict: name its architecture with --model NAME (and --model-kwargs JSON)"
+            )
         spec, kind, data_spec, loss, train = model_spec, "state_dict", None, None, {}
     state, notes = validate_state_dict(state, path)
     model = build_model(spec, allow_import=allow_import, fits=state)
     wide = {v.dtype for v in state.values() if v.is_floating_point()}
     if wide == {torch.float64}:
-        model = model.to(torch.float64)   # keep float64 weights exact; the analysis casts to its --dtype
+        model = model.to(torch.float64)  # keep float64 weights exact; the analysis casts to its --dtype
     load_state_dict_strict(model, state)
     if not allow_nonfinite:
         _check_finite(model, path)
@@ -479,8 +522,10 @@ def check_checkpoint_output(path: str) -> None:
     except FlatscopeError:
         ok = False
     if not ok:
-        raise FlatscopeError(f"refusing to overwrite {path}: it exists and is not a flatscope checkpoint "
-                             "(choose another -o or remove the file yourself)")
+        raise FlatscopeError(
+            f"refusing to overwrite {path}: it exists and is not a flatscope checkpoint "
+            "(choose another -o or remove the file yourself)"
+        )
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -495,7 +540,7 @@ def atomic_torch_save(obj, path: str) -> None:
         path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    clean_stale_temporaries(path)   # those of killed writers
+    clean_stale_temporaries(path)  # those of killed writers
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".pt", dir=directory)
     os.close(fd)
     try:
@@ -511,11 +556,25 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, model_spec: dict, data_spec: dict, loss: str,
-                    train: dict, extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    model_spec: dict,
+    data_spec: dict,
+    loss: str,
+    train: dict,
+    extra: dict | None = None,
+) -> None:
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    obj = {"format": FORMAT, "version": VERSION, "model": model_spec, "state_dict": state,
-           "data": data_spec, "loss": loss, "train": train}
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_spec,
+        "state_dict": state,
+        "data": data_spec,
+        "loss": loss,
+        "train": train,
+    }
     if extra:
         obj.update(extra)
     atomic_torch_save(obj, path)

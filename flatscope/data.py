@@ -48,8 +48,17 @@ class Dataset:
     ``Dataset(train=source, test=source)`` holds any sources (streamed datasets, HDF5 files).
     """
 
-    def __init__(self, X_train=None, y_train=None, X_test=None, y_test=None, name: str = "", *,
-                 train: Source | None = None, test: Source | None = None):
+    def __init__(
+        self,
+        X_train=None,
+        y_train=None,
+        X_test=None,
+        y_test=None,
+        name: str = "",
+        *,
+        train: Source | None = None,
+        test: Source | None = None,
+    ):
         self.name = name
         if train is None:
             if X_train is None or y_train is None:
@@ -254,7 +263,7 @@ def _h5(path: str) -> Dataset:
     with h5py.File(path, "r") as f:
         keys = set(f.keys())
         for k in sorted(keys & {"X", "y", "X_test", "y_test"}):
-            check_h5_dataset(f, k)   # no links out of the file, no virtual/external storage, sizes bounded
+            check_h5_dataset(f, k)  # no links out of the file, no virtual/external storage, sizes bounded
     if "X" not in keys or "y" not in keys:
         raise FlatscopeError(f"h5:{path}: needs datasets 'X' and 'y' (optional 'X_test', 'y_test')")
     if ("X_test" in keys) != ("y_test" in keys):
@@ -273,8 +282,10 @@ def _mnist1d(seed: int = 42, num_samples: int = 5000, train_split: float = 0.8) 
     args = get_dataset_args()
     args.seed, args.num_samples, args.train_split = int(seed), int(num_samples), float(train_split)
     d = make_dataset(args)
-    return _from_arrays({"X": d["x"].astype(np.float32), "y": d["y"], "X_test": d["x_test"].astype(np.float32),
-                         "y_test": d["y_test"]}, "mnist1d")
+    return _from_arrays(
+        {"X": d["x"].astype(np.float32), "y": d["y"], "X_test": d["x_test"].astype(np.float32), "y_test": d["y_test"]},
+        "mnist1d",
+    )
 
 
 def _torchvision(name: str, root: str | None = None, **kwargs) -> Dataset:
@@ -305,8 +316,11 @@ def _torchvision(name: str, root: str | None = None, **kwargs) -> Dataset:
         raise
     except Exception as exc:
         raise FlatscopeError(f"torchvision:{name} under {root}: {str(exc).splitlines()[0]}") from None
-    return Dataset(train=MapSource(train, name=f"torchvision:{name}"),
-                   test=MapSource(test, name=f"torchvision:{name}"), name=f"torchvision:{name}")
+    return Dataset(
+        train=MapSource(train, name=f"torchvision:{name}"),
+        test=MapSource(test, name=f"torchvision:{name}"),
+        name=f"torchvision:{name}",
+    )
 
 
 class _HFRows:
@@ -322,8 +336,9 @@ class _HFRows:
         return dict(self.ds[int(i)])
 
 
-def _hf_disk(path: str, columns: list[str] | None = None, target: str | None = None,
-             train: str = "train", test: str = "test") -> Dataset:
+def _hf_disk(
+    path: str, columns: list[str] | None = None, target: str | None = None, train: str = "train", test: str = "test"
+) -> Dataset:
     """A ``datasets`` folder written by ``save_to_disk``: splits ``train``/``test`` (a single dataset is
     the train split); ``columns`` are the model's keyword inputs (default: every numeric column but
     the target), ``target`` the label column (default labels/label; none for --loss lm)."""
@@ -336,8 +351,9 @@ def _hf_disk(path: str, columns: list[str] | None = None, target: str | None = N
     try:
         obj = datasets.load_from_disk(path)
     except Exception as exc:
-        raise FlatscopeError(f"hf-disk:{path}: not a dataset saved with save_to_disk ({str(exc).splitlines()[0]})") \
-            from None
+        raise FlatscopeError(
+            f"hf-disk:{path}: not a dataset saved with save_to_disk ({str(exc).splitlines()[0]})"
+        ) from None
     splits = dict(obj) if isinstance(obj, datasets.DatasetDict) else {train: obj}
     if train not in splits:
         raise FlatscopeError(f"hf-disk:{path} has no split {train!r} (it has {', '.join(splits)})")
@@ -345,9 +361,13 @@ def _hf_disk(path: str, columns: list[str] | None = None, target: str | None = N
     if target is None:
         target = next((k for k in ("labels", "label") if k in sample.column_names), None)
     if columns is None:
-        columns = [c for c in sample.column_names if c != target
-                   and str(sample.features[c].dtype if hasattr(sample.features[c], "dtype") else "list")
-                   not in ("string", "large_string")]
+        columns = [
+            c
+            for c in sample.column_names
+            if c != target
+            and str(sample.features[c].dtype if hasattr(sample.features[c], "dtype") else "list")
+            not in ("string", "large_string")
+        ]
     missing = [c for c in columns + ([target] if target else []) if c not in sample.column_names]
     if missing:
         raise FlatscopeError(f"hf-disk:{path}: no column {missing[0]!r} (columns: {', '.join(sample.column_names)})")
@@ -356,8 +376,9 @@ def _hf_disk(path: str, columns: list[str] | None = None, target: str | None = N
     def source(ds):
         return MapSource(_HFRows(ds, cols), target_key=target, name=f"hf-disk:{path}")
 
-    return Dataset(train=source(splits[train]), test=source(splits[test]) if test in splits else None,
-                   name=f"hf-disk:{path}")
+    return Dataset(
+        train=source(splits[train]), test=source(splits[test]) if test in splits else None, name=f"hf-disk:{path}"
+    )
 
 
 def _from_factory(out, name: str) -> Dataset:
@@ -366,14 +387,18 @@ def _from_factory(out, name: str) -> Dataset:
     def src(x, what):
         if isinstance(x, Source):
             return x
-        if isinstance(x, TorchDataset) or (hasattr(x, "__getitem__") and hasattr(x, "__len__")
-                                           and not isinstance(x, (dict, tuple, list, np.ndarray, torch.Tensor))):
+        if isinstance(x, TorchDataset) or (
+            hasattr(x, "__getitem__")
+            and hasattr(x, "__len__")
+            and not isinstance(x, (dict, tuple, list, np.ndarray, torch.Tensor))
+        ):
             return MapSource(x, name=f"{name} ({what})")
         if isinstance(x, (tuple, list)) and len(x) == 2:
             X, y = _as_tensors(*(t.numpy() if isinstance(t, torch.Tensor) else t for t in x), f"{name} ({what})")
             return TensorSource(X, y, name)
-        raise FlatscopeError(f"data factory {name!r}: its {what} split is a {type(x).__name__}, not a Dataset "
-                             "or an (X, y) pair")
+        raise FlatscopeError(
+            f"data factory {name!r}: its {what} split is a {type(x).__name__}, not a Dataset or an (X, y) pair"
+        )
 
     if isinstance(out, Dataset):
         return out
@@ -387,11 +412,14 @@ def _from_factory(out, name: str) -> Dataset:
         return _from_arrays({k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}, name)
     if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (np.ndarray, torch.Tensor)):
         return Dataset(train=src(out, "train"), name=name)
-    if isinstance(out, (TorchDataset, Source)) or (hasattr(out, "__getitem__") and hasattr(out, "__len__")
-                                                    and not isinstance(out, (tuple, list, str))):
+    if isinstance(out, (TorchDataset, Source)) or (
+        hasattr(out, "__getitem__") and hasattr(out, "__len__") and not isinstance(out, (tuple, list, str))
+    ):
         return Dataset(train=src(out, "train"), name=name)
-    raise FlatscopeError(f"data factory {name!r} returned {type(out).__name__}; return a torch Dataset, "
-                         "{'train': ..., 'test': ...}, an (X, y) tuple, a dict of arrays or a flatscope Dataset")
+    raise FlatscopeError(
+        f"data factory {name!r} returned {type(out).__name__}; return a torch Dataset, "
+        "{'train': ..., 'test': ...}, an (X, y) tuple, a dict of arrays or a flatscope Dataset"
+    )
 
 
 BUILTIN_DATA = ("digits", "mnist1d", "teacher", "npz:PATH", "h5:PATH", "torchvision:NAME", "hf-disk:PATH")
@@ -427,8 +455,10 @@ def load_data(spec: dict, *, allow_import: bool = False) -> Dataset:
         return _h5(name[3:])
     if is_factory_path(name):
         if not allow_import:
-            raise FlatscopeError(f"the checkpoint names the data factory {name!r}; flatscope imports code "
-                                 f"only when you pass it yourself: add --data {name}")
+            raise FlatscopeError(
+                f"the checkpoint names the data factory {name!r}; flatscope imports code "
+                f"only when you pass it yourself: add --data {name}"
+            )
         try:
             out = _import_factory(name)(**kwargs)
         except FlatscopeError:
@@ -453,7 +483,9 @@ def subsample_source(src: Source, max_samples: int | None, seed: int) -> Source:
     return src.subset(idx)
 
 
-def subsample(X: torch.Tensor, y: torch.Tensor, max_samples: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def subsample(
+    X: torch.Tensor, y: torch.Tensor, max_samples: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of ``max_samples`` rows (all rows when ``None`` or larger than N)."""
     if max_samples is None:
         return X, y

@@ -55,8 +55,8 @@ class Directions:
     vectors: torch.Tensor
     layout: ParamLayout
     kind: str
-    info: dict = field(default_factory=dict)          # normalization, seed, eigenvalues, explained variance ...
-    endpoints: torch.Tensor | None = None             # interp only: (k, dim) checkpoint weights
+    info: dict = field(default_factory=dict)  # normalization, seed, eigenvalues, explained variance ...
+    endpoints: torch.Tensor | None = None  # interp only: (k, dim) checkpoint weights
 
     @property
     def k(self) -> int:
@@ -78,8 +78,9 @@ class Directions:
 
 
 # ---------------------------------------------------------------------------------------- random
-def normalize_direction(d: torch.Tensor, w: torch.Tensor, layout: ParamLayout, norm: str = "filter",
-                        bias_bn: str = "zero") -> torch.Tensor:
+def normalize_direction(
+    d: torch.Tensor, w: torch.Tensor, layout: ParamLayout, norm: str = "filter", bias_bn: str = "zero"
+) -> torch.Tensor:
     """Rescale direction ``d`` against weights ``w`` (both flat); returns a new tensor.
 
     ``filter``: every slice along dim 0 of every tensor with 2+ dims gets its ``w`` slice's norm;
@@ -113,8 +114,16 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def random_directions(w: torch.Tensor, layout: ParamLayout, k: int, generator: torch.Generator, *,
-                      norm: str = "filter", bias_bn: str = "zero", orthogonalize: bool = False) -> Directions:
+def random_directions(
+    w: torch.Tensor,
+    layout: ParamLayout,
+    k: int,
+    generator: torch.Generator,
+    *,
+    norm: str = "filter",
+    bias_bn: str = "zero",
+    orthogonalize: bool = False,
+) -> Directions:
     """``k`` (1 or 2) Gaussian directions, normalized against ``w``.
 
     With ``orthogonalize`` (2-D only) the second direction's component along the first is removed and
@@ -132,8 +141,10 @@ def random_directions(w: torch.Tensor, layout: ParamLayout, k: int, generator: t
             v = vecs[1] - (vecs[1] @ vecs[0]) / (n0 * n0) * vecs[0]
             vecs[1] = v * (n1 / v.norm()) if v.norm() > 0 else v
     if float(vecs.norm()) == 0.0:
-        raise FlatscopeError("the random direction is zero: every normalized parameter of the model is zero "
-                             "(try --bias-bn include or --norm none)")
+        raise FlatscopeError(
+            "the random direction is zero: every normalized parameter of the model is zero "
+            "(try --bias-bn include or --norm none)"
+        )
     info = {"normalization": norm, "bias_bn": bias_bn, "orthogonalized": bool(orthogonalize and k == 2)}
     if cosine is not None:
         info["cosine_before_orthogonalization"] = cosine
@@ -180,10 +191,9 @@ def pca_directions(trajectory: list[torch.Tensor], w: torch.Tensor, layout: Para
     for i in range(k):
         if coords[0, i] > 0:
             V[i], coords[:, i] = -V[i], -coords[:, i]
-    energy = s ** 2
+    energy = s**2
     ratio = (energy / energy.sum()).tolist()
-    info = {"explained_variance_ratio": ratio[:k], "explained_variance_ratio_all": ratio,
-            "path": coords.numpy()}
+    info = {"explained_variance_ratio": ratio[:k], "explained_variance_ratio_all": ratio, "path": coords.numpy()}
     return Directions(V, layout, "pca", info)
 
 
@@ -208,8 +218,10 @@ def read_hessian_eigenvectors(path: str, layout: ParamLayout, k: int) -> Directi
     Reads ``/hessian/eigenvectors`` (shape ``(n, dim)``, rows by descending eigenvalue, unit norm),
     ``/hessian/eigenvalues`` and the group attr ``layout``; checks the layout against ``layout``.
     """
-    hint = ("run `flatscope hessian CHECKPOINT --save-eigenvectors` first (it writes them to the results file), "
-            "or point --hessian-from at a file that holds them")
+    hint = (
+        "run `flatscope hessian CHECKPOINT --save-eigenvectors` first (it writes them to the results file), "
+        "or point --hessian-from at a file that holds them"
+    )
     if not os.path.exists(path):
         raise FlatscopeError(f"no Hessian eigenvectors: {path} does not exist; {hint}")
     with _open(path) as f:
@@ -225,8 +237,10 @@ def read_hessian_eigenvectors(path: str, layout: ParamLayout, k: int) -> Directi
     if vecs.ndim != 2 or vecs.shape[1] != layout.size:
         raise FlatscopeError(f"{path}: /hessian/eigenvectors has shape {list(vecs.shape)}, expected (k, {layout.size})")
     if vecs.shape[0] < k:
-        raise FlatscopeError(f"{path} holds {vecs.shape[0]} Hessian eigenvector(s) but a {k}-D slice needs {k}; "
-                             f"rerun `flatscope hessian --save-eigenvectors` with at least {k}")
+        raise FlatscopeError(
+            f"{path} holds {vecs.shape[0]} Hessian eigenvector(s) but a {k}-D slice needs {k}; "
+            f"rerun `flatscope hessian --save-eigenvectors` with at least {k}"
+        )
     info = {"source": os.path.abspath(path)}
     if vals is not None:
         info["eigenvalues"] = vals[:k].tolist()
@@ -260,8 +274,9 @@ def read_landscape_directions(ref: str, layout: ParamLayout) -> tuple[Directions
             raise FlatscopeError(f"--directions-from: {path} holds no landscape")
         if name is None:
             if len(names) > 1:
-                raise FlatscopeError(f"--directions-from: {path} holds several landscapes ({', '.join(names)}); "
-                                     f"pick one as {path}:NAME")
+                raise FlatscopeError(
+                    f"--directions-from: {path} holds several landscapes ({', '.join(names)}); pick one as {path}:NAME"
+                )
             name = names[0]
         if name not in names:
             raise FlatscopeError(f"--directions-from: no landscape {name!r} in {path} (it holds {', '.join(names)})")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .errors import FlatscopeError
 
 DEFAULT_TIMEOUT_S = 300
-_OWNED = False   # whether flatscope created the process group (then it also tears it down)
+_OWNED = False  # whether flatscope created the process group (then it also tears it down)
 T = TypeVar("T")
 
 
@@ -70,7 +70,9 @@ def init_from_env(device: torch.device) -> None:
         dist.init_process_group(backend=backend, timeout=timeout)
         _OWNED = True
     except Exception as exc:
-        raise FlatscopeError(f"cannot join the torchrun process group ({backend}): {str(exc).splitlines()[0]}") from None
+        raise FlatscopeError(
+            f"cannot join the torchrun process group ({backend}): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def local_device(device: torch.device) -> torch.device:

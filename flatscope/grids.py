@@ -22,7 +22,7 @@ import numpy as np
 from .errors import FlatscopeError
 
 
-MAX_POINTS = 10_000   # per grid: each point is a whole analysis (a sampler run, a threshold search)
+MAX_POINTS = 10_000  # per grid: each point is a whole analysis (a sampler run, a threshold search)
 
 
 class _Parser:
@@ -47,8 +47,10 @@ class _Parser:
         if not math.isfinite(x):
             self.fail(f"{what} must be finite, got {t!r}")
         if x < 0 or (self.positive and x == 0):
-            self.fail(f"{self.symbol} must be {'positive' if self.positive else 'non-negative'}, got {x:g}"
-                      + ("" if self.positive else f" ({self.symbol} cannot be negative)"))
+            self.fail(
+                f"{self.symbol} must be {'positive' if self.positive else 'non-negative'}, got {x:g}"
+                + ("" if self.positive else f" ({self.symbol} cannot be negative)")
+            )
         self.flags.append(rel)
         return x
 
@@ -80,8 +82,9 @@ class _Parser:
         return np.linspace(a, b, n)
 
 
-def parse_grid(spec: str, *, option: str, symbol: str, positive: bool = False,
-               relative: bool = False) -> tuple[np.ndarray, bool]:
+def parse_grid(
+    spec: str, *, option: str, symbol: str, positive: bool = False, relative: bool = False
+) -> tuple[np.ndarray, bool]:
     """(sorted distinct values, whether they are relative) for a grid spec (module docstring)."""
     if not isinstance(spec, str) or not spec.strip():
         raise FlatscopeError(f"{option} is empty; give e.g. 0.01..0.5, 0.01..0.5:20:lin or 0.05,0.1,0.2")

@@ -66,7 +66,9 @@ def _rademacher(n: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
     return z.to(device)
 
 
-def _orthonormalize(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, breakdown: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _orthonormalize(
+    W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, breakdown: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``W`` made orthonormal and orthogonal to the rows of ``Q`` (assumed orthonormal).
 
     Returns ``(P, R)`` with ``W - proj_Q(W) = R^T P`` (``R`` upper triangular, b x b). Classical
@@ -77,7 +79,7 @@ def _orthonormalize(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, brea
     for _ in range(2):
         if Q.shape[0]:
             W = W - (W @ Q.T) @ Q
-    q, r = torch.linalg.qr(W.T)                       # W^T = q r
+    q, r = torch.linalg.qr(W.T)  # W^T = q r
     P = q.T.contiguous()
     bad = torch.abs(torch.diagonal(r)) <= breakdown
     if bool(bad.any()):
@@ -87,7 +89,7 @@ def _orthonormalize(W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, brea
                 for _ in range(2):
                     if Q.shape[0]:
                         x = x - (Q @ x) @ Q
-                    others = torch.cat([P[:j], P[j + 1:]])
+                    others = torch.cat([P[:j], P[j + 1 :]])
                     x = x - (others @ x) @ others
                 nx = torch.linalg.norm(x)
                 if nx > 1e-8:
@@ -123,18 +125,30 @@ class EigResult:
     n_restarts: int = 0
     nonfinite_at: int | None = None
     estimated_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    history: list = field(default_factory=list)   # (n_matvec, k-th wanted Ritz value, max rel. residual)
+    history: list = field(default_factory=list)  # (n_matvec, k-th wanted Ritz value, max rel. residual)
 
     @property
     def all_converged(self) -> bool:
         return bool(len(self.converged)) and bool(np.all(self.converged))
 
 
-def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol: float = 1e-5,
-            max_iter: int | None = None, block_size: int = 1, max_basis: int | None = None,
-            seed: int = 0, v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
-            device: str | torch.device | None = None, true_residuals: bool = True,
-            callback: Callable[[int], None] | None = None) -> EigResult:
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    k: int = 6,
+    which: str = "largest",
+    *,
+    tol: float = 1e-5,
+    max_iter: int | None = None,
+    block_size: int = 1,
+    max_basis: int | None = None,
+    seed: int = 0,
+    v0: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    true_residuals: bool = True,
+    callback: Callable[[int], None] | None = None,
+) -> EigResult:
     """The ``k`` largest (or smallest, most negative) eigenpairs of a symmetric operator.
 
     Block Lanczos with full reorthogonalization (every new block is orthogonalized twice against the
@@ -188,7 +202,7 @@ def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol
     if max_iter < k:
         raise FlatscopeError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k products")
     if max_basis is None:
-        max_basis = max(3 * k + 30, min(max_iter, 2 ** 26 // max(dim, 1)))
+        max_basis = max(3 * k + 30, min(max_iter, 2**26 // max(dim, 1)))
     m_max = min(dim, max(int(max_basis), k + 2 * b))
     device = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))
     fdt = dtype
@@ -204,10 +218,10 @@ def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol
             P0 = torch.cat([P0, randn(b - P0.shape[0])])
     else:
         P0 = randn(b)
-    Q = torch.zeros(0, dim, dtype=fdt, device=device)      # basis rows whose products are known (via T)
-    P, _ = _orthonormalize(P0, Q, gen, 0.0)                # pending block: next to be multiplied
-    T = np.zeros((0, 0))                                   # Q A Q^T
-    E = np.zeros((P.shape[0], 0))                          # P A Q^T: couples Ritz vectors to P
+    Q = torch.zeros(0, dim, dtype=fdt, device=device)  # basis rows whose products are known (via T)
+    P, _ = _orthonormalize(P0, Q, gen, 0.0)  # pending block: next to be multiplied
+    T = np.zeros((0, 0))  # Q A Q^T
+    E = np.zeros((P.shape[0], 0))  # P A Q^T: couples Ritz vectors to P
     n_mv, n_restarts, status, nonfinite_at = 0, 0, "max_iter", None
     history: list = []
 
@@ -230,7 +244,7 @@ def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol
             break
         m = Q.shape[0]
         Q = torch.cat([Q, P])
-        C = (Q @ AP.T).to(torch.float64).cpu().numpy()      # new columns of Q A Q^T
+        C = (Q @ AP.T).to(torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))
         Tn[:m, :m] = T
         Tn[:, m:] = C
@@ -265,9 +279,21 @@ def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol
             E = E @ S[:, order]
             n_restarts += 1
 
-    empty = EigResult(np.zeros(0), torch.zeros(0, dim, dtype=fdt, device=device), np.zeros(0),
-                      np.zeros(0, dtype=bool), n_mv, which, tol, 0.0, status, n_restarts, nonfinite_at,
-                      np.zeros(0), history)
+    empty = EigResult(
+        np.zeros(0),
+        torch.zeros(0, dim, dtype=fdt, device=device),
+        np.zeros(0),
+        np.zeros(0, dtype=bool),
+        n_mv,
+        which,
+        tol,
+        0.0,
+        status,
+        n_restarts,
+        nonfinite_at,
+        np.zeros(0),
+        history,
+    )
     if Q.shape[0] == 0:
         return empty
     theta, S = np.linalg.eigh(T)
@@ -288,9 +314,21 @@ def lanczos(matvec: Matvec, dim: int, k: int = 6, which: str = "largest", *, tol
             nonfinite_at = n_mv - vecs.shape[0] + 1
             status = "nonfinite"
     converged = (res <= tol * scale) & (status != "nonfinite")
-    return EigResult(np.asarray(vals, dtype=np.float64), vecs, np.asarray(res, dtype=np.float64),
-                     np.asarray(converged, dtype=bool), n_mv, which, tol, scale, status, n_restarts,
-                     nonfinite_at, np.asarray(est, dtype=np.float64), history)
+    return EigResult(
+        np.asarray(vals, dtype=np.float64),
+        vecs,
+        np.asarray(res, dtype=np.float64),
+        np.asarray(converged, dtype=bool),
+        n_mv,
+        which,
+        tol,
+        scale,
+        status,
+        n_restarts,
+        nonfinite_at,
+        np.asarray(est, dtype=np.float64),
+        history,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +397,7 @@ class SLQResult:
             x, w = self.nodes[r, keep], self.weights[r, keep]
             a = None if self.alphas is None else self.alphas[r][np.isfinite(self.alphas[r])]
             k = 0 if a is None else len(a)
-            exact = a is not None and (k < self.n_steps or k >= self.dim)   # invariant Krylov space: exact rule
+            exact = a is not None and (k < self.n_steps or k >= self.dim)  # invariant Krylov space: exact rule
             if a is None or k < 2 or exact:
                 below = x < z
                 if exact or a is not None:
@@ -377,7 +415,7 @@ class SLQResult:
                 delta = np.linalg.solve(T, e)[-1]
             except np.linalg.LinAlgError:
                 delta = np.inf
-            if not np.isfinite(delta):          # z is a Ritz value of T_{k-1}: the Gauss rule of T_{k-1} has it
+            if not np.isfinite(delta):  # z is a Ritz value of T_{k-1}: the Gauss rule of T_{k-1} has it
                 lo[r], hi[r] = w[x < z].sum(), w[x <= z].sum()
                 continue
             ar = a.copy()
@@ -404,9 +442,15 @@ class SLQResult:
         se = float(np.std(mid, ddof=1) / math.sqrt(len(mid))) if len(mid) > 1 else float("nan")
         bound = float(np.mean(0.5 * (hi - lo)))
         gauss = float(self.probe_integrals(lambda x: (x < z).astype(float)).mean())
-        return {"estimate": float(np.mean(mid)), "stderr": se, "bias_bound": bound,
-                "err": (se if np.isfinite(se) else 0.0) + bound, "lo": float(np.mean(lo)), "hi": float(np.mean(hi)),
-                "gauss": gauss}
+        return {
+            "estimate": float(np.mean(mid)),
+            "stderr": se,
+            "bias_bound": bound,
+            "err": (se if np.isfinite(se) else 0.0) + bound,
+            "lo": float(np.mean(lo)),
+            "hi": float(np.mean(hi)),
+            "gauss": gauss,
+        }
 
     def default_sigma(self, sigma_rel: float) -> float:
         """Broadening width: ``sigma_rel`` times the spread of the nodes (1 if all nodes coincide)."""
@@ -416,8 +460,9 @@ class SLQResult:
             width = max(float(np.max(np.abs(x))) if x.size else 0.0, 1.0)
         return sigma_rel * width
 
-    def density(self, sigma: float, n_grid: int = 1024, grid: np.ndarray | None = None,
-                pad: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    def density(
+        self, sigma: float, n_grid: int = 1024, grid: np.ndarray | None = None, pad: float = 6.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Gaussian-broadened density ``phi(t) = mean_probes sum_i w_i N(t; node_i, sigma^2)``.
 
         The default grid spans ``[min node - pad sigma, max node + pad sigma]`` so that the density
@@ -437,8 +482,9 @@ class SLQResult:
         return grid, vals * norm
 
 
-def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_rel: float = 1e-10,
-                     callback=None) -> tuple[list, list, int, int | None]:
+def _lanczos_tridiag(
+    matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_rel: float = 1e-10, callback=None
+) -> tuple[list, list, int, int | None]:
     """Plain Lanczos with full reorthogonalization, run in lockstep from several unit start vectors.
 
     Returns per-probe lists of ``alpha`` and ``beta`` (``len(beta) = len(alpha) - 1``), the number of
@@ -459,7 +505,7 @@ def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_r
             break
         everyone = len(active) == p
         idx = torch.as_tensor(active, device=dev)
-        B = basis[:, : j + 1] if everyone else basis[idx, : j + 1]   # (a, j+1, dim); a view when all are active
+        B = basis[:, : j + 1] if everyone else basis[idx, : j + 1]  # (a, j+1, dim); a view when all are active
         Qj = B[:, j]
         AQ = _apply(matvec, Qj).to(fdt)
         n_mv += len(active)
@@ -467,7 +513,7 @@ def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_r
             bad = n_mv - len(active) + 1
             break
         a = torch.sum(AQ * Qj, dim=1)
-        W = AQ - a[:, None] * Qj                     # three-term recurrence ...
+        W = AQ - a[:, None] * Qj  # three-term recurrence ...
         if j > 0:
             bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
             W = W - bprev[:, None] * B[:, j - 1]
@@ -489,9 +535,18 @@ def _lanczos_tridiag(matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_r
     return alphas, betas, n_mv, bad
 
 
-def slq(matvec: Matvec, dim: int, n_probes: int = 8, n_steps: int = 80, *, seed: int = 0,
-        dtype: torch.dtype = torch.float64, device: str | torch.device | None = None,
-        probe_batch: int | None = None, callback: Callable[[int], None] | None = None) -> SLQResult:
+def slq(
+    matvec: Matvec,
+    dim: int,
+    n_probes: int = 8,
+    n_steps: int = 80,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    probe_batch: int | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> SLQResult:
     """Stochastic Lanczos quadrature of the spectral density (Ghorbani, Krishnan & Xiao 2019).
 
     Each of ``n_probes`` Rademacher probes ``v / sqrt(dim)`` runs ``n_steps`` Lanczos steps with full
@@ -568,9 +623,19 @@ class TraceResult:
 TRACE_METHODS = ("hutch++", "hutchinson")
 
 
-def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch++", seed: int = 0,
-          blocks: Sequence[slice] | None = None, batch: int = 8, dtype: torch.dtype = torch.float64,
-          device: str | torch.device | None = None, callback: Callable[[int], None] | None = None) -> TraceResult:
+def trace(
+    matvec: Matvec,
+    dim: int,
+    n_matvec: int = 60,
+    *,
+    method: str = "hutch++",
+    seed: int = 0,
+    blocks: Sequence[slice] | None = None,
+    batch: int = 8,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> TraceResult:
     """Estimate ``tr A`` with ``n_matvec`` products, with a standard error.
 
     - ``hutchinson`` (Hutchinson 1989): ``mean_j z_j^T A z_j`` over Rademacher ``z_j``; standard error
@@ -597,7 +662,7 @@ def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch+
     def apply(Z: torch.Tensor) -> torch.Tensor:
         outs = []
         for s in range(0, Z.shape[0], batch):
-            out = _apply(matvec, Z[s:s + batch]).to(dtype)
+            out = _apply(matvec, Z[s : s + batch]).to(dtype)
             if not _finite(out):
                 raise _NonFinite(done[0] + 1)
             done[0] += out.shape[0]
@@ -608,11 +673,15 @@ def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch+
 
     def block_sums(d: torch.Tensor) -> np.ndarray:
         """(m, dim) per-coordinate contributions -> (m, n_blocks)."""
-        return np.stack([d[:, b].sum(dim=1).to(torch.float64).cpu().numpy() for b in blocks], axis=1) \
-            if blocks else np.zeros((d.shape[0], 0))
+        return (
+            np.stack([d[:, b].sum(dim=1).to(torch.float64).cpu().numpy() for b in blocks], axis=1)
+            if blocks
+            else np.zeros((d.shape[0], 0))
+        )
 
-    def finish(total: float, samples: np.ndarray, fixed_blocks: np.ndarray, block_samples: np.ndarray,
-               meth: str) -> TraceResult:
+    def finish(
+        total: float, samples: np.ndarray, fixed_blocks: np.ndarray, block_samples: np.ndarray, meth: str
+    ) -> TraceResult:
         m = len(samples)
         se = float(np.std(samples, ddof=1) / math.sqrt(m)) if m > 1 else (0.0 if meth == "exact" else float("nan"))
         if block_samples.shape[1]:
@@ -629,7 +698,9 @@ def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch+
                 e = torch.zeros(min(batch, dim - s), dim, dtype=dtype, device=device)
                 e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1
                 Ae = apply(e)
-                diag[s:s + e.shape[0]] = Ae[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])].to(torch.float64)
+                diag[s : s + e.shape[0]] = Ae[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])].to(
+                    torch.float64
+                )
             bt = np.array([float(diag[b].sum()) for b in blocks])
             return TraceResult(float(diag.sum()), 0.0, done[0], "exact", np.zeros(0), bt, np.zeros(len(blocks)))
         if n_matvec < 2:
@@ -643,11 +714,11 @@ def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch+
         r = n_matvec // 3
         S = _rademacher(r, dim, gen, device).to(dtype)
         AS = apply(S)
-        Qm, _ = torch.linalg.qr(AS.T)                     # (dim, r)
-        Qr = Qm.T.contiguous()                            # rows orthonormal
+        Qm, _ = torch.linalg.qr(AS.T)  # (dim, r)
+        Qr = Qm.T.contiguous()  # rows orthonormal
         AQ = apply(Qr)
-        low = float(torch.sum(Qr * AQ))                   # tr(Q^T A Q)
-        fixed = block_sums((Qr * AQ).sum(dim=0, keepdim=True))    # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
+        low = float(torch.sum(Qr * AQ))  # tr(Q^T A Q)
+        fixed = block_sums((Qr * AQ).sum(dim=0, keepdim=True))  # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
         G = _rademacher(n_matvec - 2 * r, dim, gen, device).to(dtype)
         Gt = G - (G @ Qr.T) @ Qr
         AG = apply(Gt)
@@ -655,8 +726,16 @@ def trace(matvec: Matvec, dim: int, n_matvec: int = 60, *, method: str = "hutch+
         samples = contrib.sum(dim=1).to(torch.float64).cpu().numpy()
         return finish(low + float(samples.mean()), samples, fixed[0], block_sums(contrib), "hutch++")
     except _NonFinite as exc:
-        return TraceResult(float("nan"), float("nan"), done[0], method, np.zeros(0),
-                           np.full(len(blocks), np.nan), np.full(len(blocks), np.nan), exc.at)
+        return TraceResult(
+            float("nan"),
+            float("nan"),
+            done[0],
+            method,
+            np.zeros(0),
+            np.full(len(blocks), np.nan),
+            np.full(len(blocks), np.nan),
+            exc.at,
+        )
 
 
 class _NonFinite(Exception):

@@ -54,8 +54,14 @@ def _image_shape(in_features: int, in_shape: list[int] | tuple[int, ...] | None)
 class MLP(nn.Module):
     """Fully connected network: ``in_features -> widths... -> out_features``."""
 
-    def __init__(self, in_features: int = 64, out_features: int = 10, widths=(64, 64),
-                 activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int = 64,
+        out_features: int = 10,
+        widths=(64, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_features
@@ -74,19 +80,31 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Small LeNet-style network for 1x8x8 (digits) or 1x28x28 inputs."""
 
-    def __init__(self, in_features: int = 64, out_features: int = 10, channels=(8, 16),
-                 hidden: int = 32, in_shape=None, activation: str = "relu"):
+    def __init__(
+        self,
+        in_features: int = 64,
+        out_features: int = 10,
+        channels=(8, 16),
+        hidden: int = 32,
+        in_shape=None,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.in_shape = _image_shape(in_features, in_shape)
         c, h, w = self.in_shape
         c1, c2 = (int(x) for x in channels)
         self.features = nn.Sequential(
-            nn.Conv2d(c, c1, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+            nn.Conv2d(c, c1, 3, padding=1),
+            _activation(activation),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            _activation(activation),
+            nn.MaxPool2d(2),
         )
         flat = c2 * (h // 4) * (w // 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), _activation(activation),
-                                  nn.Linear(hidden, out_features))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden), _activation(activation), nn.Linear(hidden, out_features)
+        )
 
     def forward(self, x):
         return self.head(self.features(x.reshape(-1, *self.in_shape)))
@@ -150,8 +168,10 @@ def _torchvision_model(name: str, **kwargs) -> nn.Module:
     except Exception:
         raise FlatscopeError("torchvision:NAME models need torchvision: pip install 'flatscope[vision]'") from None
     if kwargs.get("weights") not in (None, "None"):
-        raise FlatscopeError("torchvision models are built without pretrained weights (nothing is downloaded); "
-                             "the weights come from the checkpoint")
+        raise FlatscopeError(
+            "torchvision models are built without pretrained weights (nothing is downloaded); "
+            "the weights come from the checkpoint"
+        )
     kwargs.pop("weights", None)
     try:
         return torchvision.models.get_model(name, weights=None, **kwargs)
@@ -173,8 +193,9 @@ LIBRARY_PREFIXES = ("torchvision:", "hf:")
 def is_factory_path(name: str) -> bool:
     """A ``pkg.module:factory`` path (user code, imported only when typed), not a built-in or a
     library model (``torchvision:NAME``, ``hf:DIR``)."""
-    return isinstance(name, str) and ":" in name and name not in BUILTIN_MODELS \
-        and not name.startswith(LIBRARY_PREFIXES)
+    return (
+        isinstance(name, str) and ":" in name and name not in BUILTIN_MODELS and not name.startswith(LIBRARY_PREFIXES)
+    )
 
 
 def _import_factory(path: str) -> Callable[..., Any]:
@@ -198,7 +219,9 @@ def _check_kwargs(name: str, kwargs) -> dict:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise FlatscopeError(f"model {name!r}: kwargs must be a mapping of names to values, not {type(kwargs).__name__}")
+        raise FlatscopeError(
+            f"model {name!r}: kwargs must be a mapping of names to values, not {type(kwargs).__name__}"
+        )
     return dict(kwargs)
 
 
@@ -217,8 +240,9 @@ def _construct(factory: Callable[..., Any], name: str, kwargs: dict, builtin: bo
     return model
 
 
-def build_model(spec: dict, *, allow_import: bool = False, fits: dict | None = None,
-                max_params: int | None = None) -> nn.Module:
+def build_model(
+    spec: dict, *, allow_import: bool = False, fits: dict | None = None, max_params: int | None = None
+) -> nn.Module:
     """Build a model from ``{"name": ..., "kwargs": {...}}``.
 
     ``allow_import`` must be true for a ``pkg.module:factory`` name; the CLI sets it only when the
@@ -250,11 +274,13 @@ def build_model(spec: dict, *, allow_import: bool = False, fits: dict | None = N
         if not allow_import:
             raise FlatscopeError(
                 f"the checkpoint names the model factory {name!r}; flatscope imports code only when you "
-                f"pass it yourself: add --model {name}")
+                f"pass it yourself: add --model {name}"
+            )
         factory = _import_factory(name)
     else:
-        raise FlatscopeError(f"unknown model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}, "
-                             "or give pkg.module:factory")
+        raise FlatscopeError(
+            f"unknown model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}, or give pkg.module:factory"
+        )
     limit = default_max() if max_params is None else max_params
     try:
         with torch.device("meta"):
@@ -268,8 +294,10 @@ def build_model(spec: dict, *, allow_import: bool = False, fits: dict | None = N
     if shadow is not None:
         n = sum(t.numel() for t in shadow.state_dict().values())
         if n > limit:
-            raise FlatscopeError(f"model {name!r} with {kwargs} would hold {n:,} values, above the limit of "
-                                 f"{limit:,} (FLATSCOPE_MAX_PARAMS); nothing was allocated")
+            raise FlatscopeError(
+                f"model {name!r} with {kwargs} would hold {n:,} values, above the limit of "
+                f"{limit:,} (FLATSCOPE_MAX_PARAMS); nothing was allocated"
+            )
         if fits is not None:
             check_state_dict_fits(shadow.state_dict(), fits)
     return _construct(factory, name, kwargs, builtin)
@@ -287,8 +315,10 @@ def check_state_dict_fits(own: dict, state_dict: dict) -> None:
         problems.append("unexpected " + ", ".join(map(str, unexpected[:3])) + (" ..." if len(unexpected) > 3 else ""))
     if shaped:
         k = shaped[0]
-        problems.append(f"mis-shaped {k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
-                        + (f" and {len(shaped) - 1} more" if len(shaped) > 1 else ""))
+        problems.append(
+            f"mis-shaped {k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
+            + (f" and {len(shaped) - 1} more" if len(shaped) > 1 else "")
+        )
     if problems:
         raise FlatscopeError("the state_dict does not fit the model: " + "; ".join(problems))
 

@@ -108,10 +108,24 @@ def fd_step(w: torch.Tensor, v: torch.Tensor) -> float:
 
 
 class Objective:
-    def __init__(self, model: torch.nn.Module, X=None, y=None, *, data: Source | None = None, loss="ce",
-                 metric: Metric | None = None, output: str | None = None, batch_size: int | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, train_mode: bool = False,
-                 n_total: int | None = None, hvp_mode: str = "auto", workers: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        X=None,
+        y=None,
+        *,
+        data: Source | None = None,
+        loss="ce",
+        metric: Metric | None = None,
+        output: str | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        train_mode: bool = False,
+        n_total: int | None = None,
+        hvp_mode: str = "auto",
+        workers: int = 0,
+    ):
         self.loss_fn: Loss = make_loss(loss)
         self.loss_name = self.loss_fn.name
         self.metric = metric
@@ -132,8 +146,9 @@ class Objective:
         self.model.train(train_mode)
         self.layout = ParamLayout.of(self.model)
         self.buffers = {n: b for n, b in self.model.named_buffers()}
-        self.w0 = self.layout.flatten({n: p.detach() for n, p in self.model.named_parameters()
-                                       if p.requires_grad}).clone()
+        self.w0 = self.layout.flatten(
+            {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        ).clone()
         source = data if data is not None else as_source(X, y, workers=workers)
         if isinstance(source, TensorSource):
             source = source.to(self.device, dtype)
@@ -171,12 +186,16 @@ class Objective:
 
     @property
     def classification(self) -> bool:
-        return self.loss_fn.name in ("ce", "lm") or (self.loss_fn.name == "mse" and isinstance(self.source, TensorSource)
-                                                     and not torch.is_floating_point(self.source.targets))
+        return self.loss_fn.name in ("ce", "lm") or (
+            self.loss_fn.name == "mse"
+            and isinstance(self.source, TensorSource)
+            and not torch.is_floating_point(self.source.targets)
+        )
 
     def _on_device(self, x, y):
-        return to_device(x, self.device, self.dtype), to_device(y, self.device,
-                                                                self.dtype if torch.is_floating_point(y) else None)
+        return to_device(x, self.device, self.dtype), to_device(
+            y, self.device, self.dtype if torch.is_floating_point(y) else None
+        )
 
     def _raw_batches(self):
         for i, (x, y) in enumerate(self.source.batches(self.batch_size)):
@@ -223,9 +242,18 @@ class Objective:
     def subset(self, idx) -> "Objective":
         """An objective over the samples ``idx`` of this split only (same model, loss and batching)."""
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
-        return Objective(self.model, data=self.source.subset(idx), loss=self.loss_fn, metric=self.metric,
-                         output=self.output, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
-                         train_mode=self.model.training, hvp_mode=self.hvp_mode)
+        return Objective(
+            self.model,
+            data=self.source.subset(idx),
+            loss=self.loss_fn,
+            metric=self.metric,
+            output=self.output,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            train_mode=self.model.training,
+            hvp_mode=self.hvp_mode,
+        )
 
     @contextlib.contextmanager
     def _guard(self, i: int, x, derivatives: bool = False):
@@ -253,13 +281,19 @@ class Objective:
             raise FlatscopeError(f"the model returns {out.dtype} outputs; a loss needs floating outputs")
         self.loss_fn.check(out, y)
         self.out_shape = tuple(out.shape[1:])
-        if isinstance(self.source, TensorSource) and self.loss_fn.name in ("ce", "lm", "mse") \
-                and not torch.is_floating_point(self.source.targets):
+        if (
+            isinstance(self.source, TensorSource)
+            and self.loss_fn.name in ("ce", "lm", "mse")
+            and not torch.is_floating_point(self.source.targets)
+        ):
             t = self.source.targets
             valid = t[t != -100]
             if valid.numel() and (int(valid.max()) >= out.shape[-1] or int(valid.min()) < 0):
-                raise FlatscopeError(f"labels go up to {int(valid.max())} but the model has {out.shape[-1]} outputs"
-                                     if int(valid.min()) >= 0 else f"negative class label {int(valid.min())}")
+                raise FlatscopeError(
+                    f"labels go up to {int(valid.max())} but the model has {out.shape[-1]} outputs"
+                    if int(valid.min()) >= 0
+                    else f"negative class label {int(valid.min())}"
+                )
         if self.metric is not None:
             self.metric(out, y)
 
@@ -383,7 +417,7 @@ class Objective:
             h = fd_step(w, rows[r])
             if h == 0:
                 continue
-            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)   # grads sum in acc_dtype
+            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)  # grads sum in acc_dtype
         return out.reshape(v.shape)
 
     def resolve_hvp_mode(self) -> str:
@@ -400,8 +434,10 @@ class Objective:
         except (RuntimeError, NotImplementedError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             mode = "fd"
-            note = (f"exact Hessian-vector products are not available for this model ({first[:160]}); "
-                    "using --hvp fd (central differences of gradients)")
+            note = (
+                f"exact Hessian-vector products are not available for this model ({first[:160]}); "
+                "using --hvp fd (central differences of gradients)"
+            )
             self.notes.append(note)
             self.hvp_info["fallback_reason"] = first[:300]
         self.hvp_mode = mode
@@ -528,7 +564,7 @@ class Objective:
             X = to_device(X, self.device, self.dtype)
             n = tree_len(X)
             for start in range(0, n, self.batch_size):
-                run_module(m, tree_map(lambda t: t[start:start + self.batch_size], X), self.output)
+                run_module(m, tree_map(lambda t: t[start : start + self.batch_size], X), self.output)
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
 
@@ -548,8 +584,10 @@ class PointEvaluator:
         self.obj = obj
         self.model = copy.deepcopy(obj.model)
         named = dict(self.model.named_parameters())
-        self.params = [(named[n], o, k, shape) for n, o, k, shape in
-                       zip(obj.layout.names, obj.layout.offsets, obj.layout.numels, obj.layout.shapes)]
+        self.params = [
+            (named[n], o, k, shape)
+            for n, o, k, shape in zip(obj.layout.names, obj.layout.offsets, obj.layout.numels, obj.layout.shapes)
+        ]
         for p, *_ in self.params:
             p.requires_grad_(False)
         self.buffers = dict(self.model.named_buffers())
@@ -568,7 +606,7 @@ class PointEvaluator:
         """(mean loss, accuracy) at ``w`` (flat, on the objective's device and dtype)."""
         obj = self.obj
         for p, o, k, shape in self.params:
-            p.data = w[o:o + k].view(shape)
+            p.data = w[o : o + k].view(shape)
         self._set_buffers(buffers)
         if obj.n_total != obj.n:  # a data-parallel shard: tensor sums, reduced across ranks
             loss = torch.zeros((), dtype=torch.float64, device=obj.device)

@@ -86,7 +86,8 @@ class ParamLayout:
             if a != b:
                 raise FlatscopeError(f"{what}: parameter {i} is {b!r} there but {a!r} here")
             if self.shapes[i] != other.shapes[i]:
-                raise FlatscopeError(f"{what}: parameter {a!r} has shape {list(other.shapes[i])} there "
-                                     f"but {list(self.shapes[i])} here")
+                raise FlatscopeError(
+                    f"{what}: parameter {a!r} has shape {list(other.shapes[i])} there but {list(self.shapes[i])} here"
+                )
         if len(self.names) != len(other.names):
             raise FlatscopeError(f"{what}: {len(other.names)} parameter tensors there, {len(self.names)} here")

@@ -52,7 +52,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # alive, someone else's
+    except PermissionError:  # alive, someone else's
         return True
     return True
 
@@ -122,12 +122,12 @@ def writer_lock(path: str) -> Iterator[None]:
             same = False
         if same:
             break
-        os.close(fd)   # the previous holder removed this lock file while we waited: take the new one
+        os.close(fd)  # the previous holder removed this lock file while we waited: take the new one
     try:
         yield
     finally:
         try:
-            os.unlink(lock)   # still holding it, so no one else has it; waiters retry on the new file
+            os.unlink(lock)  # still holding it, so no one else has it; waiters retry on the new file
         except OSError:
             pass
         os.close(fd)
@@ -144,7 +144,7 @@ def update(path: str) -> Iterator[h5py.File]:
     directory = os.path.dirname(os.path.abspath(path))
     with writer_lock(path):
         clean_stale_temporaries(path, locked=True)
-        check_output_path(path)   # again: another writer may have created it meanwhile
+        check_output_path(path)  # again: another writer may have created it meanwhile
         try:
             fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".h5", dir=directory)
         except OSError as exc:
@@ -193,8 +193,17 @@ def write_tree(group: h5py.Group, tree: dict) -> None:
             group.create_dataset(key, data=arr)
 
 
-def write_analysis(f: h5py.File, name: str, tree: dict, *, kind: str, summary: dict,
-                   options: dict, provenance: dict, warnings: list[str] | None = None) -> h5py.Group:
+def write_analysis(
+    f: h5py.File,
+    name: str,
+    tree: dict,
+    *,
+    kind: str,
+    summary: dict,
+    options: dict,
+    provenance: dict,
+    warnings: list[str] | None = None,
+) -> h5py.Group:
     """Replace group ``name`` with ``tree`` plus the standard attrs.
 
     ``warnings`` (the messages the run raised about these numbers: sampler heating, low ESS,
@@ -238,7 +247,11 @@ def stored_warnings(group: h5py.Group) -> list[str]:
         out = json.loads(raw)
     except (TypeError, ValueError):
         return [str(raw)]
-    return [str(w.get("message", w)) if isinstance(w, dict) else str(w) for w in out] if isinstance(out, list) else [str(out)]
+    return (
+        [str(w.get("message", w)) if isinstance(w, dict) else str(w) for w in out]
+        if isinstance(out, list)
+        else [str(out)]
+    )
 
 
 def read_tree(group: h5py.Group) -> dict:

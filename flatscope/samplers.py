@@ -150,8 +150,8 @@ def _flat_module(model: torch.nn.Module):
     off = 0
     for p in params:
         k = p.numel()
-        flat[off:off + k].copy_(p.detach().reshape(-1))
-        p.data = flat[off:off + k].view_as(p)
+        flat[off : off + k].copy_(p.detach().reshape(-1))
+        p.data = flat[off : off + k].view_as(p)
         p.grad = None
         off += k
     return m, params, flat
@@ -235,7 +235,7 @@ class ObjectivePotential(Potential):
         return torch.stack([p[0] for p in pairs]).double(), torch.stack([p[1] for p in pairs])
 
     def losses(self, W):
-        out = [self.obj.evaluate_many(W[i:i + self.block])[0] for i in range(0, W.shape[0], self.block)]
+        out = [self.obj.evaluate_many(W[i : i + self.block])[0] for i in range(0, W.shape[0], self.block)]
         return torch.cat(out)
 
     def hvp_at(self, w):
@@ -246,8 +246,15 @@ class ObjectivePotential(Potential):
 # ---------------------------------------------------------------------------------------------------
 # Curvature scale for the step-size rule
 # ---------------------------------------------------------------------------------------------------
-def power_lambda_max(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, *, iters: int = 20,
-                     dtype=torch.float32, device="cpu", generator: torch.Generator | None = None) -> float:
+def power_lambda_max(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    *,
+    iters: int = 20,
+    dtype=torch.float32,
+    device="cpu",
+    generator: torch.Generator | None = None,
+) -> float:
     """Largest-magnitude Hessian eigenvalue by ``iters`` power iterations (a lower bound on it).
 
     Returns ``|lambda|``: the step-size rule needs the stiffness, whatever its sign.
@@ -299,11 +306,26 @@ class ChainRun:
     restarted: np.ndarray | None = None
 
 
-def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: float, init: torch.Tensor, *,
-               sampler: str = "sgld", step, steps: int, burn_in: int = 0, minibatch=None,
-               adapt: bool = False, lambda_max: float | None = None, generator: torch.Generator,
-               divergence_scale: float | None = None, progress: Callable[[int], None] | None = None,
-               check_every: int = 100, integrator: str = "lm") -> ChainRun:
+def run_chains(
+    potential: Potential,
+    center: torch.Tensor,
+    gamma: float,
+    beta: float,
+    init: torch.Tensor,
+    *,
+    sampler: str = "sgld",
+    step,
+    steps: int,
+    burn_in: int = 0,
+    minibatch=None,
+    adapt: bool = False,
+    lambda_max: float | None = None,
+    generator: torch.Generator,
+    divergence_scale: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    check_every: int = 100,
+    integrator: str = "lm",
+) -> ChainRun:
     """Run ``init.shape[0]`` chains targeting ``q_gamma(. | center)`` for ``burn_in + steps`` steps.
 
     ``step`` is eta (learning-rate units): one number, or (MALA) one per chain. ``minibatch``: None
@@ -340,8 +362,8 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
     gen = generator
     W = init.clone()
     f64 = torch.float64
-    eta = float(steps_in[0])                                     # SGLD: one step
-    eta_c = torch.as_tensor(steps_in.copy(), dtype=f64, device=dev)   # MALA: one per chain
+    eta = float(steps_in[0])  # SGLD: one step
+    eta_c = torch.as_tensor(steps_in.copy(), dtype=f64, device=dev)  # MALA: one per chain
     scale = lambda_max + gamma if (adapt and lambda_max is not None) else None
     thresh = DIVERGENCE_FACTOR * (divergence_scale if divergence_scale is not None else n / (beta * gamma))
     # contiguous groups of chains sharing a minibatch size
@@ -368,8 +390,7 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
         sq = (D * D).sum(-1, dtype=f64)
         bad = ~torch.isfinite(L) | ~torch.isfinite(sq) | (sq > thresh)
         if bool(bad.any()):
-            _raise_divergence(bad, gamma, eta if sampler == "sgld" else float(eta_c.max()), lambda_max, t_done,
-                              sampler)
+            _raise_divergence(bad, gamma, eta if sampler == "sgld" else float(eta_c.max()), lambda_max, t_done, sampler)
 
     if sampler == "mala":
         L, G = potential.loss_grad(W)
@@ -416,7 +437,7 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
             if t >= burn_in:
                 acc_sum += accept
             elif adapt and scale is not None:
-                rate = torch.exp(torch.clamp(log_alpha, max=0.0))          # per chain
+                rate = torch.exp(torch.clamp(log_alpha, max=0.0))  # per chain
                 kappa = 1.0 / (t + 1.0) ** 0.6
                 c = torch.clamp(torch.exp(torch.log(eta_c * scale) + kappa * (rate - MALA_TARGET_ACCEPT)), max=4.0)
                 eta_c = c / scale
@@ -435,20 +456,33 @@ def run_chains(potential: Potential, center: torch.Tensor, gamma: float, beta: f
         _raise_divergence(bad, gamma, eta if sampler == "sgld" else float(eta_c.max()), lambda_max, total, sampler)
     grad_evals = total + (1 if sampler == "mala" else 0)
     chain_step = eta_c.cpu().numpy() if sampler == "mala" else np.full(C, eta)
-    return ChainRun(loss=tr_loss, sq_dist=tr_sq, virial=tr_vir, mean_params=sum_w / steps,
-                    accept=(acc_sum / steps) if sampler == "mala" else torch.full((C,), math.nan, dtype=f64),
-                    final=W, step=float(np.median(chain_step)), diverged=bad.cpu(), grad_evals=grad_evals,
-                    fraction=chain_step * scale if scale is not None else None, chain_step=chain_step,
-                    minibatch=sizes if sizes is not None else np.zeros(C, dtype=np.int64))
+    return ChainRun(
+        loss=tr_loss,
+        sq_dist=tr_sq,
+        virial=tr_vir,
+        mean_params=sum_w / steps,
+        accept=(acc_sum / steps) if sampler == "mala" else torch.full((C,), math.nan, dtype=f64),
+        final=W,
+        step=float(np.median(chain_step)),
+        diverged=bad.cpu(),
+        grad_evals=grad_evals,
+        fraction=chain_step * scale if scale is not None else None,
+        chain_step=chain_step,
+        minibatch=sizes if sizes is not None else np.zeros(C, dtype=np.int64),
+    )
 
 
 def _raise_divergence(bad, gamma, eta, lambda_max, step_no, sampler):
     which = [int(i) for i in torch.nonzero(bad).flatten().tolist()]
-    limit = f" (the stability limit is eta < 2/(lambda_max + gamma) = {2 / (lambda_max + gamma):.3g})" \
-        if lambda_max is not None else ""
+    limit = (
+        f" (the stability limit is eta < 2/(lambda_max + gamma) = {2 / (lambda_max + gamma):.3g})"
+        if lambda_max is not None
+        else ""
+    )
     raise SamplerDivergence(
         f"{sampler.upper()} chain(s) {which} diverged at gamma={gamma:.4g} after {step_no} steps with step size "
-        f"eta={eta:.4g}{limit}; lower --step-size")
+        f"eta={eta:.4g}{limit}; lower --step-size"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,7 +499,7 @@ def split_rhat(x: np.ndarray) -> float:
     half = S // 2
     if half < 2:
         return math.nan
-    y = np.concatenate([x[:, :half], x[:, S - half:]], axis=0)
+    y = np.concatenate([x[:, :half], x[:, S - half :]], axis=0)
     m = y.shape[1]
     means = y.mean(1)
     W = y.var(1, ddof=1).mean()

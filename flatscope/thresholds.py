@@ -27,7 +27,9 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.
 _PATTERN = re.compile(
     r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)+)\s*"
     r"(?P<op><=|>=|==|!=|<|>)\s*"
-    r"(?P<number>[-+]?(?:inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))\s*$", re.ASCII)
+    r"(?P<number>[-+]?(?:inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))\s*$",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,14 @@ def parse_threshold(text: str) -> Threshold:
         raise FlatscopeError("a threshold must be a short string like 'hessian.lambda_max > 50'")
     if not text.isascii():
         bad = next(c for c in text if not c.isascii())
-        raise FlatscopeError(f"threshold {text!r}: only ASCII is allowed (found {bad!r}, U+{ord(bad):04X}); "
-                             "write numbers with the digits 0-9")
+        raise FlatscopeError(
+            f"threshold {text!r}: only ASCII is allowed (found {bad!r}, U+{ord(bad):04X}); "
+            "write numbers with the digits 0-9"
+        )
     m = _PATTERN.match(text)
     if not m:
-        raise FlatscopeError(f"cannot parse threshold {text!r}: expected METRIC OP NUMBER, "
-                             "e.g. 'hessian.lambda_max > 50' (OP one of < <= > >= == !=)")
+        raise FlatscopeError(
+            f"cannot parse threshold {text!r}: expected METRIC OP NUMBER, "
+            "e.g. 'hessian.lambda_max > 50' (OP one of < <= > >= == !=)"
+        )
     return Threshold(m["metric"], m["op"], float(m["number"]), text.strip())

@@ -48,17 +48,17 @@ EVAL_KINDS = ("outer", "inner", "extra", "forward")
 @dataclass
 class TrainConfig:
     opt: str = "sgd"
-    lr: float | None = None         # None: the method's default (methods.get(opt).default_lr)
+    lr: float | None = None  # None: the method's default (methods.get(opt).default_lr)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "constant"      # constant | cosine | step
+    schedule: str = "constant"  # constant | cosine | step
     batch_size: int = 64
     epochs: float = 30
-    budget: int | None = None       # gradient evaluations; overrides epochs
+    budget: int | None = None  # gradient evaluations; overrides epochs
     seed: int = 0
-    save_every: int | None = None   # epochs between trajectory checkpoints
-    extra: dict = field(default_factory=dict)   # method-specific hyperparameters
+    save_every: int | None = None  # epochs between trajectory checkpoints
+    extra: dict = field(default_factory=dict)  # method-specific hyperparameters
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -69,8 +69,9 @@ class TrainConfig:
 class BatchStream:
     """Minibatches from seeded per-epoch permutations; counts gradient evaluations by kind."""
 
-    def __init__(self, X, y, batch_size: int, seed: int, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, X, y, batch_size: int, seed: int, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ):
         self.source = X if isinstance(X, Source) else TensorSource(X, y, "train")
         self.dtype, self.device = dtype, torch.device(device)
         if isinstance(self.source, TensorSource):
@@ -96,7 +97,7 @@ class BatchStream:
         if self.pos >= self.n:
             self.perm = torch.randperm(self.n, generator=self.gen)
             self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
+        idx = self.perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         self.charge(1, kind)
         return idx
@@ -115,15 +116,21 @@ class BatchStream:
         if isinstance(self.source, TensorSource):
             return self.source.take(idx)
         x, y = self.source.take(idx)
-        return to_device(x, self.device, self.dtype), to_device(y, self.device,
-                                                                self.dtype if torch.is_floating_point(y) else None)
+        return to_device(x, self.device, self.dtype), to_device(
+            y, self.device, self.dtype if torch.is_floating_point(y) else None
+        )
 
     def next(self, kind: str = "outer"):
         return self.take(self.next_indices(kind))
 
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos, "evals": self.evals,
-                "by_kind": dict(self.by_kind)}
+        return {
+            "gen": self.gen.get_state(),
+            "perm": self.perm.clone(),
+            "pos": self.pos,
+            "evals": self.evals,
+            "by_kind": dict(self.by_kind),
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.gen.set_state(s["gen"])
@@ -151,19 +158,30 @@ def lr_at(config: TrainConfig, evals: int, budget: int) -> float:
 
 def evaluate_model(model: torch.nn.Module, data: Dataset, loss, split: str) -> tuple[float, float]:
     p = next(model.parameters())
-    return Objective(model, data=data.source(split), loss=loss, batch_size=4096, device=p.device,
-                     dtype=p.dtype).evaluate()
+    return Objective(
+        model, data=data.source(split), loss=loss, batch_size=4096, device=p.device, dtype=p.dtype
+    ).evaluate()
 
 
 def budget_of(config: TrainConfig, batches_per_epoch: int) -> int:
     return int(config.budget) if config.budget is not None else int(round(config.epochs * batches_per_epoch))
 
 
-def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig, *,
-          model_spec: dict, data_spec: dict, out: str | None = None,
-          progress: Callable[[int], None] | None = None, resume_state: dict | None = None,
-          history: dict | None = None, on_warning: Callable[[str], None] | None = None,
-          monitor: Callable[[int, methods.Method, float | None], None] | None = None) -> dict:
+def train(
+    model: torch.nn.Module,
+    data: Dataset,
+    loss: str,
+    config: TrainConfig,
+    *,
+    model_spec: dict,
+    data_spec: dict,
+    out: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    resume_state: dict | None = None,
+    history: dict | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    monitor: Callable[[int, methods.Method, float | None], None] | None = None,
+) -> dict:
     """Train ``model`` in place (it holds the method's result at the end); returns the training record.
 
     ``resume_state`` and ``history`` come from a previous record (``record["resume"]``,
@@ -182,15 +200,18 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
     budget = budget_of(config, bpe)
     if budget < 1:
         raise FlatscopeError("the training budget must be at least one gradient evaluation")
-    loss_fn = make_loss(loss)   # a name, or a Loss the CLI built (a custom pkg.module:fn only when typed)
+    loss_fn = make_loss(loss)  # a name, or a Loss the CLI built (a custom pkg.module:fn only when typed)
     loss = loss_fn.name
-    def batch_loss(m, xb, yb):   # m: the model itself, or a functional forward of FlatNet
+
+    def batch_loss(m, xb, yb):  # m: the model itself, or a functional forward of FlatNet
         return loss_fn.mean(run_module(m, xb) if isinstance(m, torch.nn.Module) else m(xb), yb)
 
     method = methods.get(config.opt)(model, batch_loss, config)
     if budget < method.evals_per_step:
-        raise FlatscopeError(f"a budget of {budget} evaluations is less than one step of --opt {config.opt} "
-                             f"({method.evals_per_step} evaluations)")
+        raise FlatscopeError(
+            f"a budget of {budget} evaluations is less than one step of --opt {config.opt} "
+            f"({method.evals_per_step} evaluations)"
+        )
     warnings: list[dict] = []
 
     def warn(key: str, message: str) -> None:
@@ -211,13 +232,15 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
         wall0 -= float(resume_state.get("wall_time_s", 0.0))
         warnings.extend(resume_state.get("warnings", []))
         if not resume_state.get("last_row_on_epoch", True) and history:
-            for v in history.values():   # the previous run's final row fell mid-epoch: not part of the straight run
+            for v in history.values():  # the previous run's final row fell mid-epoch: not part of the straight run
                 v.pop()
         if stream.evals >= budget:
-            raise FlatscopeError(f"the checkpoint already used {stream.evals} gradient evaluations "
-                                 f"({stream.evals / bpe:g} epochs); ask for a larger --epochs or --budget to resume")
+            raise FlatscopeError(
+                f"the checkpoint already used {stream.evals} gradient evaluations "
+                f"({stream.evals / bpe:g} epochs); ask for a larger --epochs or --budget to resume"
+            )
     traj_dir = None
-    if out and config.save_every and distributed.is_main():   # under torchrun rank 0 alone writes
+    if out and config.save_every and distributed.is_main():  # under torchrun rank 0 alone writes
         traj_dir = os.path.splitext(out)[0] + "-traj"
         os.makedirs(traj_dir, exist_ok=True)
 
@@ -236,16 +259,23 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
             history.setdefault(k, []).append(float(v))
         if not math.isfinite(row["train_loss"]):
             hint = f"after the warning: {warnings[-1]['message']}" if warnings else "lower --lr"
-            raise FlatscopeError(f"training diverged at epoch {row['epoch']:.2f} (train loss {row['train_loss']}); "
-                                 + hint)
+            raise FlatscopeError(
+                f"training diverged at epoch {row['epoch']:.2f} (train loss {row['train_loss']}); " + hint
+            )
         return row
 
     model.train()
     if not history:
         log_epoch()  # epoch 0: the initialization
         if traj_dir:
-            save_checkpoint(os.path.join(traj_dir, "epoch-0000.pt"), method.result_model(),
-                            model_spec, data_spec, loss, {"epoch": 0, "grad_evals": 0})
+            save_checkpoint(
+                os.path.join(traj_dir, "epoch-0000.pt"),
+                method.result_model(),
+                model_spec,
+                data_spec,
+                loss,
+                {"epoch": 0, "grad_evals": 0},
+            )
     epoch_done = stream.evals // bpe
     on_epoch = True
 
@@ -260,8 +290,7 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
         lr = None if method.lr is None else method.lr * lr_factor(config.schedule, stream.evals, budget)
         method.step(stream, lr)
         if stream.evals - before != k:
-            raise RuntimeError(f"method {config.opt} used {stream.evals - before} evaluations in a step, "
-                               f"declared {k}")
+            raise RuntimeError(f"method {config.opt} used {stream.evals - before} evaluations in a step, declared {k}")
         if progress is not None:
             progress(stream.evals - before)
         if monitor is not None:
@@ -273,17 +302,38 @@ def train(model: torch.nn.Module, data: Dataset, loss: str, config: TrainConfig,
             log_epoch()
             if traj_dir and crossed and epoch_done % config.save_every == 0 and budget - stream.evals >= k:
                 # A full, resumable record: a run killed later resumes from here bit-identically.
-                save_checkpoint(os.path.join(traj_dir, f"epoch-{epoch_done:04d}.pt"), method.result_model(),
-                                model_spec, data_spec, loss, dict(make_record(), epoch=epoch_done))
+                save_checkpoint(
+                    os.path.join(traj_dir, f"epoch-{epoch_done:04d}.pt"),
+                    method.result_model(),
+                    model_spec,
+                    data_spec,
+                    loss,
+                    dict(make_record(), epoch=epoch_done),
+                )
     record = make_record()
     if traj_dir:
-        save_checkpoint(os.path.join(traj_dir, f"epoch-{stream.evals // bpe:04d}-final.pt"), method.result_model(),
-                        model_spec, data_spec, loss, dict(record, epoch=stream.evals / bpe))
+        save_checkpoint(
+            os.path.join(traj_dir, f"epoch-{stream.evals // bpe:04d}-final.pt"),
+            method.result_model(),
+            model_spec,
+            data_spec,
+            loss,
+            dict(record, epoch=stream.evals / bpe),
+        )
     return record
 
 
-def _record(method, config: TrainConfig, stream: BatchStream, budget: int, history: dict, warnings: list,
-            wall0: float, on_epoch: bool, traj_dir: str | None) -> dict:
+def _record(
+    method,
+    config: TrainConfig,
+    stream: BatchStream,
+    budget: int,
+    history: dict,
+    warnings: list,
+    wall0: float,
+    on_epoch: bool,
+    traj_dir: str | None,
+) -> dict:
     """The training record after the current step: the checkpoint's ``train`` entry, resumable."""
     k = method.evals_per_step
     bpe = stream.batches_per_epoch
@@ -306,8 +356,14 @@ def _record(method, config: TrainConfig, stream: BatchStream, budget: int, histo
         "versions": {"flatscope": __version__, "torch": str(torch.__version__)},
         "warnings": [w["message"] for w in warnings],
         "history": history,
-        "resume": {"stream": stream.state_dict(), "method": method.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "wall_time_s": wall, "warnings": warnings, "last_row_on_epoch": on_epoch},
+        "resume": {
+            "stream": stream.state_dict(),
+            "method": method.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "wall_time_s": wall,
+            "warnings": warnings,
+            "last_row_on_epoch": on_epoch,
+        },
     }
     record.update(method.extra_record())
     if traj_dir:

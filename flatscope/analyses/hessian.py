@@ -117,8 +117,9 @@ class HessianOperator:
         self._cached = None
 
 
-def top_eigenvectors(obj: Objective, k: int = 2, *, tol: float = 1e-5, max_iter: int | None = None,
-                     seed: int = 0, hvp: str = "auto") -> EigResult:
+def top_eigenvectors(
+    obj: Objective, k: int = 2, *, tol: float = 1e-5, max_iter: int | None = None, seed: int = 0, hvp: str = "auto"
+) -> EigResult:
     """The ``k`` largest Hessian eigenpairs of ``obj`` at ``obj.w0`` (e.g. landscape directions).
 
     ``res.eigenvectors`` is a ``(k, obj.dim)`` float64 tensor on ``obj.device`` with unit rows, in
@@ -147,7 +148,7 @@ class HessianResult:
     layout: dict | None = None
     save_eigenvectors: bool = False
     hvp_mode: str = ""
-    hvp_fd_rel_error: float | None = None   # --hvp fd: measured relative error on a probe (None: no exact HVP)
+    hvp_fd_rel_error: float | None = None  # --hvp fd: measured relative error on a probe (None: no exact HVP)
     n_matvec: int = 0
     seconds: dict = field(default_factory=dict)
     nonfinite: str | None = None
@@ -208,23 +209,40 @@ class HessianResult:
     def to_tree(self) -> dict:
         t: dict = {}
         if self.top is not None:
-            t.update(eigenvalues=self.top.eigenvalues, residuals=self.top.residuals,
-                     converged=self.top.converged.astype(bool), status=self.top.status,
-                     n_matvec_top=np.int64(self.top.n_matvec))
+            t.update(
+                eigenvalues=self.top.eigenvalues,
+                residuals=self.top.residuals,
+                converged=self.top.converged.astype(bool),
+                status=self.top.status,
+                n_matvec_top=np.int64(self.top.n_matvec),
+            )
             if self.save_eigenvectors:
                 t["eigenvectors"] = self.top.eigenvectors.detach().cpu().numpy()
                 t["layout"] = json.dumps(self.layout)
         if self.bottom is not None:
-            t.update(bottom_eigenvalues=self.bottom.eigenvalues, bottom_residuals=self.bottom.residuals,
-                     bottom_converged=self.bottom.converged.astype(bool), bottom_status=self.bottom.status,
-                     n_matvec_bottom=np.int64(self.bottom.n_matvec))
+            t.update(
+                bottom_eigenvalues=self.bottom.eigenvalues,
+                bottom_residuals=self.bottom.residuals,
+                bottom_converged=self.bottom.converged.astype(bool),
+                bottom_status=self.bottom.status,
+                n_matvec_bottom=np.int64(self.bottom.n_matvec),
+            )
         if self.density is not None:
-            t["density"] = {"grid": self.grid, "values": self.values, "nodes": self.density.nodes,
-                            "weights": self.density.weights, "sigma": np.float64(self.sigma),
-                            "n_matvec": np.int64(self.density.n_matvec)}
+            t["density"] = {
+                "grid": self.grid,
+                "values": self.values,
+                "nodes": self.density.nodes,
+                "weights": self.density.weights,
+                "sigma": np.float64(self.sigma),
+                "n_matvec": np.int64(self.density.n_matvec),
+            }
         if self.traces is not None:
-            t.update(trace=np.float64(self.traces.trace), trace_stderr=np.float64(self.traces.stderr),
-                     trace_method=self.traces.method, n_matvec_trace=np.int64(self.traces.n_matvec))
+            t.update(
+                trace=np.float64(self.traces.trace),
+                trace_stderr=np.float64(self.traces.stderr),
+                trace_method=self.traces.method,
+                n_matvec_trace=np.int64(self.traces.n_matvec),
+            )
             if self.traces.method != "exact":
                 t["trace_samples"] = self.traces.samples
         if self.per_layer is not None:
@@ -233,10 +251,16 @@ class HessianResult:
             t["per_layer"] = pl
         s = self.summary()
         t["lambda_min_source"] = self.lambda_min[1]
-        t.update(n_matvec=np.int64(self.n_matvec), dim=np.int64(self.dim), n_samples=np.int64(self.n_samples),
-                 effective_rank=np.float64(s["effective_rank"]), negative_mass=np.float64(s["negative_mass"]),
-                 negative_fraction=np.float64(s["negative_fraction"]),
-                 negative_fraction_err=np.float64(s["negative_fraction_err"]), hvp=self.hvp_mode)
+        t.update(
+            n_matvec=np.int64(self.n_matvec),
+            dim=np.int64(self.dim),
+            n_samples=np.int64(self.n_samples),
+            effective_rank=np.float64(s["effective_rank"]),
+            negative_mass=np.float64(s["negative_mass"]),
+            negative_fraction=np.float64(s["negative_fraction"]),
+            negative_fraction_err=np.float64(s["negative_fraction_err"]),
+            hvp=self.hvp_mode,
+        )
         if self.nonfinite:
             t["nonfinite"] = self.nonfinite
         return t
@@ -245,24 +269,44 @@ class HessianResult:
         out = dict(self.summary())
         out["lambda_min_source"] = self.lambda_min[1]
         if self.top is not None:
-            out.update(eigenvalues=self.top.eigenvalues.tolist(), residuals=self.top.residuals.tolist(),
-                       eigen_converged=self.top.converged.tolist(), eigen_status=self.top.status)
+            out.update(
+                eigenvalues=self.top.eigenvalues.tolist(),
+                residuals=self.top.residuals.tolist(),
+                eigen_converged=self.top.converged.tolist(),
+                eigen_status=self.top.status,
+            )
         if self.bottom is not None:
-            out.update(bottom_eigenvalues=self.bottom.eigenvalues.tolist(),
-                       bottom_residuals=self.bottom.residuals.tolist(),
-                       bottom_converged=self.bottom.converged.tolist(), bottom_status=self.bottom.status)
+            out.update(
+                bottom_eigenvalues=self.bottom.eigenvalues.tolist(),
+                bottom_residuals=self.bottom.residuals.tolist(),
+                bottom_converged=self.bottom.converged.tolist(),
+                bottom_status=self.bottom.status,
+            )
         if self.traces is not None:
             out["trace_method"] = self.traces.method
         if self.density is not None:
             m, se = self.density.integral(lambda x: x)
-            out["density"] = {"n_probes": self.density.n_probes, "n_steps": self.density.n_steps,
-                              "sigma": self.sigma, "mean": m, "mean_stderr": se}
+            out["density"] = {
+                "n_probes": self.density.n_probes,
+                "n_steps": self.density.n_steps,
+                "sigma": self.sigma,
+                "mean": m,
+                "mean_stderr": se,
+            }
         if self.per_layer is not None:
             pl = self.per_layer
-            out["per_layer"] = [{"name": n, "numel": int(pl["numel"][i]), "lambda_max": float(pl["lambda_max"][i]),
-                                 "residual": float(pl["residuals"][i]), "converged": bool(pl["converged"][i]),
-                                 "trace": float(pl["trace"][i]), "trace_stderr": float(pl["trace_stderr"][i])}
-                                for i, n in enumerate(pl["names"])]
+            out["per_layer"] = [
+                {
+                    "name": n,
+                    "numel": int(pl["numel"][i]),
+                    "lambda_max": float(pl["lambda_max"][i]),
+                    "residual": float(pl["residuals"][i]),
+                    "converged": bool(pl["converged"][i]),
+                    "trace": float(pl["trace"][i]),
+                    "trace_stderr": float(pl["trace_stderr"][i]),
+                }
+                for i, n in enumerate(pl["names"])
+            ]
         out["hvp"] = self.hvp_mode
         out["seconds"] = self.seconds
         out["nonfinite"] = self.nonfinite
@@ -270,8 +314,18 @@ class HessianResult:
         return out
 
 
-def _check(obj: Objective, top: int, bottom: int, probes: int, steps: int, trace_probes: int,
-           tol: float, max_iter: int | None, block_size: int, sigma: float) -> None:
+def _check(
+    obj: Objective,
+    top: int,
+    bottom: int,
+    probes: int,
+    steps: int,
+    trace_probes: int,
+    tol: float,
+    max_iter: int | None,
+    block_size: int,
+    sigma: float,
+) -> None:
     n = obj.dim
     if top < 1:
         raise FlatscopeError(f"--top must be at least 1, got {top}")
@@ -290,20 +344,37 @@ def _check(obj: Objective, top: int, bottom: int, probes: int, steps: int, trace
     if not (tol > 0 and math.isfinite(tol)):
         raise FlatscopeError(f"--tol must be a positive number, got {tol}")
     if max_iter is not None and max_iter < max(top, bottom):
-        raise FlatscopeError(f"--max-iter {max_iter} is below the number of eigenvalues asked for "
-                             f"({max(top, bottom)}); Lanczos needs at least one product per eigenvalue")
+        raise FlatscopeError(
+            f"--max-iter {max_iter} is below the number of eigenvalues asked for "
+            f"({max(top, bottom)}); Lanczos needs at least one product per eigenvalue"
+        )
     if block_size < 1:
         raise FlatscopeError(f"--block-size must be at least 1, got {block_size}")
     if not (sigma > 0 and math.isfinite(sigma)):
         raise FlatscopeError(f"--sigma must be a positive number, got {sigma}")
 
 
-def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density: bool = True,
-                     probes: int = 8, steps: int = 80, sigma: float = 0.01, n_grid: int = 1024,
-                     trace_probes: int = 60, trace_method: str = "hutch++", per_layer: bool = False,
-                     save_eigenvectors: bool = False, tol: float = 1e-5, max_iter: int | None = None,
-                     block_size: int = 1, seed: int = 0, hvp: str = "auto",
-                     progress: Callable | None = None) -> HessianResult:
+def hessian_analysis(
+    obj: Objective,
+    *,
+    top: int = 10,
+    bottom: int = 0,
+    density: bool = True,
+    probes: int = 8,
+    steps: int = 80,
+    sigma: float = 0.01,
+    n_grid: int = 1024,
+    trace_probes: int = 60,
+    trace_method: str = "hutch++",
+    per_layer: bool = False,
+    save_eigenvectors: bool = False,
+    tol: float = 1e-5,
+    max_iter: int | None = None,
+    block_size: int = 1,
+    seed: int = 0,
+    hvp: str = "auto",
+    progress: Callable | None = None,
+) -> HessianResult:
     """Run the Hessian analysis of ``obj`` at ``obj.w0``.
 
     Stages, each seeded from ``seed`` and each on its own products: top-``top`` eigenpairs
@@ -323,13 +394,21 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
     _check(obj, top, bottom, probes, steps, trace_probes, tol, max_iter, block_size, sigma)
     op = HessianOperator(obj, mode=hvp)
     layout = obj.layout
-    res = HessianResult(dim=obj.dim, n_samples=obj.n_total, k=top, top=None, layout=layout.to_attrs(),
-                        save_eigenvectors=save_eigenvectors, hvp_mode=op.mode)
+    res = HessianResult(
+        dim=obj.dim,
+        n_samples=obj.n_total,
+        k=top,
+        top=None,
+        layout=layout.to_attrs(),
+        save_eigenvectors=save_eigenvectors,
+        hvp_mode=op.mode,
+    )
     dev = obj.device
 
     def stage(total: int, desc: str):
         if progress is None:
             import contextlib
+
             return contextlib.nullcontext(lambda n=1: None)
         return progress(total, desc)
 
@@ -339,23 +418,36 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
         def cb(n: int) -> None:
             advance(n - last[0])
             last[0] = n
+
         return cb
 
     def eig_stage(k: int, which: str, name: str) -> EigResult:
         mi = max_iter if max_iter is not None else max(300, 30 * k)
         t0 = time.perf_counter()
         with stage(min(mi, obj.dim + block_size), f"Lanczos ({name})") as adv:
-            r = lanczos(op, obj.dim, k, which, tol=tol, max_iter=max_iter, block_size=block_size, seed=seed,
-                        device=dev, callback=tracked(adv))
+            r = lanczos(
+                op,
+                obj.dim,
+                k,
+                which,
+                tol=tol,
+                max_iter=max_iter,
+                block_size=block_size,
+                seed=seed,
+                device=dev,
+                callback=tracked(adv),
+            )
         res.seconds[name] = time.perf_counter() - t0
         res.n_matvec += r.n_matvec
         if r.nonfinite_at is not None:
             res.nonfinite = f"non-finite Hessian-vector product at Lanczos iteration {r.nonfinite_at} ({name})"
         elif not r.all_converged:
             bad = int(np.sum(~r.converged))
-            res.warnings.append(f"{name}: {bad} of {len(r.converged)} Ritz pairs did not converge to tol {tol:g} "
-                                f"in {r.n_matvec} products (max residual {np.max(r.residuals) / r.scale:.2e} x |lambda_max|); "
-                                "raise --max-iter or --tol")
+            res.warnings.append(
+                f"{name}: {bad} of {len(r.converged)} Ritz pairs did not converge to tol {tol:g} "
+                f"in {r.n_matvec} products (max residual {np.max(r.residuals) / r.scale:.2e} x |lambda_max|); "
+                "raise --max-iter or --tol"
+            )
         return r
 
     try:
@@ -378,8 +470,16 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
             t0 = time.perf_counter()
             blocks = list(layout.slices().values())
             with stage(min(trace_probes, obj.dim), f"trace ({trace_method})") as adv:
-                tr = trace(op, obj.dim, trace_probes, method=trace_method, seed=seed + 2, blocks=blocks,
-                           device=dev, callback=tracked(adv))
+                tr = trace(
+                    op,
+                    obj.dim,
+                    trace_probes,
+                    method=trace_method,
+                    seed=seed + 2,
+                    blocks=blocks,
+                    device=dev,
+                    callback=tracked(adv),
+                )
             res.seconds["trace"] = time.perf_counter() - t0
             res.n_matvec += tr.n_matvec
             if tr.nonfinite_at is not None:
@@ -393,22 +493,36 @@ def hessian_analysis(obj: Objective, *, top: int = 10, bottom: int = 0, density:
     return res
 
 
-def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, trace_probes,
-               stage, tracked) -> dict:
+def _per_layer(
+    op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, trace_probes, stage, tracked
+) -> dict:
     names = list(obj.layout.names)
     slices = obj.layout.slices()
     n = len(names)
-    out = {"names": names, "numel": np.array([slices[nm].stop - slices[nm].start for nm in names], dtype=np.int64),
-           "lambda_max": np.full(n, np.nan), "residuals": np.full(n, np.nan), "converged": np.zeros(n, dtype=bool),
-           "n_matvec": np.zeros(n, dtype=np.int64),
-           "trace": np.asarray(res.traces.block_traces, dtype=np.float64),
-           "trace_stderr": np.asarray(res.traces.block_stderr, dtype=np.float64)}
+    out = {
+        "names": names,
+        "numel": np.array([slices[nm].stop - slices[nm].start for nm in names], dtype=np.int64),
+        "lambda_max": np.full(n, np.nan),
+        "residuals": np.full(n, np.nan),
+        "converged": np.zeros(n, dtype=bool),
+        "n_matvec": np.zeros(n, dtype=np.int64),
+        "trace": np.asarray(res.traces.block_traces, dtype=np.float64),
+        "trace_stderr": np.asarray(res.traces.block_stderr, dtype=np.float64),
+    }
     t0 = time.perf_counter()
     with stage(n, "per-layer Lanczos") as adv:
         for i, nm in enumerate(names):
             sl = slices[nm]
-            r = lanczos(op.restrict(sl), sl.stop - sl.start, 1, "largest", tol=tol, max_iter=max_iter,
-                        seed=seed + 3 + i, device=obj.device)
+            r = lanczos(
+                op.restrict(sl),
+                sl.stop - sl.start,
+                1,
+                "largest",
+                tol=tol,
+                max_iter=max_iter,
+                seed=seed + 3 + i,
+                device=obj.device,
+            )
             res.n_matvec += r.n_matvec
             out["n_matvec"][i] = r.n_matvec
             if r.nonfinite_at is None and sl.stop - sl.start <= trace_probes:
@@ -425,9 +539,13 @@ def _per_layer(op: HessianOperator, obj: Objective, res: HessianResult, tol, max
                 out["converged"][i] = bool(r.converged[0])
             adv(1)
             if r.nonfinite_at is not None:
-                res.nonfinite = f"non-finite Hessian-vector product at Lanczos iteration {r.nonfinite_at} (per-layer {nm})"
+                res.nonfinite = (
+                    f"non-finite Hessian-vector product at Lanczos iteration {r.nonfinite_at} (per-layer {nm})"
+                )
                 break
             if not r.all_converged:
-                res.warnings.append(f"per-layer {nm}: top eigenvalue did not converge to tol {tol:g} in {r.n_matvec} products")
+                res.warnings.append(
+                    f"per-layer {nm}: top eigenvalue did not converge to tol {tol:g} in {r.n_matvec} products"
+                )
     res.seconds["per_layer"] = time.perf_counter() - t0
     return out

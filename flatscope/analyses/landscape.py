@@ -41,7 +41,7 @@ from ..objective import Objective, PointEvaluator  # noqa: F401  (PointEvaluator
 
 BATCHING = ("auto", "vmap", "loop")
 BN_MODES = ("eval", "recompute")
-PARALLEL = ("data", "points")   # under torchrun: shard the data, or deal the grid points to the ranks
+PARALLEL = ("data", "points")  # under torchrun: shard the data, or deal the grid points to the ranks
 # The auto rule, measured in benchmarks/bench_landscape.py on a 2-core CPU (benchmarks/RESULTS.md) for
 # the digits MLP, CNN and ResNet: see choose_batching. VMAP_MAX_SAMPLES is the largest forward pass
 # (samples) at which vmap still won; VMAP_SAMPLES_PER_CALL sets the points per vmapped call.
@@ -97,8 +97,10 @@ def parse_grid(text: str | None, k: int, default: int = 51) -> list[int]:
             raise FlatscopeError(f"--grid {text}: at most 100000 points per axis")
     out = out * k if len(out) == 1 else out
     if math.prod(out) > MAX_GRID_POINTS:
-        raise FlatscopeError(f"--grid {text}: {math.prod(out):,} points in all; a landscape holds at most "
-                             f"{MAX_GRID_POINTS:,} (e.g. 3001 x 3001)")
+        raise FlatscopeError(
+            f"--grid {text}: {math.prod(out):,} points in all; a landscape holds at most "
+            f"{MAX_GRID_POINTS:,} (e.g. 3001 x 3001)"
+        )
     return out
 
 
@@ -157,10 +159,10 @@ class LandscapeResult:
     loss: dict[str, np.ndarray] = field(default_factory=dict)
     accuracy: dict[str, np.ndarray] = field(default_factory=dict)
     done: np.ndarray | None = None
-    plain: dict[str, tuple[float, float]] = field(default_factory=dict)     # at w, evaluated the plain way
-    anchors: dict | None = None       # interp: {"labels": [...], "coords": [[x, y]...], split: [loss...]}
+    plain: dict[str, tuple[float, float]] = field(default_factory=dict)  # at w, evaluated the plain way
+    anchors: dict | None = None  # interp: {"labels": [...], "coords": [[x, y]...], split: [loss...]}
     options: dict = field(default_factory=dict)
-    dtype: str = "float32"            # the model's dtype: directions are stored in it
+    dtype: str = "float32"  # the model's dtype: directions are stored in it
 
     def __post_init__(self):
         if self.done is None:
@@ -233,8 +235,11 @@ class LandscapeResult:
     def to_tree(self) -> dict:
         """The HDF5 tree of ``/landscape/<name>`` (see the README for the layout)."""
         d = self.directions
-        dirs: dict = {"vectors": d.vectors.numpy().astype(np.float64 if self.dtype == "float64" else np.float32),
-                      "layout": json.dumps(d.layout.to_attrs()), "method": d.kind}
+        dirs: dict = {
+            "vectors": d.vectors.numpy().astype(np.float64 if self.dtype == "float64" else np.float32),
+            "layout": json.dumps(d.layout.to_attrs()),
+            "method": d.kind,
+        }
         for key, value in d.info.items():
             if key == "path":
                 continue
@@ -248,8 +253,10 @@ class LandscapeResult:
                 tree[s]["plain_loss"], tree[s]["plain_accuracy"] = self.plain[s]
         if "path" in d.info:
             p = np.asarray(d.info["path"], dtype=np.float64)
-            tree["path"] = {"x": p[:, 0], "epoch": np.asarray(self.options.get("trajectory_epochs", np.arange(len(p))),
-                                                              dtype=np.float64)}
+            tree["path"] = {
+                "x": p[:, 0],
+                "epoch": np.asarray(self.options.get("trajectory_epochs", np.arange(len(p))), dtype=np.float64),
+            }
             if p.shape[1] > 1:
                 tree["path"]["y"] = p[:, 1]
         if self.anchors:
@@ -262,21 +269,35 @@ class LandscapeResult:
 
     def to_json(self) -> dict:
         first = self.splits[0]
-        out: dict = {"name": self.name, "directions": self.directions.kind, "x": self.grid.x,
-                     "loss": self.loss[first], "accuracy": self.accuracy[first]}
+        out: dict = {
+            "name": self.name,
+            "directions": self.directions.kind,
+            "x": self.grid.x,
+            "loss": self.loss[first],
+            "accuracy": self.accuracy[first],
+        }
         if self.grid.y is not None:
             out["y"] = self.grid.y
-        out["splits"] = {s: {"loss": self.loss[s], "accuracy": self.accuracy[s],
-                             "plain_loss": self.plain.get(s, (None, None))[0],
-                             "plain_accuracy": self.plain.get(s, (None, None))[1]} for s in self.splits}
+        out["splits"] = {
+            s: {
+                "loss": self.loss[s],
+                "accuracy": self.accuracy[s],
+                "plain_loss": self.plain.get(s, (None, None))[0],
+                "plain_accuracy": self.plain.get(s, (None, None))[1],
+            }
+            for s in self.splits
+        }
         out["complete"] = self.complete
         out["summary"] = self.summary()
         info = {k: v for k, v in self.directions.info.items() if k != "path"}
         out["direction_info"] = info
         if "path" in self.directions.info:
             p = np.asarray(self.directions.info["path"])
-            out["path"] = {"x": p[:, 0], "y": p[:, 1] if p.shape[1] > 1 else None,
-                           "epoch": self.options.get("trajectory_epochs")}
+            out["path"] = {
+                "x": p[:, 0],
+                "y": p[:, 1] if p.shape[1] > 1 else None,
+                "epoch": self.options.get("trajectory_epochs"),
+            }
         if self.anchors:
             out["anchors"] = self.anchors
         return out
@@ -297,8 +318,10 @@ def choose_batching(obj: Objective, requested: str = "auto", per_point_buffers: 
         raise FlatscopeError(f"unknown --batching {requested!r}; choose from {', '.join(BATCHING)}")
     if per_point_buffers:
         if requested == "vmap":
-            raise FlatscopeError("--batching vmap cannot be used when every point has its own BatchNorm statistics "
-                                 "(--bn recompute, or interpolating BatchNorm models); use --batching loop or auto")
+            raise FlatscopeError(
+                "--batching vmap cannot be used when every point has its own BatchNorm statistics "
+                "(--bn recompute, or interpolating BatchNorm models); use --batching loop or auto"
+            )
         return "loop"
     if requested != "auto":
         return requested
@@ -331,9 +354,14 @@ def _mix_buffers(anchor_buffers: list[dict], coord: torch.Tensor, dtype: torch.d
     return out
 
 
-def evaluate_points(objectives: dict[str, Objective], W: torch.Tensor, *, batching: str,
-                    buffers: list[dict] | None = None,
-                    evaluators: dict[str, PointEvaluator] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def evaluate_points(
+    objectives: dict[str, Objective],
+    W: torch.Tensor,
+    *,
+    batching: str,
+    buffers: list[dict] | None = None,
+    evaluators: dict[str, PointEvaluator] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Loss and accuracy of every objective at every row of ``W`` (float64).
 
     ``vmap``: one ``evaluate_many`` call per objective; ``loop``: one evaluation per row, through
@@ -353,19 +381,29 @@ def evaluate_points(objectives: dict[str, Objective], W: torch.Tensor, *, batchi
     return out
 
 
-def plain_values(objectives: dict[str, Objective], *, bn: str = "eval",
-                 bn_inputs: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
+def plain_values(
+    objectives: dict[str, Objective], *, bn: str = "eval", bn_inputs: torch.Tensor | None = None
+) -> dict[str, tuple[float, float]]:
     """(loss, accuracy) at each objective's own weights, evaluated the plain way."""
     first = next(iter(objectives.values()))
     bufs = first.recompute_bn(first.w0, bn_inputs) if bn == "recompute" else None
     return {s: obj.evaluate(None, bufs) for s, obj in objectives.items()}
 
 
-def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batching: str = "auto",
-            points_per_call: int | None = None, bn: str = "eval", bn_inputs: torch.Tensor | None = None,
-            anchor_buffers: list[dict] | None = None, progress: Callable[[int], None] | None = None,
-            flush: Callable[[LandscapeResult], None] | None = None, flush_every: float = 10.0,
-            parallel: str = "data") -> LandscapeResult:
+def compute(
+    result: LandscapeResult,
+    objectives: dict[str, Objective],
+    *,
+    batching: str = "auto",
+    points_per_call: int | None = None,
+    bn: str = "eval",
+    bn_inputs: torch.Tensor | None = None,
+    anchor_buffers: list[dict] | None = None,
+    progress: Callable[[int], None] | None = None,
+    flush: Callable[[LandscapeResult], None] | None = None,
+    flush_every: float = 10.0,
+    parallel: str = "data",
+) -> LandscapeResult:
     """Fill the points of ``result`` that are not done yet; returns ``result``.
 
     ``objectives`` maps split to :class:`Objective` (all of the same model; the first one's ``w0`` is the
@@ -395,9 +433,14 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
         raise FlatscopeError(f"--points-per-call must be at least 1, got {m}")
     result.options["batching"], result.options["points_per_call"] = mode, m
     origin = first.w0.to(torch.float64)
-    d = result.directions   # a float64 copy on the objective's device, made once
-    dirs = Directions(d.vectors.to(origin.device, torch.float64), d.layout, d.kind, d.info,
-                      None if d.endpoints is None else d.endpoints.to(origin.device, torch.float64))
+    d = result.directions  # a float64 copy on the objective's device, made once
+    dirs = Directions(
+        d.vectors.to(origin.device, torch.float64),
+        d.layout,
+        d.kind,
+        d.info,
+        None if d.endpoints is None else d.endpoints.to(origin.device, torch.float64),
+    )
     coords = torch.as_tensor(result.grid.coords())
     done = result.done.reshape(-1)
     flat_loss = {s: result.loss[s].reshape(-1) for s in result.splits}
@@ -405,7 +448,7 @@ def compute(result: LandscapeResult, objectives: dict[str, Objective], *, batchi
     if not result.plain:
         result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     evaluators = {s: PointEvaluator(o) for s, o in objectives.items()} if mode == "loop" else None
-    chunks = [start + np.flatnonzero(~done[start:start + m]) for start in range(0, result.grid.size, m)]
+    chunks = [start + np.flatnonzero(~done[start : start + m]) for start in range(0, result.grid.size, m)]
     chunks = [idx for idx in chunks if idx.size]
 
     def evaluate(idx: np.ndarray) -> dict:
@@ -451,6 +494,8 @@ def check_center(result: LandscapeResult, dtype: torch.dtype) -> str | None:
     ref = max(abs(v[0]) for v in result.plain.values())
     tol = (1e-4 if dtype == torch.float32 else 1e-10) * max(1.0, ref)
     if err > tol:
-        return (f"the grid's loss at w differs from the plain loss by {err:.3g} (tolerance {tol:.1g}); "
-                "the evaluation is not deterministic for this model")
+        return (
+            f"the grid's loss at w differs from the plain loss by {err:.3g} (tolerance {tol:.1g}); "
+            "the evaluation is not deterministic for this model"
+        )
     return None

@@ -122,7 +122,7 @@ def filter_normalize(z: torch.Tensor, w: torch.Tensor, layout: ParamLayout) -> t
 class Directions:
     """The noise directions ``d_j`` of draw ``j``: deterministic in ``(seed, j)``, masked, cached."""
 
-    CACHE_ELEMENTS = 1 << 24   # keep all n×dim directions in memory below this size, else regenerate
+    CACHE_ELEMENTS = 1 << 24  # keep all n×dim directions in memory below this size, else regenerate
 
     def __init__(self, w0: torch.Tensor, layout: ParamLayout, noise: str, mask: torch.Tensor, seed: int):
         if noise not in NOISES:
@@ -211,27 +211,40 @@ class TargetSigma:
     epsilon: float
     sigma: float
     reached: bool
-    lo: float                    # bracket: mean(lo) < ε ≤ mean(hi); hi = sigma when reached
+    lo: float  # bracket: mean(lo) < ε ≤ mean(hi); hi = sigma when reached
     hi: float
-    lower_bound: float           # σ* > lower_bound when not reached (= the largest grid σ)
-    delta_err_mean: float        # at sigma (NaN when not reached)
+    lower_bound: float  # σ* > lower_bound when not reached (= the largest grid σ)
+    delta_err_mean: float  # at sigma (NaN when not reached)
     delta_err_sem: float
     iterations: int
     evaluations: int
 
     def to_tree(self) -> dict:
-        return {"epsilon": self.epsilon, "sigma": self.sigma, "reached": np.bool_(self.reached),
-                "lo": self.lo, "hi": self.hi, "lower_bound": self.lower_bound,
-                "delta_err_mean": self.delta_err_mean, "delta_err_sem": self.delta_err_sem,
-                "iterations": self.iterations, "evaluations": self.evaluations}
+        return {
+            "epsilon": self.epsilon,
+            "sigma": self.sigma,
+            "reached": np.bool_(self.reached),
+            "lo": self.lo,
+            "hi": self.hi,
+            "lower_bound": self.lower_bound,
+            "delta_err_mean": self.delta_err_mean,
+            "delta_err_sem": self.delta_err_sem,
+            "iterations": self.iterations,
+            "evaluations": self.evaluations,
+        }
 
     def to_json(self) -> dict:
-        return {"epsilon": self.epsilon, "sigma": self.sigma if self.reached else None, "reached": self.reached,
-                "bracket": [self.lo, self.hi] if self.reached else None,
-                "lower_bound": None if self.reached else self.lower_bound,
-                "delta_err_mean": self.delta_err_mean if self.reached else None,
-                "delta_err_sem": self.delta_err_sem if self.reached else None,
-                "iterations": self.iterations, "evaluations": self.evaluations}
+        return {
+            "epsilon": self.epsilon,
+            "sigma": self.sigma if self.reached else None,
+            "reached": self.reached,
+            "bracket": [self.lo, self.hi] if self.reached else None,
+            "lower_bound": None if self.reached else self.lower_bound,
+            "delta_err_mean": self.delta_err_mean if self.reached else None,
+            "delta_err_sem": self.delta_err_sem if self.reached else None,
+            "iterations": self.iterations,
+            "evaluations": self.evaluations,
+        }
 
 
 @dataclass
@@ -262,18 +275,29 @@ class SplitCurve:
         return _mean_sem(self.delta_err_draws)[1]
 
     def to_tree(self) -> dict:
-        t = {"base_loss": self.base_loss, "base_error": self.base_error,
-             "delta_loss_mean": self.delta_loss_mean, "delta_loss_sem": self.delta_loss_sem,
-             "delta_err_mean": self.delta_err_mean, "delta_err_sem": self.delta_err_sem,
-             "delta_loss_draws": self.delta_loss_draws, "delta_err_draws": self.delta_err_draws}
+        t = {
+            "base_loss": self.base_loss,
+            "base_error": self.base_error,
+            "delta_loss_mean": self.delta_loss_mean,
+            "delta_loss_sem": self.delta_loss_sem,
+            "delta_err_mean": self.delta_err_mean,
+            "delta_err_sem": self.delta_err_sem,
+            "delta_loss_draws": self.delta_loss_draws,
+            "delta_err_draws": self.delta_err_draws,
+        }
         if self.target is not None:
             t["target"] = self.target.to_tree()
         return t
 
     def to_json(self) -> dict:
-        out = {"base_loss": self.base_loss, "base_error": self.base_error,
-               "delta_loss_mean": self.delta_loss_mean, "delta_loss_sem": self.delta_loss_sem,
-               "delta_err_mean": self.delta_err_mean, "delta_err_sem": self.delta_err_sem}
+        out = {
+            "base_loss": self.base_loss,
+            "base_error": self.base_error,
+            "delta_loss_mean": self.delta_loss_mean,
+            "delta_loss_sem": self.delta_loss_sem,
+            "delta_err_mean": self.delta_err_mean,
+            "delta_err_sem": self.delta_err_sem,
+        }
         if self.target is not None:
             out["target_sigma"] = self.target.sigma if self.target.reached else None
             out["target"] = self.target.to_json()
@@ -290,13 +314,22 @@ class LocalEnergyResult:
     batched: bool
     chunk: int
     seed: int
-    n_perturbed: int              # entries of the flat vector that the noise can move
+    n_perturbed: int  # entries of the flat vector that the noise can move
     curves: dict[str, SplitCurve] = field(default_factory=dict)
 
     def to_tree(self) -> dict:
-        tree = {"sigma": self.sigma, "samples": self.samples, "noise": self.noise, "params": self.params,
-                "bn": self.bn, "mode": "batched" if self.batched else "loop", "chunk": self.chunk,
-                "seed": self.seed, "n_perturbed": self.n_perturbed, "splits": ",".join(self.curves)}
+        tree = {
+            "sigma": self.sigma,
+            "samples": self.samples,
+            "noise": self.noise,
+            "params": self.params,
+            "bn": self.bn,
+            "mode": "batched" if self.batched else "loop",
+            "chunk": self.chunk,
+            "seed": self.seed,
+            "n_perturbed": self.n_perturbed,
+            "splits": ",".join(self.curves),
+        }
         for name, c in self.curves.items():
             tree[name] = c.to_tree()
         return tree
@@ -316,10 +349,17 @@ class LocalEnergyResult:
 
     def to_json(self) -> dict:
         """One split: its keys at top level; several: one object per split under its name."""
-        out = {"sigma": self.sigma, "samples": self.samples, "noise": self.noise, "params": self.params,
-               "bn": self.bn, "mode": "batched" if self.batched else "loop", "n_perturbed": self.n_perturbed}
+        out = {
+            "sigma": self.sigma,
+            "samples": self.samples,
+            "noise": self.noise,
+            "params": self.params,
+            "bn": self.bn,
+            "mode": "batched" if self.batched else "loop",
+            "n_perturbed": self.n_perturbed,
+        }
         if len(self.curves) == 1:
-            (name, c), = self.curves.items()
+            ((name, c),) = self.curves.items()
             out["split"] = name
             out.update(c.to_json())
         else:
@@ -335,23 +375,33 @@ def choose_batched(batched: str, device: torch.device, bn: str) -> bool:
         raise FlatscopeError(f"unknown --batched {batched!r}; choose from {', '.join(BATCHED)}")
     if bn == "recompute":
         if batched == "on":
-            raise FlatscopeError("--batched on cannot be used with --bn recompute: every perturbed point has "
-                                 "its own BatchNorm statistics; use --batched auto or off")
+            raise FlatscopeError(
+                "--batched on cannot be used with --bn recompute: every perturbed point has "
+                "its own BatchNorm statistics; use --batched auto or off"
+            )
         return False
     if batched == "auto":
         return torch.device(device).type == "cuda"
     return batched == "on"
 
 
-def _sweep(ev: _Evaluator, dirs: Directions, w0: torch.Tensor, sigmas, n: int, chunk: int,
-           progress: Callable[[int], None], points: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _sweep(
+    ev: _Evaluator,
+    dirs: Directions,
+    w0: torch.Tensor,
+    sigmas,
+    n: int,
+    chunk: int,
+    progress: Callable[[int], None],
+    points: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     L = np.empty((len(sigmas), n))
     E = np.empty((len(sigmas), n))
     starts = list(range(0, n, chunk))
     if points:  # this rank's chunks of draws (round-robin); the others' come by all-gather below
         from .. import distributed
 
-        starts = starts[distributed.rank()::distributed.world_size()]
+        starts = starts[distributed.rank() :: distributed.world_size()]
     for j0 in starts:
         j1 = min(n, j0 + chunk)
         D = dirs.block(j0, j1)
@@ -361,19 +411,31 @@ def _sweep(ev: _Evaluator, dirs: Directions, w0: torch.Tensor, sigmas, n: int, c
     if points:
         mine = sum(min(n, j0 + chunk) - j0 for j0 in starts) * len(sigmas)
         for part_starts, part_L, part_E in distributed.all_gather_objects(
-                (starts, [L[:, j0:j0 + chunk] for j0 in starts], [E[:, j0:j0 + chunk] for j0 in starts])):
+            (starts, [L[:, j0 : j0 + chunk] for j0 in starts], [E[:, j0 : j0 + chunk] for j0 in starts])
+        ):
             for j0, lv, ev_ in zip(part_starts, part_L, part_E):
-                L[:, j0:j0 + chunk], E[:, j0:j0 + chunk] = lv, ev_
+                L[:, j0 : j0 + chunk], E[:, j0 : j0 + chunk] = lv, ev_
         progress(n * len(sigmas) - mine)
     return L, E
 
 
-def _bisect(ev: _Evaluator, dirs, w0, sigmas, err_draws, base_err, eps, n, chunk, rtol, max_iter,
-            progress, points: bool = False) -> TargetSigma:
+def _bisect(
+    ev: _Evaluator, dirs, w0, sigmas, err_draws, base_err, eps, n, chunk, rtol, max_iter, progress, points: bool = False
+) -> TargetSigma:
     reached = np.nonzero(err_draws.mean(axis=1) >= eps * (1 - _SLACK))[0]
     if reached.size == 0:
-        return TargetSigma(eps, float("nan"), False, float(sigmas[-1]), float("inf"), float(sigmas[-1]),
-                           float("nan"), float("nan"), 0, 0)
+        return TargetSigma(
+            eps,
+            float("nan"),
+            False,
+            float(sigmas[-1]),
+            float("inf"),
+            float(sigmas[-1]),
+            float("nan"),
+            float("nan"),
+            0,
+            0,
+        )
     k = int(reached[0])
     lo, hi = (float(sigmas[k - 1]) if k > 0 else 0.0), float(sigmas[k])
     d_hi = err_draws[k]
@@ -390,12 +452,24 @@ def _bisect(ev: _Evaluator, dirs, w0, sigmas, err_draws, base_err, eps, n, chunk
     return TargetSigma(eps, hi, True, lo, hi, float("nan"), float(m), float(s), it, evals)
 
 
-def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, samples: int = 32,
-                 noise: str = "multiplicative", params: str = "all", bn: str = "eval",
-                 bn_data: torch.Tensor | None = None, target_error: float | None = None,
-                 batched: str | bool = "auto", chunk: int = 16, seed: int = 0, rtol: float = 1e-3,
-                 max_iter: int = 60, progress: Callable[[int], None] | None = None,
-                 parallel: str = "data") -> LocalEnergyResult:
+def local_energy(
+    objectives: Objective | Mapping[str, Objective],
+    sigmas,
+    *,
+    samples: int = 32,
+    noise: str = "multiplicative",
+    params: str = "all",
+    bn: str = "eval",
+    bn_data: torch.Tensor | None = None,
+    target_error: float | None = None,
+    batched: str | bool = "auto",
+    chunk: int = 16,
+    seed: int = 0,
+    rtol: float = 1e-3,
+    max_iter: int = 60,
+    progress: Callable[[int], None] | None = None,
+    parallel: str = "data",
+) -> LocalEnergyResult:
     """δE(σ) for loss and error rate on each split, with common random numbers across σ and splits.
 
     ``objectives``: one :class:`Objective` (reported as split ``"train"``) or ``{split: Objective}``
@@ -423,8 +497,9 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
     if np.any(np.diff(sig) <= 0):
         raise FlatscopeError("σ must be strictly increasing")
     if int(samples) != samples or samples < 2:
-        raise FlatscopeError(f"--samples must be a whole number of at least 2 (the standard error needs two "
-                             f"draws), got {samples}")
+        raise FlatscopeError(
+            f"--samples must be a whole number of at least 2 (the standard error needs two draws), got {samples}"
+        )
     samples = int(samples)
     if int(chunk) != chunk or chunk < 1:
         raise FlatscopeError(f"--chunk must be at least 1, got {chunk}")
@@ -448,8 +523,9 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
         if not (0 < target_error <= 1):
             raise FlatscopeError(f"--target-error must be in (0, 1] (a rise of the error rate), got {target_error:g}")
         if not first.classification:
-            raise FlatscopeError("--target-error needs class labels: the error rate is undefined for float "
-                                 "(regression) targets")
+            raise FlatscopeError(
+                "--target-error needs class labels: the error rate is undefined for float (regression) targets"
+            )
     if bn == "recompute" and bn_data is None:
         raise FlatscopeError("--bn recompute needs the training inputs (bn_data)")
     if isinstance(batched, bool):
@@ -458,8 +534,17 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
     mask = first.layout.mask(params)
     progress = progress or (lambda k: None)
 
-    res = LocalEnergyResult(sigma=sig, samples=samples, noise=noise, params=params, bn=bn, batched=use_batched,
-                            chunk=int(chunk), seed=int(seed), n_perturbed=0)
+    res = LocalEnergyResult(
+        sigma=sig,
+        samples=samples,
+        noise=noise,
+        params=params,
+        bn=bn,
+        batched=use_batched,
+        chunk=int(chunk),
+        seed=int(seed),
+        n_perturbed=0,
+    )
     dirs = None
     for name, obj in objs.items():
         w0 = obj.w0
@@ -474,7 +559,20 @@ def local_energy(objectives: Objective | Mapping[str, Objective], sigmas, *, sam
         L, E = _sweep(ev, dirs, w0, sig, samples, int(chunk), progress, points)
         curve = SplitCurve(name, base_loss, base_err, L - base_loss, E - base_err)
         if target_error is not None:
-            curve.target = _bisect(ev, dirs, w0, sig, curve.delta_err_draws, base_err, float(target_error),
-                                   samples, int(chunk), rtol, max_iter, progress, points)
+            curve.target = _bisect(
+                ev,
+                dirs,
+                w0,
+                sig,
+                curve.delta_err_draws,
+                base_err,
+                float(target_error),
+                samples,
+                int(chunk),
+                rtol,
+                max_iter,
+                progress,
+                points,
+            )
         res.curves[name] = curve
     return res

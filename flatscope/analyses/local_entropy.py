@@ -127,15 +127,26 @@ import torch
 
 from ..errors import FlatscopeError
 from ..grids import parse_grid
-from ..samplers import (INTEGRATORS, SAMPLERS, SGLD_STEP_FRACTION, ChainRun, ObjectivePotential, Potential,
-                        SamplerDivergence, effective_sample_size, power_lambda_max, run_chains, split_rhat)
+from ..samplers import (
+    INTEGRATORS,
+    SAMPLERS,
+    SGLD_STEP_FRACTION,
+    ChainRun,
+    ObjectivePotential,
+    Potential,
+    SamplerDivergence,
+    effective_sample_size,
+    power_lambda_max,
+    run_chains,
+    split_rhat,
+)
 
 IS_MIN_ESS = 100.0
-RHAT_WARN = 1.01     # Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021): R-hat < 1.01 and ESS > 400
+RHAT_WARN = 1.01  # Vehtari, Gelman, Simpson, Carpenter & Buerkner (2021): R-hat < 1.01 and ESS > 400
 ESS_WARN = 400.0
-FULL_BATCH_MAX_SAMPLES = 4096   # the default minibatch: the full batch up to this many samples, else 64
+FULL_BATCH_MAX_SAMPLES = 4096  # the default minibatch: the full batch up to this many samples, else 64
 DEFAULT_MINIBATCH = 64
-FROZEN_ACCEPT = 0.05         # a MALA chain accepting fewer proposals than this is frozen (restarted)
+FROZEN_ACCEPT = 0.05  # a MALA chain accepting fewer proposals than this is frozen (restarted)
 TAIL_BATCHES = 10
 
 
@@ -178,8 +189,9 @@ def quadratic_closed_form(H, g, L0: float, gammas, beta: float) -> dict:
         out["mean_shift"].append(shift)
         out["grad"].append(-gam * shift)
         out["mean_sq_dist"].append(np.sum(gq**2 / a**2) + np.sum(1 / a) / beta)
-        out["mean_loss"].append(L0 - np.sum(gq**2 / a) + 0.5 * np.sum(lam * gq**2 / a**2)
-                                + 0.5 * np.sum(lam / a) / beta)
+        out["mean_loss"].append(
+            L0 - np.sum(gq**2 / a) + 0.5 * np.sum(lam * gq**2 / a**2) + 0.5 * np.sum(lam / a) / beta
+        )
         out["virial"].append(-np.sum(gq**2 / a) + np.sum(lam * gq**2 / a**2) + np.sum(lam / a) / beta)
         out["local_entropy"].append(L0 - 0.5 * np.sum(gq**2 / a) + 0.5 / beta * np.sum(np.log1p(lam / gam)))
         out["dF_dgamma"].append(0.5 * np.sum(gq**2 / a**2) + 0.5 / beta * np.sum(1 / a - 1 / gam))
@@ -210,8 +222,11 @@ def _local_rule(s: np.ndarray, f: np.ndarray, log: bool) -> np.ndarray:
     y = np.log(f) if log else f
     out = np.empty(K - 1)
     for j in range(K - 1):
-        fits = [_fit_integral(s[lo:lo + 3], y[lo:lo + 3], s[j], s[j + 1], log)
-                for lo in (j - 1, j) if lo >= 0 and lo + 3 <= K]
+        fits = [
+            _fit_integral(s[lo : lo + 3], y[lo : lo + 3], s[j], s[j + 1], log)
+            for lo in (j - 1, j)
+            if lo >= 0 and lo + 3 <= K
+        ]
         out[j] = np.mean(fits)
     return out
 
@@ -254,8 +269,14 @@ def _choose_rule(rules: dict) -> tuple[str, np.ndarray]:
     return "T", np.full(len(rules["T"]), np.nan)
 
 
-def thermodynamic_integration(gammas, m_rep: np.ndarray, center_loss: float, anchor: float | None = None,
-                              anchor_err: float = 0.0, lambda_max: float | None = None) -> dict:
+def thermodynamic_integration(
+    gammas,
+    m_rep: np.ndarray,
+    center_loss: float,
+    anchor: float | None = None,
+    anchor_err: float = 0.0,
+    lambda_max: float | None = None,
+) -> dict:
     """F(gamma) on an ascending grid from replicate estimates ``m_rep`` (R, K) of m = <d . grad L>.
 
     F(gamma_k) = F(gamma_max) + integral of m/2 over s = log gamma from s_k to s_max. Replicates are
@@ -291,10 +312,9 @@ def thermodynamic_integration(gammas, m_rep: np.ndarray, center_loss: float, anc
         per_rep = [_interval_rules(s, 0.5 * m_rep[r]) for r in range(R)]
         rules_bar = _interval_rules(s, 0.5 * mbar)
         rule, dq = _choose_rule(rules_bar)
-        if any(rule not in pr for pr in per_rep):   # a replicate crosses zero: stay in linear space
+        if any(rule not in pr for pr in per_rep):  # a replicate crosses zero: stay in linear space
             rule, dq = _choose_rule({k: v for k, v in rules_bar.items() if k in ("T", "Q")})
-        F_rep = np.stack([top[r] + np.concatenate([np.cumsum(per_rep[r][rule][::-1])[::-1], [0.0]])
-                          for r in range(R)])
+        F_rep = np.stack([top[r] + np.concatenate([np.cumsum(per_rep[r][rule][::-1])[::-1], [0.0]]) for r in range(R)])
         F_trap = top.mean() + np.concatenate([np.cumsum(rules_bar["T"][::-1])[::-1], [0.0]])
     F = F_rep.mean(0)
     mc = F_rep.std(0, ddof=1) / math.sqrt(R) if R > 1 else np.full(K, np.nan)
@@ -312,16 +332,32 @@ def thermodynamic_integration(gammas, m_rep: np.ndarray, center_loss: float, anc
     if lambda_max is not None and K >= 2:
         tail_err = max(tail_err, abs(tail) * float(lambda_max) / gam[-1])
     err = np.sqrt(mc**2 + (quad + (tail_err if anchor is None else 0.0)) ** 2)
-    return {"local_entropy": F, "err": err, "mc_err": mc, "quad_err": quad, "tail": tail,
-            "tail_err": tail_err, "trapezoid": F_trap, "rule": rule,
-            "anchor": "asymptotic tail" if anchor is None else "importance sampling"}
+    return {
+        "local_entropy": F,
+        "err": err,
+        "mc_err": mc,
+        "quad_err": quad,
+        "tail": tail,
+        "tail_err": tail_err,
+        "trapezoid": F_trap,
+        "rule": rule,
+        "anchor": "asymptotic tail" if anchor is None else "importance sampling",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Importance sampling (gradient-free cross-check)
 # ---------------------------------------------------------------------------------------------------
-def importance_sampling(potential: Potential, center: torch.Tensor, center_loss: float, gamma: float, beta: float,
-                        samples: int, generator: torch.Generator, block: int = 64) -> dict:
+def importance_sampling(
+    potential: Potential,
+    center: torch.Tensor,
+    center_loss: float,
+    gamma: float,
+    beta: float,
+    samples: int,
+    generator: torch.Generator,
+    block: int = 64,
+) -> dict:
     """Algorithm 4 of García Trillos et al. 2019: draws from N(w, I/(beta gamma)), weights exp(-beta L).
 
     Returns F (log-mean-exp) with its delta-method standard error, Kish's ESS, and the
@@ -351,9 +387,17 @@ def importance_sampling(potential: Potential, center: torch.Tensor, center_loss:
     L = torch.cat(Ls).numpy()
     sq = torch.cat(sqs).numpy()
     if not np.isfinite(M):
-        return {"local_entropy": math.nan, "local_entropy_err": math.nan, "ess": 0.0, "mean_loss": math.nan,
-                "mean_loss_se": math.nan, "mean_sq_dist": math.nan, "mean_sq_dist_se": math.nan,
-                "grad_norm": math.nan, "reliable": False}
+        return {
+            "local_entropy": math.nan,
+            "local_entropy_err": math.nan,
+            "ess": 0.0,
+            "mean_loss": math.nan,
+            "mean_loss_se": math.nan,
+            "mean_sq_dist": math.nan,
+            "mean_sq_dist_se": math.nan,
+            "grad_norm": math.nan,
+            "reliable": False,
+        }
     wts = np.exp(lw - M)
     S1, S2 = wts.sum(), (wts**2).sum()
     wn = wts / S1
@@ -370,9 +414,17 @@ def importance_sampling(potential: Potential, center: torch.Tensor, center_loss:
     mL, seL = sn(L)
     mS, seS = sn(sq)
     mean_d = acc_d / S1
-    return {"local_entropy": float(F), "local_entropy_err": F_err, "ess": ess, "mean_loss": mL, "mean_loss_se": seL,
-            "mean_sq_dist": mS, "mean_sq_dist_se": seS, "grad_norm": float(gamma * mean_d.norm()),
-            "reliable": bool(ess >= IS_MIN_ESS)}
+    return {
+        "local_entropy": float(F),
+        "local_entropy_err": F_err,
+        "ess": ess,
+        "mean_loss": mL,
+        "mean_loss_se": seL,
+        "mean_sq_dist": mS,
+        "mean_sq_dist_se": seS,
+        "grad_norm": float(gamma * mean_d.norm()),
+        "reliable": bool(ess >= IS_MIN_ESS),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,23 +447,55 @@ class LocalEntropyResult:
     minibatch: int | None
     warm_start: str
     integrator: str
-    per_gamma: dict            # name -> (K,) arrays
-    vectors: dict              # mean_params, grad, grad_sem: (K, n)
-    traces: dict               # loss, sq_dist, virial: (K, C, S_thin); step: (S_thin,)
-    importance: dict | None    # name -> (K,) arrays
+    per_gamma: dict  # name -> (K,) arrays
+    vectors: dict  # mean_params, grad, grad_sem: (K, n)
+    traces: dict  # loss, sq_dist, virial: (K, C, S_thin); step: (S_thin,)
+    importance: dict | None  # name -> (K,) arrays
     warnings: list = field(default_factory=list)
     anchor: str = "asymptotic tail"
 
-    JSON_KEYS = ("mean_loss", "mean_loss_sem", "mean_loss_err", "mean_sq_dist", "mean_sq_dist_sem",
-                 "mean_sq_dist_err", "local_entropy",
-                 "local_entropy_err", "local_entropy_mc_err", "local_entropy_quad_err", "local_entropy_direct",
-                 "local_entropy_direct_err", "virial", "virial_sem", "dF_dgamma", "dF_dgamma_sem",
-                 "dF_dgamma_direct", "dF_dgamma_direct_sem", "grad_norm", "grad_norm_err", "grad_noise_floor",
-                 "grad_norm_debiased", "step_size", "step_fraction", "accept_rate", "rhat", "ess",
-                 "minibatch_noise_ratio", "minibatch_heating", "minibatch_biased", "mean_loss_bias",
-                 "mean_loss_bias_sem", "mean_sq_dist_bias", "mean_sq_dist_bias_sem", "local_entropy_bias",
-                 "local_entropy_bias_sem", "grad_norm_bias", "grad_norm_bias_sem",
-                 "wall_time_s", "grad_evals")
+    JSON_KEYS = (
+        "mean_loss",
+        "mean_loss_sem",
+        "mean_loss_err",
+        "mean_sq_dist",
+        "mean_sq_dist_sem",
+        "mean_sq_dist_err",
+        "local_entropy",
+        "local_entropy_err",
+        "local_entropy_mc_err",
+        "local_entropy_quad_err",
+        "local_entropy_direct",
+        "local_entropy_direct_err",
+        "virial",
+        "virial_sem",
+        "dF_dgamma",
+        "dF_dgamma_sem",
+        "dF_dgamma_direct",
+        "dF_dgamma_direct_sem",
+        "grad_norm",
+        "grad_norm_err",
+        "grad_noise_floor",
+        "grad_norm_debiased",
+        "step_size",
+        "step_fraction",
+        "accept_rate",
+        "rhat",
+        "ess",
+        "minibatch_noise_ratio",
+        "minibatch_heating",
+        "minibatch_biased",
+        "mean_loss_bias",
+        "mean_loss_bias_sem",
+        "mean_sq_dist_bias",
+        "mean_sq_dist_bias_sem",
+        "local_entropy_bias",
+        "local_entropy_bias_sem",
+        "grad_norm_bias",
+        "grad_norm_bias_sem",
+        "wall_time_s",
+        "grad_evals",
+    )
 
     def summary(self) -> dict:
         """Headline numbers (stable names, audited as ``local_entropy.<name>``), at the smallest gamma:
@@ -426,15 +510,22 @@ class LocalEntropyResult:
         p = self.per_gamma
         imp = self.importance
         return {
-            "local_entropy": float(p["local_entropy"][0]), "local_entropy_err": float(p["local_entropy_err"][0]),
+            "local_entropy": float(p["local_entropy"][0]),
+            "local_entropy_err": float(p["local_entropy_err"][0]),
             "entropy_gap": float(p["local_entropy"][0] - self.center_loss),
-            "mean_loss": float(p["mean_loss"][0]), "mean_sq_dist": float(p["mean_sq_dist"][0]),
-            "grad_norm": float(p["grad_norm"][0]), "center_loss": self.center_loss, "beta": self.beta,
-            "gamma_min": float(self.gamma[0]), "gamma_max": float(self.gamma[-1]), "lambda_max": self.lambda_max,
+            "mean_loss": float(p["mean_loss"][0]),
+            "mean_sq_dist": float(p["mean_sq_dist"][0]),
+            "grad_norm": float(p["grad_norm"][0]),
+            "center_loss": self.center_loss,
+            "beta": self.beta,
+            "gamma_min": float(self.gamma[0]),
+            "gamma_max": float(self.gamma[-1]),
+            "lambda_max": self.lambda_max,
             "max_rhat": float(np.nanmax(p["rhat"])) if np.any(np.isfinite(p["rhat"])) else math.nan,
             "min_ess": float(np.nanmin(p["ess"])) if np.any(np.isfinite(p["ess"])) else math.nan,
-            "min_accept_rate": (float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"]))
-                                else math.nan),
+            "min_accept_rate": (
+                float(np.nanmin(p["accept_rate"])) if np.any(np.isfinite(p["accept_rate"])) else math.nan
+            ),
             "is_min_ess": float(np.min(imp["ess"])) if imp else math.nan,
             "n_minibatch_biased": int(np.sum(p.get("minibatch_biased", 0))),
             "n_warnings": len(self.warnings),
@@ -442,13 +533,23 @@ class LocalEntropyResult:
 
     def to_tree(self) -> dict:
         tree = {
-            "gamma": self.gamma, "beta": np.float64(self.beta), "n_params": np.int64(self.n_params),
-            "center_loss": np.float64(self.center_loss), "center_grad_norm": np.float64(self.center_grad_norm),
-            "lambda_max": np.float64(self.lambda_max), "lambda_max_source": self.lambda_max_source,
-            "sampler": self.sampler, "chains": np.int64(self.chains), "steps": np.int64(self.steps),
-            "burn_in": np.int64(self.burn_in), "thin": np.int64(self.thin),
-            "minibatch": np.int64(self.minibatch or 0), "warm_start": self.warm_start,
-            "anchor": self.anchor, "integrator": self.integrator, "warnings": json.dumps(self.warnings),
+            "gamma": self.gamma,
+            "beta": np.float64(self.beta),
+            "n_params": np.int64(self.n_params),
+            "center_loss": np.float64(self.center_loss),
+            "center_grad_norm": np.float64(self.center_grad_norm),
+            "lambda_max": np.float64(self.lambda_max),
+            "lambda_max_source": self.lambda_max_source,
+            "sampler": self.sampler,
+            "chains": np.int64(self.chains),
+            "steps": np.int64(self.steps),
+            "burn_in": np.int64(self.burn_in),
+            "thin": np.int64(self.thin),
+            "minibatch": np.int64(self.minibatch or 0),
+            "warm_start": self.warm_start,
+            "anchor": self.anchor,
+            "integrator": self.integrator,
+            "warnings": json.dumps(self.warnings),
         }
         tree.update({k: (v if isinstance(v, str) else np.asarray(v)) for k, v in self.per_gamma.items()})
         tree.update({k: np.asarray(v) for k, v in self.vectors.items()})
@@ -458,14 +559,28 @@ class LocalEntropyResult:
         return tree
 
     def to_json(self) -> dict:
-        out = {"gamma": self.gamma, "beta": self.beta, "n_params": self.n_params, "center_loss": self.center_loss,
-               "center_grad_norm": self.center_grad_norm, "lambda_max": self.lambda_max,
-               "lambda_max_source": self.lambda_max_source, "sampler": self.sampler, "chains": self.chains,
-               "steps": self.steps, "burn_in": self.burn_in, "thin": self.thin, "minibatch": self.minibatch,
-               "warm_start": self.warm_start, "integrator": self.integrator, "anchor": self.anchor,
-               "tail": self.per_gamma["tail"],
-               "tail_err": self.per_gamma["tail_err"], "tail_gap": self.per_gamma["tail_gap"],
-               "quadrature_rule": self.per_gamma["quadrature_rule"]}
+        out = {
+            "gamma": self.gamma,
+            "beta": self.beta,
+            "n_params": self.n_params,
+            "center_loss": self.center_loss,
+            "center_grad_norm": self.center_grad_norm,
+            "lambda_max": self.lambda_max,
+            "lambda_max_source": self.lambda_max_source,
+            "sampler": self.sampler,
+            "chains": self.chains,
+            "steps": self.steps,
+            "burn_in": self.burn_in,
+            "thin": self.thin,
+            "minibatch": self.minibatch,
+            "warm_start": self.warm_start,
+            "integrator": self.integrator,
+            "anchor": self.anchor,
+            "tail": self.per_gamma["tail"],
+            "tail_err": self.per_gamma["tail_err"],
+            "tail_gap": self.per_gamma["tail_gap"],
+            "quadrature_rule": self.per_gamma["quadrature_rule"],
+        }
         out.update({k: self.per_gamma[k] for k in self.JSON_KEYS if k in self.per_gamma})
         out["rhat_detail"] = {k: self.per_gamma[f"rhat_{k}"] for k in ("loss", "sq_dist", "virial")}
         out["ess_detail"] = {k: self.per_gamma[f"ess_{k}"] for k in ("loss", "sq_dist", "virial")}
@@ -489,9 +604,22 @@ def _sem(rep: np.ndarray) -> float:
     return float(rep.std(ddof=1) / math.sqrt(len(rep))) if len(rep) > 1 else math.nan
 
 
-def _restart_frozen(run: ChainRun, pot: Potential, center: torch.Tensor, gamma: float, beta: float, lam: float,
-                    warnings: list, *, gen, steps: int, burn_in: int, adapt: bool, scale: float,
-                    integrator: str) -> ChainRun:
+def _restart_frozen(
+    run: ChainRun,
+    pot: Potential,
+    center: torch.Tensor,
+    gamma: float,
+    beta: float,
+    lam: float,
+    warnings: list,
+    *,
+    gen,
+    steps: int,
+    burn_in: int,
+    adapt: bool,
+    scale: float,
+    integrator: str,
+) -> ChainRun:
     """Restart every MALA chain whose acceptance over the kept steps is below ``FROZEN_ACCEPT``.
 
     A chain freezes when its warm start lies in a region much stiffer than where the others are
@@ -508,20 +636,38 @@ def _restart_frozen(run: ChainRun, pot: Potential, center: torch.Tensor, gamma: 
     healthy = np.setdiff1d(np.arange(acc.size), frozen)
     eta = float(np.median(run.chain_step[healthy]))
     idx = torch.as_tensor(frozen, device=run.final.device)
-    W0 = center + torch.randn((frozen.size, center.numel()), generator=gen, device=gen.device,
-                              dtype=center.dtype).to(center.device) / math.sqrt(beta * gamma)
-    sub = run_chains(pot, center, gamma, beta, W0, sampler="mala", step=eta, steps=steps, burn_in=burn_in,
-                     adapt=adapt, lambda_max=lam, generator=gen, divergence_scale=scale, integrator=integrator)
+    W0 = center + torch.randn((frozen.size, center.numel()), generator=gen, device=gen.device, dtype=center.dtype).to(
+        center.device
+    ) / math.sqrt(beta * gamma)
+    sub = run_chains(
+        pot,
+        center,
+        gamma,
+        beta,
+        W0,
+        sampler="mala",
+        step=eta,
+        steps=steps,
+        burn_in=burn_in,
+        adapt=adapt,
+        lambda_max=lam,
+        generator=gen,
+        divergence_scale=scale,
+        integrator=integrator,
+    )
     rates = ", ".join(f"{int(i)}: {acc[i]:.3f}" for i in frozen)
     after = sub.accept.cpu().numpy()
-    warnings.append(f"gamma={gamma:.4g}: MALA chain(s) froze (acceptance {rates} over the kept steps; "
-                    f"their warm starts lay where the step is over the stability limit); restarted them from "
-                    f"the prior with a fresh burn-in: acceptance now "
-                    + ", ".join(f"{a:.3f}" for a in after))
+    warnings.append(
+        f"gamma={gamma:.4g}: MALA chain(s) froze (acceptance {rates} over the kept steps; "
+        f"their warm starts lay where the step is over the stability limit); restarted them from "
+        f"the prior with a fresh burn-in: acceptance now " + ", ".join(f"{a:.3f}" for a in after)
+    )
     if np.any(after < FROZEN_ACCEPT):
-        warnings.append(f"gamma={gamma:.4g}: MALA chain(s) {frozen[after < FROZEN_ACCEPT].tolist()} are still "
-                        "frozen after a restart: the error bars there are not reliable; lower --step-size "
-                        "or raise --burn-in")
+        warnings.append(
+            f"gamma={gamma:.4g}: MALA chain(s) {frozen[after < FROZEN_ACCEPT].tolist()} are still "
+            "frozen after a restart: the error bars there are not reliable; lower --step-size "
+            "or raise --burn-in"
+        )
 
     def put(full, part):
         out = full.clone()
@@ -533,21 +679,49 @@ def _restart_frozen(run: ChainRun, pot: Potential, center: torch.Tensor, gamma: 
     fraction = None if run.fraction is None else run.fraction.copy()
     if fraction is not None and sub.fraction is not None:
         fraction[frozen] = sub.fraction
-    return ChainRun(loss=put(run.loss, sub.loss), sq_dist=put(run.sq_dist, sub.sq_dist),
-                    virial=put(run.virial, sub.virial), mean_params=put(run.mean_params, sub.mean_params),
-                    accept=put(run.accept, sub.accept), final=put(run.final, sub.final),
-                    step=float(np.median(chain_step)), diverged=put(run.diverged, sub.diverged),
-                    grad_evals=run.grad_evals, fraction=fraction, chain_step=chain_step, minibatch=run.minibatch,
-                    restarted=frozen)
+    return ChainRun(
+        loss=put(run.loss, sub.loss),
+        sq_dist=put(run.sq_dist, sub.sq_dist),
+        virial=put(run.virial, sub.virial),
+        mean_params=put(run.mean_params, sub.mean_params),
+        accept=put(run.accept, sub.accept),
+        final=put(run.final, sub.final),
+        step=float(np.median(chain_step)),
+        diverged=put(run.diverged, sub.diverged),
+        grad_evals=run.grad_evals,
+        fraction=fraction,
+        chain_step=chain_step,
+        minibatch=run.minibatch,
+        restarted=frozen,
+    )
 
 
-def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "sgld", steps: int = 1000,
-                  burn_in: int = 200, thin: int = 10, chains: int = 4, step_size: float | None = None,
-                  step_fraction: float | None = None, minibatch: int | None = None, is_samples: int = 0,
-                  lambda_max: float | None = None, warm_start: str = "previous", chain_mode: str = "auto",
-                  center: torch.Tensor | None = None, seed: int = 0, device_generator: torch.Generator | None = None,
-                  local_curvature: bool = True, retries: int = 2, integrator: str = "lm",
-                  bias_check: bool = True, progress: Callable[[int], None] | None = None) -> LocalEntropyResult:
+def local_entropy(
+    target,
+    gammas,
+    *,
+    beta: float | None = None,
+    sampler: str = "sgld",
+    steps: int = 1000,
+    burn_in: int = 200,
+    thin: int = 10,
+    chains: int = 4,
+    step_size: float | None = None,
+    step_fraction: float | None = None,
+    minibatch: int | None = None,
+    is_samples: int = 0,
+    lambda_max: float | None = None,
+    warm_start: str = "previous",
+    chain_mode: str = "auto",
+    center: torch.Tensor | None = None,
+    seed: int = 0,
+    device_generator: torch.Generator | None = None,
+    local_curvature: bool = True,
+    retries: int = 2,
+    integrator: str = "lm",
+    bias_check: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> LocalEntropyResult:
     """Estimate the local entropy landscape of ``target`` around its weights at each coupling.
 
     ``target``: an :class:`~flatscope.objective.Objective` (center: its weights) or a
@@ -615,8 +789,11 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             raise FlatscopeError("--minibatch needs a loss over data")
 
     cpu_gen = torch.Generator().manual_seed(int(seed))
-    gen = device_generator if device_generator is not None else (
-        cpu_gen if pot.device.type == "cpu" else torch.Generator(device=pot.device).manual_seed(int(seed)))
+    gen = (
+        device_generator
+        if device_generator is not None
+        else (cpu_gen if pot.device.type == "cpu" else torch.Generator(device=pot.device).manual_seed(int(seed)))
+    )
 
     L0_t, G0 = pot.loss_grad(center[None])
     center_loss = float(L0_t[0])
@@ -637,7 +814,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
 
     warnings: list[str] = []
     K = len(gam)
-    order = np.arange(K)[::-1]          # sample from gamma_max down
+    order = np.arange(K)[::-1]  # sample from gamma_max down
     runs: dict[int, ChainRun] = {}
     wall = np.zeros(K)
     evals = np.zeros(K, dtype=np.int64)
@@ -667,8 +844,10 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             chain_minibatch = np.array([minibatch] * half + [2 * minibatch] * (chains - half), dtype=np.int64)
             groups = (np.arange(half), np.arange(half, chains), minibatch, 2 * minibatch)
         else:
-            warnings.append(f"--minibatch {minibatch} with {chains} chains: the minibatch bias needs at least 4 "
-                            "chains (two per minibatch size) to be estimated; it is not checked")
+            warnings.append(
+                f"--minibatch {minibatch} with {chains} chains: the minibatch bias needs at least 4 "
+                "chains (two per minibatch size) to be estimated; it is not checked"
+            )
 
     W = None
     prev_gamma = None
@@ -677,35 +856,69 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         g_k = float(gam[k])
         t0 = time.time()
         if W is None or warm_start == "center":
-            W = center + torch.randn((chains, n), generator=gen, device=gen.device, dtype=pot.dtype).to(pot.device) \
-                / math.sqrt(beta * g_k)
+            W = center + torch.randn((chains, n), generator=gen, device=gen.device, dtype=pot.dtype).to(
+                pot.device
+            ) / math.sqrt(beta * g_k)
         else:
             extra = 1.0 / (beta * g_k) - 1.0 / (beta * prev_gamma)
-            W = W + math.sqrt(max(extra, 0.0)) * torch.randn(W.shape, generator=gen, device=gen.device,
-                                                            dtype=pot.dtype).to(pot.device)
+            W = W + math.sqrt(max(extra, 0.0)) * torch.randn(
+                W.shape, generator=gen, device=gen.device, dtype=pot.dtype
+            ).to(pot.device)
         # curvature where the chains start (wide q reaches stiffer regions than the center)
         lam_k = lam
         if step_size is None and local_curvature:
-            lam_k = max(lam, power_lambda_max(pot.hvp_at(W[0]), n, iters=10, dtype=pot.dtype, device=pot.device,
-                                              generator=cpu_gen))
+            lam_k = max(
+                lam,
+                power_lambda_max(pot.hvp_at(W[0]), n, iters=10, dtype=pot.dtype, device=pot.device, generator=cpu_gen),
+            )
         lam_used[k] = lam_k
         scale = n / (beta * g_k) + gnorm**2 / g_k**2 + float(center.double().pow(2).sum())
         for attempt in range(retries + 1):
             eta = step_size if step_size is not None else frac / (lam_k + g_k)
             try:
-                run = run_chains(pot, center, g_k, beta, W, sampler=sampler, step=eta, steps=steps, burn_in=burn_in,
-                                 minibatch=chain_minibatch, adapt=adapt, lambda_max=lam_k, generator=gen,
-                                 divergence_scale=scale, progress=progress, integrator=integrator)
+                run = run_chains(
+                    pot,
+                    center,
+                    g_k,
+                    beta,
+                    W,
+                    sampler=sampler,
+                    step=eta,
+                    steps=steps,
+                    burn_in=burn_in,
+                    minibatch=chain_minibatch,
+                    adapt=adapt,
+                    lambda_max=lam_k,
+                    generator=gen,
+                    divergence_scale=scale,
+                    progress=progress,
+                    integrator=integrator,
+                )
                 break
             except SamplerDivergence as exc:
                 if step_size is not None or attempt == retries:
                     raise
                 frac = frac / 4.0
-                warnings.append(f"gamma={g_k:.4g}: chains diverged with the automatic step; retried with "
-                                f"c={float(np.median(frac)):.3g} ({exc})")
+                warnings.append(
+                    f"gamma={g_k:.4g}: chains diverged with the automatic step; retried with "
+                    f"c={float(np.median(frac)):.3g} ({exc})"
+                )
         if sampler == "mala":
-            run = _restart_frozen(run, pot, center, g_k, beta, lam_k, warnings, gen=gen, steps=steps,
-                                  burn_in=burn_in, adapt=adapt, scale=scale, integrator=integrator)
+            run = _restart_frozen(
+                run,
+                pot,
+                center,
+                g_k,
+                beta,
+                lam_k,
+                warnings,
+                gen=gen,
+                steps=steps,
+                burn_in=burn_in,
+                adapt=adapt,
+                scale=scale,
+                integrator=integrator,
+            )
         if adapt and run.fraction is not None:
             frac = run.fraction
         runs[k] = run
@@ -750,14 +963,18 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
         tail_gap = anchor - (center_loss + ti["tail"])
         tol = 3 * math.sqrt(anchor_err**2 + (0.5 * vir_sem[-1]) ** 2) + ti["tail_err"]
         if abs(tail_gap) > tol:
-            warnings.append(f"at gamma_max={gam[-1]:.4g} the asymptotic tail F ~ L + m/2 = "
-                            f"{center_loss + ti['tail']:.6g} and importance sampling F = {anchor:.6g} differ by "
-                            f"{tail_gap:.3g} (> {tol:.2g}): the loss "
-                            "is not yet quadratic at this scale (ReLU kinks, a saturated softmax); F is anchored on "
-                            "importance sampling")
+            warnings.append(
+                f"at gamma_max={gam[-1]:.4g} the asymptotic tail F ~ L + m/2 = "
+                f"{center_loss + ti['tail']:.6g} and importance sampling F = {anchor:.6g} differ by "
+                f"{tail_gap:.3g} (> {tol:.2g}): the loss "
+                "is not yet quadratic at this scale (ReLU kinks, a saturated softmax); F is anchored on "
+                "importance sampling"
+            )
     elif K > 1 and is_samples:
-        warnings.append(f"importance sampling at gamma_max={gam[-1]:.4g} has ESS {importance['ess'][-1]:.0f} of "
-                        f"{is_samples}: F(gamma_max) falls back to the asymptotic tail L + m/2; extend the grid upward")
+        warnings.append(
+            f"importance sampling at gamma_max={gam[-1]:.4g} has ESS {importance['ess'][-1]:.0f} of "
+            f"{is_samples}: F(gamma_max) falls back to the asymptotic tail L + m/2; extend the grid upward"
+        )
 
     mean_params = np.stack([runs[k].mean_params.mean(0).cpu().numpy() for k in range(K)])
     c_np = center.double().cpu().numpy()
@@ -782,7 +999,7 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
     flag_what: list[list[str]] = [[] for _ in range(K)]
     if groups is not None:
         gA, gB, mA, mB = groups
-        fac = 0.5 * (1 / mA + 1 / mB) / (1 / mA - 1 / mB)     # bias of the pooled mean per unit (A - B)
+        fac = 0.5 * (1 / mA + 1 / mB) / (1 / mA - 1 / mB)  # bias of the pooled mean per unit (A - B)
 
         def two(repA, repB):
             d = repA.mean(0) - repB.mean(0)
@@ -805,8 +1022,12 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             gnB[k] = gam[k] * np.linalg.norm(c_np - mp[gB].mean(0))
         bias["grad_norm"] = fac * (gnA - gnB)
         bias_sem["grad_norm"] = fac * np.sqrt(chains / len(gA) + chains / len(gB)) * gn_err
-        errs = {"mean_loss": mean_loss_sem, "mean_sq_dist": mean_sq_sem, "local_entropy": ti["err"],
-                "grad_norm": gn_err}
+        errs = {
+            "mean_loss": mean_loss_sem,
+            "mean_sq_dist": mean_sq_sem,
+            "local_entropy": ti["err"],
+            "grad_norm": gn_err,
+        }
         for q, b in bias.items():
             # flagged: the bias is resolved (beyond twice its own noise) and larger than the error bar
             hit = (np.abs(b) > errs[q]) & (np.abs(b) > 2 * bias_sem[q])
@@ -820,8 +1041,11 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
             return err
         return np.sqrt(err**2 + bias[q] ** 2 + bias_sem[q] ** 2)
 
-    grad_err = grad_sem if groups is None else np.sqrt(grad_sem**2 + (gam[:, None] * shift_bias) ** 2
-                                                       + (gam[:, None] * shift_bias_sem) ** 2)
+    grad_err = (
+        grad_sem
+        if groups is None
+        else np.sqrt(grad_sem**2 + (gam[:, None] * shift_bias) ** 2 + (gam[:, None] * shift_bias_sem) ** 2)
+    )
 
     def diag(fn, name):
         return np.array([fn(getattr(runs[k], name).cpu().numpy()) for k in range(K)])
@@ -834,74 +1058,140 @@ def local_entropy(target, gammas, *, beta: float | None = None, sampler: str = "
 
     # ---------------------------------------------------------------- warnings
     for k in range(K):
-        bad = [f"R-hat({q}) {rhat[q][k]:.3f} > {RHAT_WARN}" for q in ("loss", "virial")
-               if np.isfinite(rhat[q][k]) and rhat[q][k] > RHAT_WARN]
-        bad += [f"ESS({q}) {ess[q][k]:.0f} < {ESS_WARN:.0f}" for q in ("loss", "virial")
-                if np.isfinite(ess[q][k]) and ess[q][k] < ESS_WARN]
+        bad = [
+            f"R-hat({q}) {rhat[q][k]:.3f} > {RHAT_WARN}"
+            for q in ("loss", "virial")
+            if np.isfinite(rhat[q][k]) and rhat[q][k] > RHAT_WARN
+        ]
+        bad += [
+            f"ESS({q}) {ess[q][k]:.0f} < {ESS_WARN:.0f}"
+            for q in ("loss", "virial")
+            if np.isfinite(ess[q][k]) and ess[q][k] < ESS_WARN
+        ]
         if bad:
-            warnings.append(f"gamma={gam[k]:.4g}: chains have not equilibrated or mixed enough ({', '.join(bad)}): "
-                            "the standard errors there are too small; raise --steps/--burn-in")
+            warnings.append(
+                f"gamma={gam[k]:.4g}: chains have not equilibrated or mixed enough ({', '.join(bad)}): "
+                "the standard errors there are too small; raise --steps/--burn-in"
+            )
         if sampler == "mala" and accept[k] < 0.15:
-            warnings.append(f"gamma={gam[k]:.4g}: MALA acceptance {accept[k]:.3f} is low; chains barely move "
-                            "(lower --step-size)")
+            warnings.append(
+                f"gamma={gam[k]:.4g}: MALA acceptance {accept[k]:.3f} is low; chains barely move (lower --step-size)"
+            )
         if flagged[k]:
             what = ", ".join(f"{q} by {bias[q][k]:+.3g} ± {bias_sem[q][k]:.2g}" for q in flag_what[k])
-            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise biases {what} (estimated from chains at "
-                            f"minibatch {groups[2]} and {groups[3]}), beyond the reported standard error: raise "
-                            "--minibatch, lower --step-size, or use --minibatch full")
+            warnings.append(
+                f"gamma={gam[k]:.4g}: minibatch gradient noise biases {what} (estimated from chains at "
+                f"minibatch {groups[2]} and {groups[3]}), beyond the reported standard error: raise "
+                "--minibatch, lower --step-size, or use --minibatch full"
+            )
         elif groups is None and np.isfinite(heating[k]) and heating[k] > mean_loss_sem[k]:
-            warnings.append(f"gamma={gam[k]:.4g}: minibatch gradient noise heats the chains: it may raise <L>_q by "
-                            f"up to {heating[k]:.2g} (eta tr Cov(g_minibatch) / 4), more than its standard error "
-                            f"{mean_loss_sem[k]:.2g} (raise --minibatch, lower --step-size, or use --minibatch full)")
+            warnings.append(
+                f"gamma={gam[k]:.4g}: minibatch gradient noise heats the chains: it may raise <L>_q by "
+                f"up to {heating[k]:.2g} (eta tr Cov(g_minibatch) / 4), more than its standard error "
+                f"{mean_loss_sem[k]:.2g} (raise --minibatch, lower --step-size, or use --minibatch full)"
+            )
     if sampler == "mala" and np.all(accept < 0.01):
-        raise FlatscopeError(f"MALA accepted almost no proposal (rate {accept.max():.3g}): the step size is far "
-                             "too large for this curvature; lower --step-size")
+        raise FlatscopeError(
+            f"MALA accepted almost no proposal (rate {accept.max():.3g}): the step size is far "
+            "too large for this curvature; lower --step-size"
+        )
     if chains == 1:
         warnings.append("one chain: standard errors come from batch means of that chain; use --chains >= 2")
     if K == 1:
-        warnings.append("one gamma: F rests on the large-gamma tail alone and its error is the whole tail; "
-                        "give a grid reaching gamma >> lambda_max")
+        warnings.append(
+            "one gamma: F rests on the large-gamma tail alone and its error is the whole tail; "
+            "give a grid reaching gamma >> lambda_max"
+        )
     elif lam > 0 and gam[-1] < 10 * lam:
-        warnings.append(f"gamma_max={gam[-1]:.3g} is below 10 lambda_max={10 * lam:.3g}: the asymptotic tail "
-                        "F ~ L + m/2 may be inaccurate; extend the grid upward")
+        warnings.append(
+            f"gamma_max={gam[-1]:.3g} is below 10 lambda_max={10 * lam:.3g}: the asymptotic tail "
+            "F ~ L + m/2 may be inaccurate; extend the grid upward"
+        )
 
     S = steps
     keep = np.arange(0, S, thin)
-    traces = {q: np.stack([getattr(runs[k], q).cpu().numpy()[:, keep] for k in range(K)]) for q in
-              ("loss", "sq_dist", "virial")}
+    traces = {
+        q: np.stack([getattr(runs[k], q).cpu().numpy()[:, keep] for k in range(K)])
+        for q in ("loss", "sq_dist", "virial")
+    }
     traces["step"] = keep + burn_in
 
     per_gamma = {
-        "mean_loss": mean_loss, "mean_loss_sem": mean_loss_sem, "mean_loss_err": total("mean_loss", mean_loss_sem),
-        "mean_sq_dist": mean_sq, "mean_sq_dist_sem": mean_sq_sem,
+        "mean_loss": mean_loss,
+        "mean_loss_sem": mean_loss_sem,
+        "mean_loss_err": total("mean_loss", mean_loss_sem),
+        "mean_sq_dist": mean_sq,
+        "mean_sq_dist_sem": mean_sq_sem,
         "mean_sq_dist_err": total("mean_sq_dist", mean_sq_sem),
-        "virial": vir, "virial_sem": vir_sem, "dF_dgamma": dF, "dF_dgamma_sem": dF_sem,
-        "dF_dgamma_direct": dF_direct, "dF_dgamma_direct_sem": dF_direct_sem,
-        "local_entropy": ti["local_entropy"], "local_entropy_err": total("local_entropy", ti["err"]),
+        "virial": vir,
+        "virial_sem": vir_sem,
+        "dF_dgamma": dF,
+        "dF_dgamma_sem": dF_sem,
+        "dF_dgamma_direct": dF_direct,
+        "dF_dgamma_direct_sem": dF_direct_sem,
+        "local_entropy": ti["local_entropy"],
+        "local_entropy_err": total("local_entropy", ti["err"]),
         "local_entropy_mc_err": ti["mc_err"],
-        "local_entropy_quad_err": ti["quad_err"], "local_entropy_trapezoid": ti["trapezoid"],
+        "local_entropy_quad_err": ti["quad_err"],
+        "local_entropy_trapezoid": ti["trapezoid"],
         "quadrature_rule": ti["rule"],
-        "local_entropy_direct": ti_direct["local_entropy"], "local_entropy_direct_err": ti_direct["err"],
-        "tail": np.float64(ti["tail"]), "tail_err": np.float64(ti["tail_err"]), "tail_gap": np.float64(tail_gap),
-        "grad_norm": grad_norm, "grad_norm_err": total("grad_norm", gn_err), "grad_noise_floor": gn_floor,
+        "local_entropy_direct": ti_direct["local_entropy"],
+        "local_entropy_direct_err": ti_direct["err"],
+        "tail": np.float64(ti["tail"]),
+        "tail_err": np.float64(ti["tail_err"]),
+        "tail_gap": np.float64(tail_gap),
+        "grad_norm": grad_norm,
+        "grad_norm_err": total("grad_norm", gn_err),
+        "grad_noise_floor": gn_floor,
         "grad_norm_debiased": np.sqrt(np.maximum(grad_norm**2 - np.nan_to_num(gn_floor) ** 2, 0.0)),
-        "step_size": step, "step_fraction": step * (lam_used + gam), "lambda_local": lam_used,
+        "step_size": step,
+        "step_fraction": step * (lam_used + gam),
+        "lambda_local": lam_used,
         "accept_rate": accept,
         "accept_rate_chains": accept_chain,
-        "rhat": np.fmax(rhat["loss"], rhat["virial"]), "ess": np.fmin(ess["loss"], ess["virial"]),
-        "rhat_loss": rhat["loss"], "rhat_sq_dist": rhat["sq_dist"], "rhat_virial": rhat["virial"],
-        "ess_loss": ess["loss"], "ess_sq_dist": ess["sq_dist"], "ess_virial": ess["virial"],
-        "minibatch_noise_ratio": noise_ratio, "minibatch_heating": heating, "wall_time_s": wall, "grad_evals": evals,
+        "rhat": np.fmax(rhat["loss"], rhat["virial"]),
+        "ess": np.fmin(ess["loss"], ess["virial"]),
+        "rhat_loss": rhat["loss"],
+        "rhat_sq_dist": rhat["sq_dist"],
+        "rhat_virial": rhat["virial"],
+        "ess_loss": ess["loss"],
+        "ess_sq_dist": ess["sq_dist"],
+        "ess_virial": ess["virial"],
+        "minibatch_noise_ratio": noise_ratio,
+        "minibatch_heating": heating,
+        "wall_time_s": wall,
+        "grad_evals": evals,
         "minibatch_biased": flagged,
     }
     for q in ("mean_loss", "mean_sq_dist", "local_entropy", "grad_norm"):
         per_gamma[f"{q}_bias"] = bias.get(q, np.full(K, np.nan))
         per_gamma[f"{q}_bias_sem"] = bias_sem.get(q, np.full(K, np.nan))
-    return LocalEntropyResult(gamma=gam, beta=beta, n_params=n, center_loss=center_loss, center_grad_norm=gnorm,
-                              lambda_max=lam, lambda_max_source=lam_src, sampler=sampler, chains=chains,
-                              steps=steps, burn_in=burn_in, thin=thin, minibatch=minibatch, warm_start=warm_start,
-                              integrator=integrator if sampler == "sgld" else "mala",
-                              per_gamma=per_gamma,
-                              vectors={"mean_params": mean_params, "grad": grad, "grad_sem": grad_sem,
-                                       "grad_err": grad_err, "mean_shift_bias": shift_bias},
-                              traces=traces, importance=importance, warnings=warnings, anchor=ti["anchor"])
+    return LocalEntropyResult(
+        gamma=gam,
+        beta=beta,
+        n_params=n,
+        center_loss=center_loss,
+        center_grad_norm=gnorm,
+        lambda_max=lam,
+        lambda_max_source=lam_src,
+        sampler=sampler,
+        chains=chains,
+        steps=steps,
+        burn_in=burn_in,
+        thin=thin,
+        minibatch=minibatch,
+        warm_start=warm_start,
+        integrator=integrator if sampler == "sgld" else "mala",
+        per_gamma=per_gamma,
+        vectors={
+            "mean_params": mean_params,
+            "grad": grad,
+            "grad_sem": grad_sem,
+            "grad_err": grad_err,
+            "mean_shift_bias": shift_bias,
+        },
+        traces=traces,
+        importance=importance,
+        warnings=warnings,
+        anchor=ti["anchor"],
+    )

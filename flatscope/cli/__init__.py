@@ -46,7 +46,7 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:   # bare `flatscope`: the help text
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `flatscope`: the help text
             click.echo(exc.ctx.get_help())
             sys.exit(0)
         except click.UsageError as exc:
@@ -64,8 +64,9 @@ class _Group(click.Group):
     def list_commands(self, ctx):
         from . import commands
 
-        return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__)
-                      if not m.name.startswith("_"))
+        return sorted(
+            m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")
+        )
 
     def format_commands(self, ctx, formatter):
         """The command list of ``flatscope --help``, without importing any command (and torch)."""
@@ -76,7 +77,7 @@ class _Group(click.Group):
                 rows = []
                 for n in names:
                     text = _short_help(n, limit)
-                    if text is None:   # not the usual layout: ask the command itself (imports it)
+                    if text is None:  # not the usual layout: ask the command itself (imports it)
                         cmd = self.get_command(ctx, n)
                         text = cmd.get_short_help_str(limit) if cmd is not None else ""
                     rows.append((n, text))

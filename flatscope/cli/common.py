@@ -34,12 +34,30 @@ from .. import distributed
 from .. import results as store
 
 STATE = {"verbose": False}
-_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any command changes it
+_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any command changes it
 
 COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
-ANALYSIS_KEYS = ("checkpoint", "model", "model_kwargs", "data", "data_kwargs", "loss", "split",
-                 "batch_size", "max_samples", "out", "plot", "plot_format", "allow_nonfinite", "allow_mixed",
-                 "label_smoothing", "metric", "output", "hvp", "workers")
+ANALYSIS_KEYS = (
+    "checkpoint",
+    "model",
+    "model_kwargs",
+    "data",
+    "data_kwargs",
+    "loss",
+    "split",
+    "batch_size",
+    "max_samples",
+    "out",
+    "plot",
+    "plot_format",
+    "allow_nonfinite",
+    "allow_mixed",
+    "label_smoothing",
+    "metric",
+    "output",
+    "hvp",
+    "workers",
+)
 
 
 def _json_dict(ctx, param, value):
@@ -62,19 +80,39 @@ def _set_verbose(ctx, param, value):
 def common_options(f: Callable) -> Callable:
     """--device --seed --dtype --threads --json -q -v."""
     opts = [
-        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                     help="Where to compute; auto picks CUDA when available."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            metavar="auto|cpu|cuda[:N]",
+            help="Where to compute; auto picks CUDA when available.",
+        ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random draw."),
-        click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
-                     show_default=True,
-                     help="Precision of the model and data; bfloat16/float16 run forward and backward in that "
-                          "precision and sum over batches in float32 (the Lanczos recurrence is float64)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="torch CPU threads (default: the idle cores, 1 on a busy CPU; OMP_NUM_THREADS if set)."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+            default="float32",
+            show_default=True,
+            help="Precision of the model and data; bfloat16/float16 run forward and backward in that "
+            "precision and sum over batches in float32 (the Lanczos recurrence is float64).",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            metavar="N",
+            help="torch CPU threads (default: the idle cores, 1 on a busy CPU; OMP_NUM_THREADS if set).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars, notes or summary tables."),
-        click.option("-v", "--verbose", is_flag=True, callback=_set_verbose, is_eager=True,
-                     help="More detail, and the traceback on errors."),
+        click.option(
+            "-v",
+            "--verbose",
+            is_flag=True,
+            callback=_set_verbose,
+            is_eager=True,
+            help="More detail, and the traceback on errors.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -85,46 +123,109 @@ def analysis_options(f: Callable) -> Callable:
     """The checkpoint argument and the data/model/output options of every analysis."""
     opts = [
         click.argument("checkpoint", type=click.Path(dir_okay=True)),
-        click.option("--model", default=None, metavar="NAME|torchvision:NAME|hf:DIR|pkg.module:factory",
-                     help="Architecture for a bare state_dict or .safetensors file (or to override the stored one)."),
-        click.option("--model-kwargs", default=None, callback=_json_dict, metavar="JSON",
-                     help="Keyword arguments for --model, as a JSON object."),
-        click.option("--data", default=None, metavar="SPEC",
-                     help="Override the data stored in the checkpoint: digits, mnist1d, teacher, npz:PATH, h5:PATH, "
-                          "torchvision:NAME, hf-disk:PATH, pkg.module:factory (a Dataset, (X, y) or dict of arrays)."),
-        click.option("--data-kwargs", default=None, callback=_json_dict, metavar="JSON",
-                     help="Keyword arguments for --data, as a JSON object."),
-        click.option("--loss", default=None, metavar="ce|lm|bce|mse|pkg.module:fn",
-                     help="Override the checkpoint's loss; lm is next-token cross-entropy over sequences, "
-                          "pkg.module:fn a function fn(outputs, targets) -> mean loss."),
-        click.option("--label-smoothing", type=float, default=0.0, show_default=True,
-                     help="Label smoothing of the ce/lm loss."),
-        click.option("--metric", default=None, metavar="pkg.module:fn",
-                     help="fn(outputs, targets) -> mean value, reported instead of accuracy."),
-        click.option("--output", default=None, metavar="KEY",
-                     help="Which model output the loss is taken of (default: the tensor, .logits, or the first)."),
-        click.option("--hvp", type=click.Choice(["auto", "exact", "fd", "cached", "double-backward"]), default="auto",
-                     show_default=True,
-                     help="Hessian-vector products: exact (double backward; cached: each batch's linearization "
-                          "kept for the next product, double-backward: rebuilt per product, one batch in memory), "
-                          "fd (central difference of two gradients; works wherever a gradient does), auto "
-                          "(exact, cached when the split fits in 8 batches; fd where a layer has no double "
-                          "backward, with a note)."),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="DataLoader worker processes for a streamed dataset."),
-        click.option("--split", type=click.Choice(["train", "test", "both"]), default="train", show_default=True,
-                     help="Which data split the loss is taken over."),
-        click.option("--batch-size", type=int, default=2048, show_default=True,
-                     help="Samples per forward pass (results are exact over the whole split regardless)."),
-        click.option("--max-samples", type=int, default=None, metavar="N",
-                     help="Use a seeded random subset of N samples of each split."),
-        click.option("-o", "--out", default=None, metavar="RESULTS.h5",
-                     help="Results file (default: <checkpoint>.flatscope.h5 beside the checkpoint)."),
+        click.option(
+            "--model",
+            default=None,
+            metavar="NAME|torchvision:NAME|hf:DIR|pkg.module:factory",
+            help="Architecture for a bare state_dict or .safetensors file (or to override the stored one).",
+        ),
+        click.option(
+            "--model-kwargs",
+            default=None,
+            callback=_json_dict,
+            metavar="JSON",
+            help="Keyword arguments for --model, as a JSON object.",
+        ),
+        click.option(
+            "--data",
+            default=None,
+            metavar="SPEC",
+            help="Override the data stored in the checkpoint: digits, mnist1d, teacher, npz:PATH, h5:PATH, "
+            "torchvision:NAME, hf-disk:PATH, pkg.module:factory (a Dataset, (X, y) or dict of arrays).",
+        ),
+        click.option(
+            "--data-kwargs",
+            default=None,
+            callback=_json_dict,
+            metavar="JSON",
+            help="Keyword arguments for --data, as a JSON object.",
+        ),
+        click.option(
+            "--loss",
+            default=None,
+            metavar="ce|lm|bce|mse|pkg.module:fn",
+            help="Override the checkpoint's loss; lm is next-token cross-entropy over sequences, "
+            "pkg.module:fn a function fn(outputs, targets) -> mean loss.",
+        ),
+        click.option(
+            "--label-smoothing", type=float, default=0.0, show_default=True, help="Label smoothing of the ce/lm loss."
+        ),
+        click.option(
+            "--metric",
+            default=None,
+            metavar="pkg.module:fn",
+            help="fn(outputs, targets) -> mean value, reported instead of accuracy.",
+        ),
+        click.option(
+            "--output",
+            default=None,
+            metavar="KEY",
+            help="Which model output the loss is taken of (default: the tensor, .logits, or the first).",
+        ),
+        click.option(
+            "--hvp",
+            type=click.Choice(["auto", "exact", "fd", "cached", "double-backward"]),
+            default="auto",
+            show_default=True,
+            help="Hessian-vector products: exact (double backward; cached: each batch's linearization "
+            "kept for the next product, double-backward: rebuilt per product, one batch in memory), "
+            "fd (central difference of two gradients; works wherever a gradient does), auto "
+            "(exact, cached when the split fits in 8 batches; fd where a layer has no double "
+            "backward, with a note).",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="DataLoader worker processes for a streamed dataset.",
+        ),
+        click.option(
+            "--split",
+            type=click.Choice(["train", "test", "both"]),
+            default="train",
+            show_default=True,
+            help="Which data split the loss is taken over.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=2048,
+            show_default=True,
+            help="Samples per forward pass (results are exact over the whole split regardless).",
+        ),
+        click.option(
+            "--max-samples",
+            type=int,
+            default=None,
+            metavar="N",
+            help="Use a seeded random subset of N samples of each split.",
+        ),
+        click.option(
+            "-o",
+            "--out",
+            default=None,
+            metavar="RESULTS.h5",
+            help="Results file (default: <checkpoint>.flatscope.h5 beside the checkpoint).",
+        ),
         click.option("--plot/--no-plot", default=True, show_default=True, help="Write plots beside the results file."),
         click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True),
         click.option("--allow-nonfinite", is_flag=True, help="Analyze weights that hold NaN or Inf."),
-        click.option("--allow-mixed", is_flag=True,
-                     help="Write to a results file that holds analyses of another checkpoint (refused otherwise)."),
+        click.option(
+            "--allow-mixed",
+            is_flag=True,
+            help="Write to a results file that holds analyses of another checkpoint (refused otherwise).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -137,6 +238,7 @@ def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
     With ``writes`` (the default) the results path is checked before any work starts, so an
     unwritable path or a non-HDF5 file fails at once and is left untouched.
     """
+
     def deco(f):
         @functools.wraps(f)
         def wrapper(**kw):
@@ -144,7 +246,9 @@ def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
             run = Run(**shared)
             run.setup(check_output=writes)
             return f(run, **kw)
+
         return wrapper
+
     return deco(f) if f is not None else deco
 
 
@@ -159,18 +263,44 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise FlatscopeError(f"device {spec!r} asked for, but no CUDA device is available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise FlatscopeError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise FlatscopeError(
+                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     elif dev.type != "cpu":
         raise FlatscopeError(f"unsupported device {spec!r}; use auto, cpu or cuda[:N]")
     return dev
 
 
 class Run:
-    def __init__(self, device="auto", seed=0, dtype="float32", threads=None, as_json=False, quiet=False,
-                 verbose=False, checkpoint=None, model=None, model_kwargs=None, data=None, data_kwargs=None,
-                 loss=None, split="train", batch_size=None, max_samples=None, out=None, plot=False,
-                 plot_format="png", allow_nonfinite=False, allow_mixed=False, label_smoothing=0.0, metric=None,
-                 output=None, hvp="auto", workers=0):
+    def __init__(
+        self,
+        device="auto",
+        seed=0,
+        dtype="float32",
+        threads=None,
+        as_json=False,
+        quiet=False,
+        verbose=False,
+        checkpoint=None,
+        model=None,
+        model_kwargs=None,
+        data=None,
+        data_kwargs=None,
+        loss=None,
+        split="train",
+        batch_size=None,
+        max_samples=None,
+        out=None,
+        plot=False,
+        plot_format="png",
+        allow_nonfinite=False,
+        allow_mixed=False,
+        label_smoothing=0.0,
+        metric=None,
+        output=None,
+        hvp="auto",
+        workers=0,
+    ):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
         self.checkpoint_path, self.model_name, self.model_kwargs = checkpoint, model, model_kwargs
@@ -186,23 +316,25 @@ class Run:
         self._ckpt: Checkpoint | None = None
         self._data: Dataset | None = None
         self.written: list[str] = []
-        self.warnings: list[str] = []   # every warning of this run; save() stores the new ones with the group
+        self.warnings: list[str] = []  # every warning of this run; save() stores the new ones with the group
         self._warnings_saved = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
         STATE["verbose"] = bool(self.verbose)
-        n = choose_threads(self.threads, _TORCH_THREADS)   # see flatscope/threads.py
+        n = choose_threads(self.threads, _TORCH_THREADS)  # see flatscope/threads.py
         if n is not None and n != torch.get_num_threads():
             torch.set_num_threads(n)
         self.device = resolve_device(self.device_spec)
         distributed.init_from_env(self.device)
         self.device = distributed.local_device(self.device)
         self.dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            self.dtype_name, torch.float32)
+            self.dtype_name, torch.float32
+        )
         if self.device.type == "cuda" and self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise FlatscopeError(f"--dtype bfloat16: the device {self.device} has no bfloat16 support; "
-                                 "use --dtype float16 or float32")
+            raise FlatscopeError(
+                f"--dtype bfloat16: the device {self.device} has no bfloat16 support; use --dtype float16 or float32"
+            )
         self.reseed()
         if self.max_samples is not None and self.max_samples < 1:
             raise FlatscopeError(f"--max-samples must be at least 1, got {self.max_samples}")
@@ -222,7 +354,8 @@ class Run:
             raise FlatscopeError(
                 f"{self.out_path} holds analyses of another checkpoint ({other[0]}: {other[1]}, sha256 "
                 f"{other[2][:12]}...), not of {self.checkpoint_path} (sha256 {sha[:12]}...); write to another file "
-                f"with -o, or pass --allow-mixed to keep both in one file")
+                f"with -o, or pass --allow-mixed to keep both in one file"
+            )
 
     def reseed(self, offset: int = 0) -> None:
         torch.manual_seed(self.seed + offset)
@@ -251,9 +384,12 @@ class Run:
     @property
     def checkpoint(self) -> Checkpoint:
         if self._ckpt is None:
-            self._ckpt = load_checkpoint(self.checkpoint_path, model_spec=self.model_spec(),
-                                         allow_import=self.model_name is not None and is_factory_path(self.model_name),
-                                         allow_nonfinite=self.allow_nonfinite)
+            self._ckpt = load_checkpoint(
+                self.checkpoint_path,
+                model_spec=self.model_spec(),
+                allow_import=self.model_name is not None and is_factory_path(self.model_name),
+                allow_nonfinite=self.allow_nonfinite,
+            )
             for note in self._ckpt.notes:
                 self.warn(note)
         return self._ckpt
@@ -271,7 +407,9 @@ class Run:
     @property
     def data(self) -> Dataset:
         if self._data is None:
-            self._data = load_data(self.data_spec(), allow_import=self.data_name is not None and is_factory_path(self.data_name))
+            self._data = load_data(
+                self.data_spec(), allow_import=self.data_name is not None and is_factory_path(self.data_name)
+            )
         return self._data
 
     @property
@@ -316,13 +454,22 @@ class Run:
             return src, None
         return src.inputs, src.targets
 
-    def objective(self, split: str | None = None, model: torch.nn.Module | None = None, shard: bool = True,
-                  **kwargs) -> Objective:
+    def objective(
+        self, split: str | None = None, model: torch.nn.Module | None = None, shard: bool = True, **kwargs
+    ) -> Objective:
         split = split or self.splits()[0]
-        obj = Objective(self.checkpoint.model if model is None else model, data=self.split_source(split),
-                        loss=self.loss, metric=self.metric, output=self.output_key, batch_size=self.batch_size,
-                        device=self.device, dtype=self.dtype,
-                        hvp_mode=self.hvp_mode if self.hvp_mode in ("auto", "fd") else "exact", **kwargs)
+        obj = Objective(
+            self.checkpoint.model if model is None else model,
+            data=self.split_source(split),
+            loss=self.loss,
+            metric=self.metric,
+            output=self.output_key,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            hvp_mode=self.hvp_mode if self.hvp_mode in ("auto", "fd") else "exact",
+            **kwargs,
+        )
         for note in obj.notes:
             self.note(note)
         return obj.shard() if shard and distributed.active() else obj
@@ -352,11 +499,24 @@ class Run:
         if not self.interactive or total <= 0:
             yield lambda n=1: None
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
 
@@ -381,17 +541,29 @@ class Run:
     def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:
         """Write analysis group ``name`` (replacing an older one) atomically; returns the file path."""
         options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
-        for key, value, default in (("label_smoothing", self.label_smoothing, 0.0), ("metric", self.metric_name, None),
-                                    ("output", self.output_key, None), ("hvp", self.hvp_mode, "auto")):
-            if value != default:   # only when set, so that earlier results keep matching
+        for key, value, default in (
+            ("label_smoothing", self.label_smoothing, 0.0),
+            ("metric", self.metric_name, None),
+            ("output", self.output_key, None),
+            ("hvp", self.hvp_mode, "auto"),
+        ):
+            if value != default:  # only when set, so that earlier results keep matching
                 options.setdefault(key, value)
         if not self.is_main:
             return self.out_path
         if self.checkpoint_path is not None:
             self.check_not_mixed()
         with store.update(self.out_path) as f:
-            store.write_analysis(f, name, tree, kind=kind, summary=summary, options=options,
-                                 provenance=self.provenance(), warnings=self.warnings[self._warnings_saved:])
+            store.write_analysis(
+                f,
+                name,
+                tree,
+                kind=kind,
+                summary=summary,
+                options=options,
+                provenance=self.provenance(),
+                warnings=self.warnings[self._warnings_saved :],
+            )
         self._warnings_saved = len(self.warnings)
         self.note(f"wrote /{name} to {self.out_path}")
         return self.out_path
@@ -458,6 +630,7 @@ def _sigterm_as_interrupt():
 
 def handle_errors(fn: Callable) -> Callable:
     """Turn errors into one ``Error:`` line and an exit code (2 bad input, 130 Ctrl-C, 143 SIGTERM, 3 internal)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -474,8 +647,9 @@ def handle_errors(fn: Callable) -> Callable:
         except FlatscopeError as exc:
             if STATE["verbose"]:
                 import traceback
+
                 traceback.print_exc()
-            if os.environ.get("RANK", "0") == "0":   # under torchrun every rank refuses; rank 0 says so
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses; rank 0 says so
                 click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -484,8 +658,10 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as exc:  # a bug: still one line unless -v
             if STATE["verbose"]:
                 import traceback
+
                 traceback.print_exc()
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             click.echo(f"Error: internal error {type(exc).__name__}: {msg} (run with -v for the traceback)", err=True)
             sys.exit(3)
+
     return wrapper

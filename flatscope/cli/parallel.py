@@ -22,9 +22,13 @@ PARALLEL = ("data", "points")
 
 def parallel_option(what: str):
     return click.option(
-        "--parallel", type=click.Choice(PARALLEL), default="data", show_default=True,
+        "--parallel",
+        type=click.Choice(PARALLEL),
+        default="data",
+        show_default=True,
         help=f"Under torchrun: shard the data across ranks (data), or give every rank the whole data and a "
-             f"share of the {what} (points). No effect in one process.")
+        f"share of the {what} (points). No effect in one process.",
+    )
 
 
 def objectives(run, parallel: str) -> dict[str, Objective]:

@@ -36,9 +36,9 @@ class Param:
     type: type
     help: str
     check: Callable[[Any], bool] | None = None
-    rule: str = ""           # what ``check`` demands, for the error message
+    rule: str = ""  # what ``check`` demands, for the error message
     choices: tuple = ()
-    source: str = ""         # where the default comes from, e.g. "the papers'" or "paper: 30"
+    source: str = ""  # where the default comes from, e.g. "the papers'" or "paper: 30"
 
     def describe(self) -> str:
         if self.type is bool:
@@ -164,7 +164,7 @@ class FlatNet:
         with torch.enable_grad():
             w = w.detach().requires_grad_(True)
             loss = self._loss(w, bufs, xb, yb)
-            g, = torch.autograd.grad(loss, w)
+            (g,) = torch.autograd.grad(loss, w)
         return float(loss.detach()), g
 
     @torch.no_grad()
@@ -195,7 +195,7 @@ class FlatNet:
                 run_module(m, to_device(xb, self.device, self.dtype))
         else:
             for start in range(0, tree_len(X), chunk):
-                run_module(m, tree_map(lambda t: t[start:start + chunk], X))
+                run_module(m, tree_map(lambda t: t[start : start + chunk], X))
         return {n: b.detach().clone() for n, b in m.named_buffers()}
 
     @torch.no_grad()

@@ -27,9 +27,9 @@ class Method:
     """
 
     name = "base"
-    summary = ""                       # one line for --help
+    summary = ""  # one line for --help
     PARAMS: dict[str, Param] = {}
-    default_lr: float | None = 0.05    # None: the method has no learning rate
+    default_lr: float | None = 0.05  # None: the method has no learning rate
     evals_per_step = 1
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, config):
@@ -102,9 +102,13 @@ class SGD(_TorchOptim):
 
     def __init__(self, model, loss_fn, config):
         super().__init__(model, loss_fn, config)
-        self.opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=config.momentum,
-                                   nesterov=config.nesterov and config.momentum > 0,
-                                   weight_decay=config.weight_decay)
+        self.opt = torch.optim.SGD(
+            model.parameters(),
+            lr=self.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
 
     def hparams(self) -> dict:
         c = self.config

@@ -59,8 +59,15 @@ from ._flat import FlatNet, Param, gamma_at, momentum_update, nonneg, positive, 
 from .base import Method
 
 
-def esgd_outer_update(x: torch.Tensor, mu: torch.Tensor, gamma: float, lr: float, buf: torch.Tensor | None = None,
-                      momentum: float = 0.0, nesterov: bool = False) -> torch.Tensor:
+def esgd_outer_update(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    gamma: float,
+    lr: float,
+    buf: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+) -> torch.Tensor:
     """The outer step x - lr * (momentum-filtered) gamma (x - mu); updates ``buf`` in place."""
     g = gamma * (x - mu)
     if buf is not None:
@@ -73,17 +80,37 @@ class EntropySGD(Method):
     summary = "Entropy-SGD (Chaudhari et al. 2017, Algorithm 1): L SGLD steps, then x <- x - eta gamma (x - mu)"
     default_lr = 10.0
     PARAMS = {
-        "inner_steps": Param(20, int, "L, Langevin steps per outer update", positive, "at least 1",
-                             source="the papers'"),
+        "inner_steps": Param(
+            20, int, "L, Langevin steps per outer update", positive, "at least 1", source="the papers'"
+        ),
         "inner_lr": Param(0.1, float, "eta', the Langevin step size", positive, "positive", source="the papers'"),
-        "noise": Param(1e-4, float, "eps, the Langevin noise scale: sqrt(eta') eps N(0,I)",
-                       nonneg, "non-negative", source="the papers'"),
-        "alpha": Param(0.75, float, "alpha, the weight of the new iterate in mu <- (1-alpha) mu + alpha x'",
-                       unit_interval, "in (0, 1]", source="the papers'"),
-        "gamma": Param(0.03, float, "gamma0, the initial scope (coupling of x' to x)", positive, "positive",
-                       source="eta*gamma0 = 0.3 with the default --lr"),
-        "gamma_growth": Param(1e-3, float, "gamma1 in gamma_t = gamma0 (1 + gamma1)^t, t = outer updates",
-                              nonneg, "non-negative"),
+        "noise": Param(
+            1e-4,
+            float,
+            "eps, the Langevin noise scale: sqrt(eta') eps N(0,I)",
+            nonneg,
+            "non-negative",
+            source="the papers'",
+        ),
+        "alpha": Param(
+            0.75,
+            float,
+            "alpha, the weight of the new iterate in mu <- (1-alpha) mu + alpha x'",
+            unit_interval,
+            "in (0, 1]",
+            source="the papers'",
+        ),
+        "gamma": Param(
+            0.03,
+            float,
+            "gamma0, the initial scope (coupling of x' to x)",
+            positive,
+            "positive",
+            source="eta*gamma0 = 0.3 with the default --lr",
+        ),
+        "gamma_growth": Param(
+            1e-3, float, "gamma1 in gamma_t = gamma0 (1 + gamma1)^t, t = outer updates", nonneg, "non-negative"
+        ),
     }
 
     def __init__(self, model, loss_fn, config):
@@ -91,14 +118,16 @@ class EntropySGD(Method):
         self.net = FlatNet(model, loss_fn)
         self.world = distributed.world_size()
         if self.world > 1 and self.net.bn_modules:
-            raise FlatscopeError("data-parallel esgd under torchrun needs a model without BatchNorm: each rank's "
-                                 "slice of a minibatch would have its own batch statistics; run it in one process")
+            raise FlatscopeError(
+                "data-parallel esgd under torchrun needs a model without BatchNorm: each rank's "
+                "slice of a minibatch would have its own batch statistics; run it in one process"
+            )
         self.x = self.net.get()
         self.xp = self.x.clone()
         self.mu = self.x.clone()
         self.buf = torch.zeros_like(self.x)
-        self.ell = 0          # Langevin steps done in the current inner loop
-        self.t = 0            # outer updates done (the scoping counter)
+        self.ell = 0  # Langevin steps done in the current inner loop
+        self.t = 0  # outer updates done (the scoping counter)
         self.gen = torch.Generator().manual_seed(int(config.seed) + 0x5E6D)
         self.last = {"dist_x_mu": float("nan"), "eff_outer_step": float("nan")}
 
@@ -125,8 +154,11 @@ class EntropySGD(Method):
         if self.ell == p["inner_steps"]:
             eff = lr * gamma
             if eff > 1:
-                self.warn("esgd-overshoot", f"effective outer step eta*gamma = {eff:.3g} > 1 at outer update {self.t}: "
-                          "x overshoots mu (lower --lr or --gamma/--gamma-growth)")
+                self.warn(
+                    "esgd-overshoot",
+                    f"effective outer step eta*gamma = {eff:.3g} > 1 at outer update {self.t}: "
+                    "x overshoots mu (lower --lr or --gamma/--gamma-growth)",
+                )
             self.last = {"dist_x_mu": float(torch.linalg.vector_norm(self.x - self.mu)), "eff_outer_step": eff}
             self.x = esgd_outer_update(self.x, self.mu, gamma, lr, self.buf, c.momentum, c.nesterov)
             self.t += 1
@@ -138,7 +170,7 @@ class EntropySGD(Method):
             return self.net.loss_and_grad(self.xp, xb, yb, buffers=None)[1]
         lo, hi = distributed.shard_range(xb.shape[0], distributed.rank(), self.world)
         g = torch.zeros_like(self.xp)
-        if hi > lo:   # the loss is a mean over the slice: weight it by the slice's share of the batch
+        if hi > lo:  # the loss is a mean over the slice: weight it by the slice's share of the batch
             g = self.net.loss_and_grad(self.xp, xb[lo:hi], yb[lo:hi], buffers=None)[1] * ((hi - lo) / xb.shape[0])
         return distributed.all_reduce_sum(g)
 
@@ -146,16 +178,28 @@ class EntropySGD(Method):
         return self.net.materialize(self.x, self.stream.X)
 
     def epoch_logs(self) -> dict[str, float]:
-        return {"gamma": self.gamma, "eff_outer_step": self.last["eff_outer_step"],
-                "dist_x_mu": self.last["dist_x_mu"], "outer_steps": self.t}
+        return {
+            "gamma": self.gamma,
+            "eff_outer_step": self.last["eff_outer_step"],
+            "dist_x_mu": self.last["dist_x_mu"],
+            "outer_steps": self.t,
+        }
 
     def hparams(self) -> dict:
         c = self.config
         return dict(super().hparams(), momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "xp": self.xp, "mu": self.mu, "buf": self.buf, "ell": self.ell, "t": self.t,
-                "gen": self.gen.get_state(), "last": dict(self.last)}
+        return {
+            "x": self.x,
+            "xp": self.xp,
+            "mu": self.mu,
+            "buf": self.buf,
+            "ell": self.ell,
+            "t": self.t,
+            "gen": self.gen.get_state(),
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.x, self.xp, self.mu, self.buf = (s[k].clone() for k in ("x", "xp", "mu", "buf"))

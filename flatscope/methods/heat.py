@@ -37,10 +37,10 @@ class Heat(Method):
     summary = "heat-equation smoothing: x <- x - eta mean_l grad f(x + sqrt(tau) xi_l), tau scoped"
     PARAMS = {
         "inner_steps": Param(5, int, "L, perturbed gradients averaged per outer update", positive, "at least 1"),
-        "tau": Param(1e-4, float, "tau0, the initial smoothing variance (sigma = sqrt(tau))", nonneg,
-                     "non-negative"),
-        "tau_decay": Param(1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg,
-                           "non-negative"),
+        "tau": Param(1e-4, float, "tau0, the initial smoothing variance (sigma = sqrt(tau))", nonneg, "non-negative"),
+        "tau_decay": Param(
+            1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg, "non-negative"
+        ),
     }
 
     def __init__(self, model, loss_fn, config):
@@ -84,8 +84,14 @@ class Heat(Method):
         return dict(super().hparams(), momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "gsum": self.gsum, "buf": self.buf, "ell": self.ell, "k": self.k,
-                "gen": self.gen.get_state()}
+        return {
+            "x": self.x,
+            "gsum": self.gsum,
+            "buf": self.buf,
+            "ell": self.ell,
+            "k": self.k,
+            "gen": self.gen.get_state(),
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.x, self.gsum, self.buf = s["x"].clone(), s["gsum"].clone(), s["buf"].clone()

@@ -42,18 +42,24 @@ class HeatRegularization(Method):
     summary = "heat regularization by Robbins-Monro (García Trillos et al. 2019, Algorithm 5); tau is the step"
     default_lr = None
     PARAMS = {
-        "inner_steps": Param(5, int, "J, Robbins-Monro iterations per outer update", positive,
-                             "at least 1", source="paper: 30"),
-        "samples": Param(5, int, "M, perturbed gradients per Robbins-Monro iteration", positive,
-                         "at least 1", source="paper: 30"),
-        "tau": Param(1e-2, float, "tau0, the smoothing variance and step length", positive, "positive",
-                     source="the paper's"),
-        "tau_decay": Param(1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg,
-                           "non-negative"),
-        "rm_c": Param(0.1, float, "c in the Robbins-Monro gain a_j = c j^(-p)", positive, "positive",
-                      source="the paper's"),
-        "rm_power": Param(0.7, float, "p in a_j = c j^(-p)", lambda v: 0.5 < v <= 1, "in (0.5, 1]",
-                          source="the paper's"),
+        "inner_steps": Param(
+            5, int, "J, Robbins-Monro iterations per outer update", positive, "at least 1", source="paper: 30"
+        ),
+        "samples": Param(
+            5, int, "M, perturbed gradients per Robbins-Monro iteration", positive, "at least 1", source="paper: 30"
+        ),
+        "tau": Param(
+            1e-2, float, "tau0, the smoothing variance and step length", positive, "positive", source="the paper's"
+        ),
+        "tau_decay": Param(
+            1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg, "non-negative"
+        ),
+        "rm_c": Param(
+            0.1, float, "c in the Robbins-Monro gain a_j = c j^(-p)", positive, "positive", source="the paper's"
+        ),
+        "rm_power": Param(
+            0.7, float, "p in a_j = c j^(-p)", lambda v: 0.5 < v <= 1, "in (0.5, 1]", source="the paper's"
+        ),
     }
 
     def __init__(self, model, loss_fn, config):
@@ -62,9 +68,9 @@ class HeatRegularization(Method):
         self.xk = self.net.get()
         self.xj = self.xk.clone()
         self.gsum = torch.zeros_like(self.xk)
-        self.j = 1            # current Robbins-Monro iteration (1-based)
-        self.m = 0            # samples done in it
-        self.k = 0            # outer updates done
+        self.j = 1  # current Robbins-Monro iteration (1-based)
+        self.m = 0  # samples done in it
+        self.k = 0  # outer updates done
         self.gen = torch.Generator().manual_seed(int(config.seed) + 0x4852)
         self.last_gain = float("nan")
 
@@ -104,8 +110,16 @@ class HeatRegularization(Method):
         return dict(super().hparams(), weight_decay=self.config.weight_decay)
 
     def state_dict(self) -> dict:
-        return {"xk": self.xk, "xj": self.xj, "gsum": self.gsum, "j": self.j, "m": self.m, "k": self.k,
-                "gen": self.gen.get_state(), "last_gain": self.last_gain}
+        return {
+            "xk": self.xk,
+            "xj": self.xj,
+            "gsum": self.gsum,
+            "j": self.j,
+            "m": self.m,
+            "k": self.k,
+            "gen": self.gen.get_state(),
+            "last_gain": self.last_gain,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.xk, self.xj, self.gsum = s["xk"].clone(), s["xj"].clone(), s["gsum"].clone()

@@ -41,13 +41,13 @@ class WeightedMean:
 
     def __init__(self, like: torch.Tensor):
         self.vec = torch.zeros_like(like, dtype=torch.float64)
-        self.s = 0.0        # sum of exp(logw - mx)
-        self.s2 = 0.0       # sum of exp(2 (logw - mx))
+        self.s = 0.0  # sum of exp(logw - mx)
+        self.s2 = 0.0  # sum of exp(2 (logw - mx))
         self.mx = -math.inf
 
     def add(self, x: torch.Tensor, logw: float) -> None:
         if not math.isfinite(logw):
-            return          # a sample with infinite loss has weight 0
+            return  # a sample with infinite loss has weight 0
         if logw > self.mx:
             r = math.exp(self.mx - logw) if math.isfinite(self.mx) else 0.0
             self.vec.mul_(r)
@@ -80,13 +80,21 @@ class ImportanceSampling(Method):
     summary = "gradient-free local entropy by importance sampling (García Trillos et al. 2019, Algorithm 4)"
     default_lr = None
     PARAMS = {
-        "inner_steps": Param(100, int, "J, importance samples per outer update", positive,
-                             "at least 1", source="paper: 1000"),
+        "inner_steps": Param(
+            100, int, "J, importance samples per outer update", positive, "at least 1", source="paper: 1000"
+        ),
         "tau": Param(1e-4, float, "tau0, the proposal variance and local-entropy scale", positive, "positive"),
-        "tau_decay": Param(1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg,
-                           "non-negative"),
-        "beta": Param(1.0, float, "beta, inverse temperature of the weights exp(-beta f)", positive,
-                      "positive", source="the paper's"),
+        "tau_decay": Param(
+            1e-3, float, "tau1 in tau(k) = tau0 / (1 + tau1)^k, k = outer updates", nonneg, "non-negative"
+        ),
+        "beta": Param(
+            1.0,
+            float,
+            "beta, inverse temperature of the weights exp(-beta f)",
+            positive,
+            "positive",
+            source="the paper's",
+        ),
     }
 
     def __init__(self, model, loss_fn, config):
@@ -129,9 +137,15 @@ class ImportanceSampling(Method):
         return {"tau": self.tau, "ess": self.last_ess, "outer_steps": self.k}
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "acc": self.acc.state_dict(), "j": self.j, "k": self.k,
-                "idx": self.idx if self.idx is not None else torch.zeros(0, dtype=torch.long),
-                "gen": self.gen.get_state(), "last_ess": self.last_ess}
+        return {
+            "x": self.x,
+            "acc": self.acc.state_dict(),
+            "j": self.j,
+            "k": self.k,
+            "idx": self.idx if self.idx is not None else torch.zeros(0, dtype=torch.long),
+            "gen": self.gen.get_state(),
+            "last_ess": self.last_ess,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.x = s["x"].clone()

@@ -80,14 +80,21 @@ class ReplicatedSGD(Method):
         "replicas": Param(3, int, "y, the number of replicas", positive, "at least 1"),
         "couple_every": Param(1, int, "K: couple every K rounds with strength K gamma", positive, "at least 1"),
         "gamma": Param(1.0, float, "gamma0, the initial coupling", nonneg, "non-negative"),
-        "gamma_growth": Param(1e-3, float, "gamma1 in gamma_t = gamma0 (1 + gamma1)^t, t = rounds", nonneg,
-                              "non-negative"),
-        "coupling": Param("exact", str, "exact (exp(-eta K gamma) contraction), explicit (Algorithm 2 as "
-                          "written) or clipped", choices=("exact", "explicit", "clipped")),
-        "replica_init": Param("independent", str, "independent (seeded re-initialization) or same",
-                              choices=("independent", "same")),
-        "replica_exec": Param("auto", str, f"loop, vmap, or auto (vmap from {VMAP_FROM} replicas)",
-                              choices=("auto", "loop", "vmap")),
+        "gamma_growth": Param(
+            1e-3, float, "gamma1 in gamma_t = gamma0 (1 + gamma1)^t, t = rounds", nonneg, "non-negative"
+        ),
+        "coupling": Param(
+            "exact",
+            str,
+            "exact (exp(-eta K gamma) contraction), explicit (Algorithm 2 as written) or clipped",
+            choices=("exact", "explicit", "clipped"),
+        ),
+        "replica_init": Param(
+            "independent", str, "independent (seeded re-initialization) or same", choices=("independent", "same")
+        ),
+        "replica_exec": Param(
+            "auto", str, f"loop, vmap, or auto (vmap from {VMAP_FROM} replicas)", choices=("auto", "loop", "vmap")
+        ),
     }
 
     def __init__(self, model, loss_fn, config):
@@ -97,17 +104,21 @@ class ReplicatedSGD(Method):
         self.evals_per_step = self.y
         self.net = FlatNet(model, loss_fn)
         self.seeds = [int(config.seed) + REPLICA_SEED_STRIDE * a for a in range(self.y)]
-        inits = [model] + [reinitialized(model, s) if p["replica_init"] == "independent" else model
-                           for s in self.seeds[1:]]
-        self.W = torch.stack([torch.cat([q.detach().reshape(-1) for q in m.parameters() if q.requires_grad])
-                              for m in inits]).clone()
+        inits = [model] + [
+            reinitialized(model, s) if p["replica_init"] == "independent" else model for s in self.seeds[1:]
+        ]
+        self.W = torch.stack(
+            [torch.cat([q.detach().reshape(-1) for q in m.parameters() if q.requires_grad]) for m in inits]
+        ).clone()
         self.bufs = [{n: b.detach().clone() for n, b in m.named_buffers()} for m in inits]
         self.mom = torch.zeros_like(self.W)
-        self.t = 0                                   # rounds done
+        self.t = 0  # rounds done
         self.world = distributed.world_size()
         if self.world > 1 and self.y < self.world:
-            raise FlatscopeError(f"--replicas {self.y} is fewer than the {self.world} ranks: under torchrun every rank "
-                                 f"takes at least one replica (use --replicas {self.world} or more)")
+            raise FlatscopeError(
+                f"--replicas {self.y} is fewer than the {self.world} ranks: under torchrun every rank "
+                f"takes at least one replica (use --replicas {self.world} or more)"
+            )
         self.own = range(*distributed.shard_range(self.y, distributed.rank(), self.world))  # replicas of this rank
         n_own = len(self.own)
         self.exec = p["replica_exec"] if p["replica_exec"] != "auto" else ("vmap" if n_own >= VMAP_FROM else "loop")
@@ -118,8 +129,10 @@ class ReplicatedSGD(Method):
         super().setup(stream)
         from ..training import BatchStream
 
-        self.streams = [stream] + [BatchStream(stream.source, None, stream.batch_size, s, dtype=stream.dtype,
-                                                device=stream.device) for s in self.seeds[1:]]
+        self.streams = [stream] + [
+            BatchStream(stream.source, None, stream.batch_size, s, dtype=stream.dtype, device=stream.device)
+            for s in self.seeds[1:]
+        ]
 
     @property
     def gamma(self) -> float:
@@ -127,10 +140,11 @@ class ReplicatedSGD(Method):
 
     def _batches(self, stream):
         """Every replica's minibatch (None for replicas of other ranks, whose streams only advance)."""
+
         def draw(a: int, s, kind: str = "outer"):
             if a in self.own:
                 return s.next(kind)
-            s.next_indices(kind)   # same stream position as the owner's, no copy of the batch
+            s.next_indices(kind)  # same stream position as the owner's, no copy of the batch
             return None
 
         out = [draw(0, stream)]
@@ -147,14 +161,14 @@ class ReplicatedSGD(Method):
             XB = torch.stack([batches[a][0] for a in own])
             YB = torch.stack([batches[a][1] for a in own])
             B = {n: torch.stack([self.bufs[a][n] for a in own]) for n in self.bufs[0]}
-            G, _ = vmap(grad_and_value(self.net._loss))(self.W[own[0]:own[-1] + 1], B, XB, YB)
+            G, _ = vmap(grad_and_value(self.net._loss))(self.W[own[0] : own[-1] + 1], B, XB, YB)
             for i, a in enumerate(own):
                 for n in self.bufs[a]:
                     self.bufs[a][n].copy_(B[n][i])
         if self.world == 1:
             return torch.stack(G) if isinstance(G, list) else G
         full = torch.zeros_like(self.W)
-        full[own[0]:own[-1] + 1] = torch.stack(G) if isinstance(G, list) else G
+        full[own[0] : own[-1] + 1] = torch.stack(G) if isinstance(G, list) else G
         self._share_buffers()
         return distributed.all_reduce_sum(full)
 
@@ -166,7 +180,7 @@ class ReplicatedSGD(Method):
         # one float64 row per replica (exact for float32/64 statistics and int64 counters below 2^53)
         rows = torch.stack([torch.cat([bf[n].reshape(-1).to(torch.float64) for n in names]) for bf in self.bufs])
         mine = torch.zeros(self.y, 1, dtype=torch.bool)
-        mine[self.own.start:self.own.stop] = True
+        mine[self.own.start : self.own.stop] = True
         rows = distributed.all_reduce_sum(torch.where(mine, rows, 0.0))
         for a, bf in enumerate(self.bufs):
             for n, part in zip(names, torch.split(rows[a], [bf[n].numel() for n in names])):
@@ -174,7 +188,7 @@ class ReplicatedSGD(Method):
 
     def step(self, stream, lr: float) -> None:
         p, c = self.p, self.config
-        self.t += 1                                  # Algorithm 2 counts rounds t = 1, 2, ...
+        self.t += 1  # Algorithm 2 counts rounds t = 1, 2, ...
         gamma = gamma_at(p["gamma"], p["gamma_growth"], self.t - 1)
         center = self.W.mean(0)
         G = self._grads(self._batches(stream))
@@ -185,10 +199,16 @@ class ReplicatedSGD(Method):
             strength = lr * p["couple_every"] * gamma
             f = coupling_factor(p["coupling"], strength)
             if p["coupling"] != "exact" and strength > 1:
-                what = "clipped to full contraction" if p["coupling"] == "clipped" else (
-                    "overshoots the center" + (" and diverges" if strength > 2 else ""))
-                self.warn(f"rsgd-{p['coupling']}", f"coupling eta*K*gamma = {strength:.3g} > 1 at round {self.t}: "
-                          f"the {p['coupling']} coupling {what} (use --coupling exact)")
+                what = (
+                    "clipped to full contraction"
+                    if p["coupling"] == "clipped"
+                    else ("overshoots the center" + (" and diverges" if strength > 2 else ""))
+                )
+                self.warn(
+                    f"rsgd-{p['coupling']}",
+                    f"coupling eta*K*gamma = {strength:.3g} > 1 at round {self.t}: "
+                    f"the {p['coupling']} coupling {what} (use --coupling exact)",
+                )
             # f = 1 (gamma = 0) leaves exactly SGD's update; add(alpha=) rounds as torch.optim.SGD does
             self.W = (self.W - (1.0 - f) * (self.W - center)).add(upd, alpha=-lr)
             self.last = {"pull": 1.0 - f, "coupling_strength": strength}
@@ -210,16 +230,28 @@ class ReplicatedSGD(Method):
 
     def epoch_logs(self) -> dict[str, float]:
         d = torch.linalg.vector_norm(self.W - self.W.mean(0), dim=1)
-        out = {"gamma": self.gamma, "pull": self.last["pull"], "coupling_strength": self.last["coupling_strength"],
-               "replica_dist_mean": float(d.mean()), "replica_dist_max": float(d.max()), "rounds": self.t}
+        out = {
+            "gamma": self.gamma,
+            "pull": self.last["pull"],
+            "coupling_strength": self.last["coupling_strength"],
+            "replica_dist_mean": float(d.mean()),
+            "replica_dist_max": float(d.max()),
+            "rounds": self.t,
+        }
         for a in range(self.y):
             out[f"replica_dist_{a}"] = float(d[a])
         return out
 
     def hparams(self) -> dict:
         c = self.config
-        return dict(super().hparams(), momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-                    exec=self.exec, replica_seeds=self.seeds)
+        return dict(
+            super().hparams(),
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+            exec=self.exec,
+            replica_seeds=self.seeds,
+        )
 
     def replica_state_dicts(self) -> list[dict]:
         out = []
@@ -233,8 +265,14 @@ class ReplicatedSGD(Method):
         return {"replicas": self.replica_state_dicts()}
 
     def state_dict(self) -> dict:
-        return {"W": self.W, "mom": self.mom, "bufs": self.bufs, "t": self.t, "last": dict(self.last),
-                "streams": [s.state_dict() for s in self.streams[1:]]}
+        return {
+            "W": self.W,
+            "mom": self.mom,
+            "bufs": self.bufs,
+            "t": self.t,
+            "last": dict(self.last),
+            "streams": [s.state_dict() for s in self.streams[1:]],
+        }
 
     def load_state_dict(self, s: dict) -> None:
         if s["W"].shape != self.W.shape:

@@ -34,6 +34,7 @@ def register(kind: str):
     def deco(fn: PlotFn) -> PlotFn:
         _REGISTRY[kind] = fn
         return fn
+
     return deco
 
 
@@ -88,7 +89,9 @@ def log_axis(ax, values) -> None:
     v = np.asarray(values, dtype=float).ravel()
     s = np.unique(v[np.isfinite(v) & (v > 0)])
     spaced = s.size >= 2 and np.all(np.diff(np.log10(s)) > 0.12)
-    ax.xaxis.set_major_locator(FixedLocator(s.tolist()) if 0 < s.size <= 6 and spaced else LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_locator(
+        FixedLocator(s.tolist()) if 0 < s.size <= 6 and spaced else LogLocator(subs=(1.0, 2.0, 5.0))
+    )
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 

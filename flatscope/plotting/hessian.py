@@ -25,8 +25,7 @@ def _stems(ax, x, y, conv, color, label, marker="o"):
     conv = np.asarray(conv, dtype=bool) if conv is not None and len(conv) == len(y) else np.ones(len(y), bool)
     ax.plot(x[conv], y[conv], marker, color=color, ms=5, label=label, ls="none")
     if (~conv).any():
-        ax.plot(x[~conv], y[~conv], marker, mfc="white", color=color, ms=5, ls="none",
-                label=f"{label} (not converged)")
+        ax.plot(x[~conv], y[~conv], marker, mfc="white", color=color, ms=5, ls="none", label=f"{label} (not converged)")
 
 
 def _eigen_plot(items, out_base: Path, fmt: str) -> Path | None:
@@ -55,7 +54,7 @@ def _eigen_plot(items, out_base: Path, fmt: str) -> Path | None:
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()   # the bottom panel's long tick labels would run into the top panel
+    fig.tight_layout()  # the bottom panel's long tick labels would run into the top panel
     return save(fig, out_base, "eigenvalues", fmt)
 
 
@@ -77,8 +76,11 @@ def _density_plot(items, out_base: Path, fmt: str) -> Path | None:
             ax.plot(ev, np.full(len(ev), 0), "|", color=c, ms=10, transform=ax.get_xaxis_transform(), clip_on=False)
     floor = top * 1e-7
     ax.set_ylim(floor, top * 3)
-    ax.set(xlabel="eigenvalue", ylabel="density (log scale)",
-           title="Hessian spectral density (SLQ, Gaussian-broadened); ticks: top eigenvalues")
+    ax.set(
+        xlabel="eigenvalue",
+        ylabel="density (log scale)",
+        title="Hessian spectral density (SLQ, Gaussian-broadened); ticks: top eigenvalues",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save(fig, out_base, "density", fmt)
@@ -89,7 +91,7 @@ def _per_layer_plot(items, out_base: Path, fmt: str) -> Path | None:
     if not items:
         return None
     names: list = []
-    for _, t in items:   # the union of tensor names, in order of first appearance
+    for _, t in items:  # the union of tensor names, in order of first appearance
         names += [nm for nm in json.loads(t["per_layer"]["names"]) if nm not in names]
     n, m = len(names), len(items)
     fig, axes = figure(1, 2, figsize=(11, max(3.0, 0.32 * n * max(1, m) + 1.2)), sharey=True)
@@ -118,5 +120,9 @@ def _per_layer_plot(items, out_base: Path, fmt: str) -> Path | None:
 
 @register("hessian")
 def plot(items, out_base, fmt) -> list:
-    out = [_eigen_plot(items, out_base, fmt), _density_plot(items, out_base, fmt), _per_layer_plot(items, out_base, fmt)]
+    out = [
+        _eigen_plot(items, out_base, fmt),
+        _density_plot(items, out_base, fmt),
+        _per_layer_plot(items, out_base, fmt),
+    ]
     return [p for p in out if p is not None]

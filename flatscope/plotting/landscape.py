@@ -89,8 +89,15 @@ def _plot_1d(items: list, out_base: Path, fmt: str) -> list[Path]:
             for lab, xc in zip(labels, coords[:, 0]):
                 for ax in (a for a in (ax_l, ax_a) if a is not None):
                     ax.axvline(xc, color="0.6", lw=0.8, zorder=0)
-                ax_l.annotate(lab, (xc, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
-                              textcoords="offset points", fontsize=8, color="0.3")
+                ax_l.annotate(
+                    lab,
+                    (xc, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(2, -12),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color="0.3",
+                )
         else:
             for ax in (a for a in (ax_l, ax_a) if a is not None):
                 ax.axvline(0.0, color="0.6", lw=0.8, zorder=0)
@@ -99,8 +106,13 @@ def _plot_1d(items: list, out_base: Path, fmt: str) -> list[Path]:
     ax_l.set_xlabel(_direction_label(items[0][1], 0))
     ax_l.set_ylabel("loss")
     kind = items[0][1].get("directions", {}).get("method", "")
-    ax_l.set_title({"interp": "loss along the interpolation", "pca": "loss along the first principal direction",
-                    "hessian": "loss along the top Hessian eigenvector"}.get(kind, "loss along the direction"))
+    ax_l.set_title(
+        {
+            "interp": "loss along the interpolation",
+            "pca": "loss along the first principal direction",
+            "hessian": "loss along the top Hessian eigenvector",
+        }.get(kind, "loss along the direction")
+    )
     ax_l.legend(fontsize=8)
     ax_l.grid(alpha=0.3)
     if ax_a is not None:
@@ -134,8 +146,16 @@ def _decorate(ax, tree: dict) -> None:
         labels, coords = anchors
         ax.plot(coords[:, 0], coords[:, 1], "o", color="white", mec="black", ms=6, zorder=5)
         for lab, (xc, yc) in zip(labels, coords):
-            ax.annotate(lab, (xc, yc), xytext=(4, 4), textcoords="offset points", fontsize=8,
-                        color="black", zorder=6, bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
+            ax.annotate(
+                lab,
+                (xc, yc),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=8,
+                color="black",
+                zorder=6,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0),
+            )
     else:
         ax.plot([0], [0], "*", color="white", mec="black", ms=11, zorder=5)
     path = tree.get("path")
@@ -165,7 +185,7 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
     ncol = 3 if acc else 2
     x0, y0 = np.asarray(rows[0][1]["x"]), np.asarray(rows[0][1]["y"])
     ratio = (float(np.ptp(y0)) or 1.0) / (float(np.ptp(x0)) or 1.0)
-    height = 4.3 * min(max(ratio, 0.2), 1.0) + 1.0 if 0.2 <= ratio <= 5 else 4.3   # panels drawn to scale
+    height = 4.3 * min(max(ratio, 0.2), 1.0) + 1.0 if 0.2 <= ratio <= 5 else 4.3  # panels drawn to scale
     fig, axes = figure(len(rows), ncol, figsize=(5.2 * ncol, height * len(rows)), squeeze=False)
     for r, (label, tree, s) in enumerate(rows):
         x, y = np.asarray(tree["x"]), np.asarray(tree["y"])
@@ -189,8 +209,9 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
             A = _masked(tree, s, "accuracy")
             if np.isfinite(A).any():
                 lo, hi = float(np.nanmin(A)), float(np.nanmax(A))
-                cf = ax.contourf(x, y, np.ma.masked_invalid(A), levels=np.linspace(lo, max(hi, lo + 1e-9), 21),
-                                 cmap="magma")
+                cf = ax.contourf(
+                    x, y, np.ma.masked_invalid(A), levels=np.linspace(lo, max(hi, lo + 1e-9), 21), cmap="magma"
+                )
                 fig.colorbar(cf, cax=_cbar_axes(ax), label="accuracy", format="%.3g")
             ax.set_title(f"{title} accuracy", fontsize=9)
             _decorate(ax, tree)
@@ -210,8 +231,9 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
         Z = _masked(tree, s, "loss")
         X, Y = np.meshgrid(x, y)
         log = _log_scale(Z)
-        ax.plot_surface(X, Y, np.log10(Z) if log else Z, cmap="viridis", linewidth=0, antialiased=True,
-                        rstride=1, cstride=1)
+        ax.plot_surface(
+            X, Y, np.log10(Z) if log else Z, cmap="viridis", linewidth=0, antialiased=True, rstride=1, cstride=1
+        )
         from matplotlib.ticker import MaxNLocator
 
         ax.set_xlabel(_direction_label(tree, 0), fontsize=8, labelpad=8)
@@ -221,7 +243,7 @@ def _plot_2d(items: list, out_base: Path, fmt: str) -> list[Path]:
             axis.set_major_locator(MaxNLocator(5))
         ax.tick_params(labelsize=7)
         xs, ys = float(np.ptp(x)) or 1.0, float(np.ptp(y)) or 1.0
-        ax.set_box_aspect((1.0, min(max(ys / xs, 0.2), 1.0), 0.7))   # the plane's proportions, within reason
+        ax.set_box_aspect((1.0, min(max(ys / xs, 0.2), 1.0), 0.7))  # the plane's proportions, within reason
         ax.set_title(label if len(items) > 1 else f"{s} loss surface", fontsize=9)
     fig.tight_layout()
     out.append(save(fig, out_base, "surface", fmt))
@@ -236,7 +258,7 @@ def _ascii(values: np.ndarray, fmt: str = "%.9g") -> str:
     flat = np.asarray(values).ravel()
     lines = []
     for start in range(0, flat.size, 9):
-        lines.append(" ".join(fmt % v for v in flat[start:start + 9]))
+        lines.append(" ".join(fmt % v for v in flat[start : start + 9]))
     return "\n".join(lines)
 
 
@@ -266,21 +288,36 @@ def write_vtp(tree: dict, path: Path) -> Path:
         logz = np.where(valid & (Z > 0), np.log10(np.where(Z > 0, Z, 1.0)), 0.0).ravel()
     arrays.append(("log10_loss", logz))
     arrays.append(("done", valid.ravel().astype(np.float64)))
-    parts = ['<?xml version="1.0"?>',
-             '<VTKFile type="PolyData" version="0.1" byte_order="LittleEndian">',
-             "  <PolyData>",
-             f'    <Piece NumberOfPoints="{len(pts)}" NumberOfVerts="0" NumberOfLines="0" '
-             f'NumberOfStrips="0" NumberOfPolys="{len(quads)}">',
-             f'      <PointData Scalars="{splits[0]}_loss">']
+    parts = [
+        '<?xml version="1.0"?>',
+        '<VTKFile type="PolyData" version="0.1" byte_order="LittleEndian">',
+        "  <PolyData>",
+        f'    <Piece NumberOfPoints="{len(pts)}" NumberOfVerts="0" NumberOfLines="0" '
+        f'NumberOfStrips="0" NumberOfPolys="{len(quads)}">',
+        f'      <PointData Scalars="{splits[0]}_loss">',
+    ]
     for name, v in arrays:
         parts += [f'        <DataArray type="Float64" Name="{name}" format="ascii">', _ascii(v), "        </DataArray>"]
-    parts += ["      </PointData>", "      <Points>",
-              '        <DataArray type="Float64" NumberOfComponents="3" format="ascii">', _ascii(pts),
-              "        </DataArray>", "      </Points>", "      <Polys>",
-              '        <DataArray type="Int64" Name="connectivity" format="ascii">', _ascii(quads, "%d"),
-              "        </DataArray>",
-              '        <DataArray type="Int64" Name="offsets" format="ascii">', _ascii(offsets, "%d"),
-              "        </DataArray>", "      </Polys>", "    </Piece>", "  </PolyData>", "</VTKFile>", ""]
+    parts += [
+        "      </PointData>",
+        "      <Points>",
+        '        <DataArray type="Float64" NumberOfComponents="3" format="ascii">',
+        _ascii(pts),
+        "        </DataArray>",
+        "      </Points>",
+        "      <Polys>",
+        '        <DataArray type="Int64" Name="connectivity" format="ascii">',
+        _ascii(quads, "%d"),
+        "        </DataArray>",
+        '        <DataArray type="Int64" Name="offsets" format="ascii">',
+        _ascii(offsets, "%d"),
+        "        </DataArray>",
+        "      </Polys>",
+        "    </Piece>",
+        "  </PolyData>",
+        "</VTKFile>",
+        "",
+    ]
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         tmp.write_text("\n".join(parts))

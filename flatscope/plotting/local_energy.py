@@ -20,8 +20,11 @@ def _splits(tree: dict) -> list[str]:
 
 @register("local_energy")
 def plot(items, out_base, fmt):
-    has_err = any(np.isfinite(np.asarray(tree[s]["delta_err_mean"], dtype=float)).any()
-                  for _, tree in items for s in _splits(tree))
+    has_err = any(
+        np.isfinite(np.asarray(tree[s]["delta_err_mean"], dtype=float)).any()
+        for _, tree in items
+        for s in _splits(tree)
+    )
     fig, axes = figure(1, 2 if has_err else 1, figsize=(11 if has_err else 5.8, 4.2), squeeze=False)
     ax_loss = axes[0, 0]
     ax_err = axes[0, 1] if has_err else None
@@ -40,21 +43,37 @@ def plot(items, out_base, fmt):
             for ax, key in ((ax_loss, "delta_loss"), (ax_err, "delta_err")):
                 if ax is None:
                     continue
-                ax.errorbar(sigma[keep], np.asarray(c[f"{key}_mean"])[keep], yerr=np.asarray(c[f"{key}_sem"])[keep],
-                            color=color, ls=ls, marker=marker, ms=3.5, capsize=2.5, lw=1.3,
-                            label=(name or None) if ax is ax_loss else None)
+                ax.errorbar(
+                    sigma[keep],
+                    np.asarray(c[f"{key}_mean"])[keep],
+                    yerr=np.asarray(c[f"{key}_sem"])[keep],
+                    color=color,
+                    ls=ls,
+                    marker=marker,
+                    ms=3.5,
+                    capsize=2.5,
+                    lw=1.3,
+                    label=(name or None) if ax is ax_loss else None,
+                )
             pos = np.abs(np.asarray(c["delta_loss_mean"], dtype=float)[keep])
             pos = pos[np.isfinite(pos) & (pos > 0)]
             if pos.size:
                 floor = min(floor, float(pos.min()))
             tg = c.get("target")
             if ax_err is not None and isinstance(tg, dict) and bool(tg.get("reached")):
-                ax_err.axvline(float(tg["sigma"]), color=color, ls=ls, lw=0.9, alpha=0.6,
-                               label=f"σ* {name}".rstrip() if name else "σ*")
+                ax_err.axvline(
+                    float(tg["sigma"]),
+                    color=color,
+                    ls=ls,
+                    lw=0.9,
+                    alpha=0.6,
+                    label=f"σ* {name}".rstrip() if name else "σ*",
+                )
                 eps = float(tg["epsilon"])
                 if eps not in eps_drawn:
                     ax_err.axhline(eps, color="0.5", ls=":", lw=1)
                     eps_drawn.add(eps)
+
     def same(key):
         vals = {str(tree.get(key, "")) for _, tree in items}
         return vals.pop() if len(vals) == 1 else None

@@ -50,25 +50,47 @@ def plot(items, out_base, fmt):
         ax.fill_between(g, mL - mLe, mL + mLe, color=c, alpha=0.12, lw=0)
         ax.axhline(L0, color=c, lw=0.8, ls=":", label="L(w)" if i == 0 else None)
         axg.errorbar(g, F - L0, yerr=Fe, fmt="-o", color=c, ms=4, capsize=2, label=f"{pre}F(γ) − L(w)")
-        axg.errorbar(g, mL - L0, yerr=mLe, fmt="--s", color=c, ms=3, capsize=2, alpha=0.8,
-                     label=f"{pre}⟨L⟩_q − L(w)")
+        axg.errorbar(g, mL - L0, yerr=mLe, fmt="--s", color=c, ms=3, capsize=2, alpha=0.8, label=f"{pre}⟨L⟩_q − L(w)")
         any_neg |= bool(np.any(F - L0 <= 0) or np.any(mL - L0 <= 0))
         biased = np.asarray(t.get("minibatch_biased", np.zeros(len(g), bool)), dtype=bool)
         if biased.any():
             for a, off in ((ax, 0.0), (axg, L0)):
-                a.plot(g[biased], F[biased] - off, "o", ms=11, mfc="none", mec="red", mew=1.5,
-                       label="minibatch bias > s.e." if a is ax and i == 0 else None)
+                a.plot(
+                    g[biased],
+                    F[biased] - off,
+                    "o",
+                    ms=11,
+                    mfc="none",
+                    mec="red",
+                    mew=1.5,
+                    label="minibatch bias > s.e." if a is ax and i == 0 else None,
+                )
         imp = t.get("importance")
         if isinstance(imp, dict) and "local_entropy" in imp:
             Fi, Fie, ess = (np.asarray(imp[k], dtype=float) for k in ("local_entropy", "local_entropy_err", "ess"))
             ok = ess >= 100
             for a, off in ((ax, 0.0), (axg, L0)):
                 if ok.any():
-                    a.errorbar(g[ok], Fi[ok] - off, yerr=Fie[ok], fmt="D", color=c, ms=5, capsize=2, mfc="white",
-                               label="F by importance sampling (ESS ≥ 100)" if a is ax and i == 0 else None)
+                    a.errorbar(
+                        g[ok],
+                        Fi[ok] - off,
+                        yerr=Fie[ok],
+                        fmt="D",
+                        color=c,
+                        ms=5,
+                        capsize=2,
+                        mfc="white",
+                        label="F by importance sampling (ESS ≥ 100)" if a is ax and i == 0 else None,
+                    )
                 if (~ok).any():
-                    a.plot(g[~ok], Fi[~ok] - off, "x", color=c, ms=6,
-                           label="F by importance sampling (ESS < 100: unreliable)" if a is ax and i == 0 else None)
+                    a.plot(
+                        g[~ok],
+                        Fi[~ok] - off,
+                        "x",
+                        color=c,
+                        ms=6,
+                        label="F by importance sampling (ESS < 100: unreliable)" if a is ax and i == 0 else None,
+                    )
     t0 = items[0][1]
     for a in (ax, axg):
         a.set_xscale("log")
@@ -78,8 +100,10 @@ def plot(items, out_base, fmt):
     ax.set_ylabel("loss")
     axg.set_ylabel("gap to L(w)")
     if any_neg:
-        axg.set_yscale("symlog", linthresh=max(1e-8, float(np.nanmin(np.abs(_arr(t0, "local_entropy")
-                                                                            - float(t0["center_loss"])))) or 1e-8))
+        axg.set_yscale(
+            "symlog",
+            linthresh=max(1e-8, float(np.nanmin(np.abs(_arr(t0, "local_entropy") - float(t0["center_loss"])))) or 1e-8),
+        )
     else:
         axg.set_yscale("log")
     ax.set_title(f"local entropy, β={float(t0['beta']):.3g}, {t0.get('sampler', '')}")

@@ -11,8 +11,18 @@ import numpy as np
 
 from . import figure, register, save
 
-_SKIP = {"epoch", "grad_evals", "wall_time_s", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "rounds",
-         "outer_steps"}
+_SKIP = {
+    "epoch",
+    "grad_evals",
+    "wall_time_s",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "rounds",
+    "outer_steps",
+}
 
 
 @register("train")
@@ -38,8 +48,14 @@ def plot(items, out_base, fmt):
     fig.tight_layout()
     paths.append(save(fig, out_base, "curves", fmt))
 
-    extra = sorted({k for _, t in items for k in t.get("history", {}) if k not in _SKIP
-                    and not re.fullmatch(r"replica_dist_\d+", k)})
+    extra = sorted(
+        {
+            k
+            for _, t in items
+            for k in t.get("history", {})
+            if k not in _SKIP and not re.fullmatch(r"replica_dist_\d+", k)
+        }
+    )
     if extra:
         cols = min(4, len(extra))
         rows = math.ceil(len(extra) / cols)
@@ -52,7 +68,7 @@ def plot(items, out_base, fmt):
             ax.set_title(key)
             ax.set_xlabel("effective epochs")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(extra):]:
+        for ax in list(axes.flat)[len(extra) :]:
             ax.set_visible(False)
         seen = {}
         for ax in axes.flat:

@@ -14,19 +14,43 @@ def _option(cmd: click.Command, name: str) -> click.Option:
 
 @click.command("audit")
 @analysis_options
-@click.option("--suite", "suite_path", default=None, metavar="SUITE.toml",
-              help="The suite: one [table] per analysis with its options, and fail_if = [...] (see the README). "
-                   "Default: hessian, local_energy and landscape with the cheap audit defaults.")
-@click.option("--step", "only", multiple=True, type=click.Choice(sorted(ANALYSES)), metavar="ANALYSIS",
-              help=f"Run only these steps, in this order (repeatable): {', '.join(ANALYSES)}. A step the "
-                   "suite lacks runs with its audit defaults.")
-@click.option("--set", "sets", multiple=True, metavar="ANALYSIS.OPTION=VALUE",
-              help="Override one step option (repeatable), e.g. --set hessian.top=5 --set local_energy.samples=16.")
-@click.option("--fail-if", "fail_if", multiple=True, metavar="'METRIC OP NUMBER'",
-              help="Fail (exit 1) when the condition holds, e.g. 'hessian.lambda_max > 50' (repeatable; "
-                   "OP one of < <= > >= == !=). Parsed by a fixed grammar, never evaluated.")
-@click.option("--recompute", is_flag=True,
-              help="Recompute every step, even when the results file holds it for this checkpoint and options.")
+@click.option(
+    "--suite",
+    "suite_path",
+    default=None,
+    metavar="SUITE.toml",
+    help="The suite: one [table] per analysis with its options, and fail_if = [...] (see the README). "
+    "Default: hessian, local_energy and landscape with the cheap audit defaults.",
+)
+@click.option(
+    "--step",
+    "only",
+    multiple=True,
+    type=click.Choice(sorted(ANALYSES)),
+    metavar="ANALYSIS",
+    help=f"Run only these steps, in this order (repeatable): {', '.join(ANALYSES)}. A step the "
+    "suite lacks runs with its audit defaults.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="ANALYSIS.OPTION=VALUE",
+    help="Override one step option (repeatable), e.g. --set hessian.top=5 --set local_energy.samples=16.",
+)
+@click.option(
+    "--fail-if",
+    "fail_if",
+    multiple=True,
+    metavar="'METRIC OP NUMBER'",
+    help="Fail (exit 1) when the condition holds, e.g. 'hessian.lambda_max > 50' (repeatable; "
+    "OP one of < <= > >= == !=). Parsed by a fixed grammar, never evaluated.",
+)
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Recompute every step, even when the results file holds it for this checkpoint and options.",
+)
 @pass_run
 def command(run, suite_path, only, sets, fail_if, recompute):
     """Audit a checkpoint: run a suite of analyses, print every named metric, check thresholds.
@@ -80,14 +104,17 @@ def command(run, suite_path, only, sets, fail_if, recompute):
             if not outs:
                 t.add_row(name, val, *([""] if res.outcomes else []))
             for o in outs:
-                t.add_row(name, val, f"fail if {o.threshold.op} {o.threshold.value:g}: "
-                          + ("[red]FAIL[/red]" if o.failed else "[green]pass[/green]"))
+                t.add_row(
+                    name,
+                    val,
+                    f"fail if {o.threshold.op} {o.threshold.value:g}: "
+                    + ("[red]FAIL[/red]" if o.failed else "[green]pass[/green]"),
+                )
         console.print(t)
         console.print()
         n_failed = sum(o.failed for o in res.outcomes)
         verdict = "[green]PASS[/green]" if res.passed else "[red]FAIL[/red]"
-        console.print(f"verdict: {verdict} ({len(res.outcomes)} threshold(s), {n_failed} failed)  "
-                      f"{res.seconds:.1f} s")
+        console.print(f"verdict: {verdict} ({len(res.outcomes)} threshold(s), {n_failed} failed)  {res.seconds:.1f} s")
 
     run.emit(res.to_json(), human)
     if res.exit_code:

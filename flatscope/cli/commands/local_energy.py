@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ...analyses.local_energy import (BATCHED, BN_MODES, DEFAULT_SIGMA, NOISES, choose_batched, local_energy,
-                                      parse_sigmas)
+from ...analyses.local_energy import (
+    BATCHED,
+    BN_MODES,
+    DEFAULT_SIGMA,
+    NOISES,
+    choose_batched,
+    local_energy,
+    parse_sigmas,
+)
 from ...errors import FlatscopeError
 from ...safe_files import check_allocation
 from ..common import analysis_options, pass_run
@@ -13,29 +20,68 @@ from ..parallel import objectives, parallel_option
 
 
 @click.command("local-energy")
-@click.option("--sigma", "sigma_spec", default=DEFAULT_SIGMA, show_default=True, metavar="SPEC",
-              help="Noise scales: a..b (10 log-spaced), a..b:N, a..b:N:lin|log, or a comma list "
-                   "(items may be ranges), e.g. 0.05,0.1,0.2.")
-@click.option("--samples", default="32", show_default=True, metavar="N",
-              help="Noise draws per σ (at least 2); the same draws are used at every σ and on every split.")
-@click.option("--noise", type=click.Choice(NOISES), default="multiplicative", show_default=True,
-              help="w + σ z⊙w (multiplicative), w + σ z (additive), or filter-normalized z (Li et al.; "
-                   "1-D tensors count as one filter).")
-@click.option("--params", default="all", show_default=True, metavar="all|weights|REGEX",
-              help="Which parameters get noise: all, weights (tensors of 2+ dims: no biases, no BN), "
-                   "or a regex on parameter names.")
-@click.option("--bn", type=click.Choice(BN_MODES), default="eval", show_default=True,
-              help="BatchNorm: keep the running statistics (eval), or recompute them on the training "
-                   "inputs at every perturbed point (recompute).")
-@click.option("--target-error", default=None, metavar="EPS",
-              help="Also find the σ at which the mean error rate has risen by EPS (in (0, 1]), by "
-                   "bisection on the same draws.")
-@click.option("--batched", type=click.Choice(BATCHED), default="auto", show_default=True,
-              help="Evaluate draws in one vmapped call (on) or one at a time (off); auto: batched on "
-                   "CUDA, one at a time on CPU (faster there, see benchmarks/RESULTS.md).")
-@click.option("--chunk", default="16", show_default=True, metavar="N",
-              help="Draws per vmapped call when batched (memory grows with N); under --parallel points "
-                   "the unit dealt to the ranks.")
+@click.option(
+    "--sigma",
+    "sigma_spec",
+    default=DEFAULT_SIGMA,
+    show_default=True,
+    metavar="SPEC",
+    help="Noise scales: a..b (10 log-spaced), a..b:N, a..b:N:lin|log, or a comma list "
+    "(items may be ranges), e.g. 0.05,0.1,0.2.",
+)
+@click.option(
+    "--samples",
+    default="32",
+    show_default=True,
+    metavar="N",
+    help="Noise draws per σ (at least 2); the same draws are used at every σ and on every split.",
+)
+@click.option(
+    "--noise",
+    type=click.Choice(NOISES),
+    default="multiplicative",
+    show_default=True,
+    help="w + σ z⊙w (multiplicative), w + σ z (additive), or filter-normalized z (Li et al.; "
+    "1-D tensors count as one filter).",
+)
+@click.option(
+    "--params",
+    default="all",
+    show_default=True,
+    metavar="all|weights|REGEX",
+    help="Which parameters get noise: all, weights (tensors of 2+ dims: no biases, no BN), "
+    "or a regex on parameter names.",
+)
+@click.option(
+    "--bn",
+    type=click.Choice(BN_MODES),
+    default="eval",
+    show_default=True,
+    help="BatchNorm: keep the running statistics (eval), or recompute them on the training "
+    "inputs at every perturbed point (recompute).",
+)
+@click.option(
+    "--target-error",
+    default=None,
+    metavar="EPS",
+    help="Also find the σ at which the mean error rate has risen by EPS (in (0, 1]), by bisection on the same draws.",
+)
+@click.option(
+    "--batched",
+    type=click.Choice(BATCHED),
+    default="auto",
+    show_default=True,
+    help="Evaluate draws in one vmapped call (on) or one at a time (off); auto: batched on "
+    "CUDA, one at a time on CPU (faster there, see benchmarks/RESULTS.md).",
+)
+@click.option(
+    "--chunk",
+    default="16",
+    show_default=True,
+    metavar="N",
+    help="Draws per vmapped call when batched (memory grows with N); under --parallel points "
+    "the unit dealt to the ranks.",
+)
 @parallel_option("noise draws")
 @analysis_options
 @pass_run
@@ -80,15 +126,38 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
             bn = "eval"
     total = len(sigmas) * n * len(objs) + (12 * n * len(objs) if eps is not None else 0)
     with run.progress(total, "local energy") as advance:
-        res = local_energy(objs, sigmas, samples=n, noise=noise, params=params, bn=bn, bn_data=bn_data,
-                           target_error=eps, batched=batched, chunk=chunk_n, seed=run.seed, progress=advance,
-                           parallel=parallel)
+        res = local_energy(
+            objs,
+            sigmas,
+            samples=n,
+            noise=noise,
+            params=params,
+            bn=bn,
+            bn_data=bn_data,
+            target_error=eps,
+            batched=batched,
+            chunk=chunk_n,
+            seed=run.seed,
+            progress=advance,
+            parallel=parallel,
+        )
     for split, c in res.curves.items():
         if c.target is not None and not c.target.reached:
-            run.warn(f"{split}: the error rate never rose by {eps:g} up to σ = {c.target.lower_bound:.4g}; "
-                     "target_sigma is null (widen --sigma)")
-    options = {"sigma": sigma_spec, "samples": n, "noise": noise, "params": params, "bn": bn,
-               "target_error": eps, "batched": batched, "chunk": chunk_n, "parallel": parallel}
+            run.warn(
+                f"{split}: the error rate never rose by {eps:g} up to σ = {c.target.lower_bound:.4g}; "
+                "target_sigma is null (widen --sigma)"
+            )
+    options = {
+        "sigma": sigma_spec,
+        "samples": n,
+        "noise": noise,
+        "params": params,
+        "bn": bn,
+        "target_error": eps,
+        "batched": batched,
+        "chunk": chunk_n,
+        "parallel": parallel,
+    }
     run.save("local_energy", res.to_tree(), kind="local_energy", summary=res.summary(), options=options)
     plots = run.plot("local_energy")
     payload = res.to_json()
@@ -98,8 +167,10 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
     def human(console):
         from rich.table import Table
 
-        console.print(f"local energy, {noise} noise on parameters {params!r} ({res.n_perturbed:,} entries), "
-                      f"{n} draws per σ, BN {bn}, {'batched' if res.batched else 'loop'}")
+        console.print(
+            f"local energy, {noise} noise on parameters {params!r} ({res.n_perturbed:,} entries), "
+            f"{n} draws per σ, BN {bn}, {'batched' if res.batched else 'loop'}"
+        )
         classification = first.classification
         for split, c in res.curves.items():
             head = f"[bold]{split}[/bold]: base loss {c.base_loss:.5g}"
@@ -117,9 +188,11 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
             tg = c.target
             if tg is not None:
                 if tg.reached:
-                    console.print(f"target: δ error reaches {tg.epsilon:g} at σ = {tg.sigma:.4g} "
-                                  f"(bracket {tg.lo:.4g}..{tg.hi:.4g}; δ error there {tg.delta_err_mean:.4f} "
-                                  f"± {tg.delta_err_sem:.4f})")
+                    console.print(
+                        f"target: δ error reaches {tg.epsilon:g} at σ = {tg.sigma:.4g} "
+                        f"(bracket {tg.lo:.4g}..{tg.hi:.4g}; δ error there {tg.delta_err_mean:.4f} "
+                        f"± {tg.delta_err_sem:.4f})"
+                    )
                 else:
                     console.print(f"target: not reached; σ* > {tg.lower_bound:.4g}")
 

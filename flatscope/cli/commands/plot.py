@@ -11,8 +11,12 @@ from ..common import Run, common_options
 @click.command("plot")
 @click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
-@click.option("--outdir", type=click.Path(file_okay=False), default=None,
-              help="Folder for overlay plots of several files (default: the first file's folder).")
+@click.option(
+    "--outdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for overlay plots of several files (default: the first file's folder).",
+)
 @common_options
 def command(results, plot_format, outdir, **common):
     """Re-render every plot from results files, without recomputing anything.

@@ -11,18 +11,34 @@ from ...measures import flatter
 from ...results import find_analyses, open_results, stored_warnings
 from ..common import Run, common_options
 
-_PROVENANCE = ("checkpoint", "checkpoint_sha256", "command", "flatscope_version", "torch_version", "seed",
-               "device", "dtype", "wall_time_s", "timestamp")
+_PROVENANCE = (
+    "checkpoint",
+    "checkpoint_sha256",
+    "command",
+    "flatscope_version",
+    "torch_version",
+    "seed",
+    "device",
+    "dtype",
+    "wall_time_s",
+    "timestamp",
+)
 
 
 def summarize(path: str) -> dict:
     out = {"file": path, "analyses": {}}
     with open_results(path) as f:
         for name, g in find_analyses(f):
-            a = {"kind": str(g.attrs["kind"]), "summary": json.loads(g.attrs.get("summary", "{}")),
-                 "options": json.loads(g.attrs.get("options", "{}"))}
-            a["provenance"] = {k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
-                               for k in _PROVENANCE if k in g.attrs}
+            a = {
+                "kind": str(g.attrs["kind"]),
+                "summary": json.loads(g.attrs.get("summary", "{}")),
+                "options": json.loads(g.attrs.get("options", "{}")),
+            }
+            a["provenance"] = {
+                k: (g.attrs[k].item() if hasattr(g.attrs[k], "item") else g.attrs[k])
+                for k in _PROVENANCE
+                if k in g.attrs
+            }
             a["flatter"] = {k: d for k in a["summary"] if (d := flatter(f"{name.replace('/', '.')}.{k}"))}
             a["warnings"] = stored_warnings(g)
             out["analyses"][name] = a
@@ -33,7 +49,7 @@ def _relative(path: str) -> str:
     """``path`` relative to the working directory when it lies below it (results store absolute paths)."""
     try:
         rel = os.path.relpath(path)
-    except ValueError:   # another drive (Windows)
+    except ValueError:  # another drive (Windows)
         return path
     return path if rel.startswith("..") else rel
 
@@ -69,12 +85,21 @@ def command(results, **common):
                 console.print("  (no analyses)")
             for name, a in info["analyses"].items():
                 p = a["provenance"]
-                console.print(escape(f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  "
-                                     f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"))
+                console.print(
+                    escape(
+                        f"  /{name}  [{a['kind']}]  {p.get('timestamp', '')}  "
+                        f"{p.get('wall_time_s', 0):.1f} s  seed {p.get('seed')}  {p.get('device', '')}"
+                    )
+                )
                 if p.get("checkpoint"):
                     sha = str(p.get("checkpoint_sha256", ""))[:12]
-                    console.print(escape(f"      checkpoint {_relative(str(p['checkpoint']))}" + (f"  (sha256 {sha}...)" if sha else "")),
-                                  highlight=False)
+                    console.print(
+                        escape(
+                            f"      checkpoint {_relative(str(p['checkpoint']))}"
+                            + (f"  (sha256 {sha}...)" if sha else "")
+                        ),
+                        highlight=False,
+                    )
                 for k, v in a["summary"].items():
                     d = a["flatter"].get(k)
                     console.print(escape(f"      {k:<30} {_fmt(v)}" + (f"   ({d} = flatter)" if d else "")))
