@@ -433,7 +433,7 @@ def test_directions_from_reuses_the_plane(mlp_pair, tmp_path):
     assert tree(other, "random-2d")["train"]["loss"][1, 2] == own_loss(mlp_pair / "b.pt", "train", 200)[0]
     before = sha(other)
     r = CliRunner().invoke(main, ["landscape", str(SAMPLES / "cnn-sgd.pt"), "--directions-from", str(out),
-                                  "-o", str(other)])
+                                  "-o", str(other), "--allow-mixed"])
     assert "parameter 0 is 'net.0.weight' there but 'features.0.weight' here" in one_error_line(r)
     assert sha(other) == before
 

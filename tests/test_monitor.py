@@ -214,7 +214,8 @@ def test_lambda_max_equals_flatscope_hessian_on_each_saved_checkpoint(tmp_path, 
     assert len(saved) == 3
     for row, path in zip(mon.rows, saved):
         r = cli("hessian", path, "--top", "1", "--no-density", "--trace-probes", "2", "--tol", "1e-6",
-                "--max-samples", 300, "--seed", 3, "--threads", 1, "--json", "--no-plot", "-o", tmp_path / "h.h5")
+                "--max-samples", 300, "--seed", 3, "--threads", 1, "--json", "--no-plot",
+                "-o", tmp_path / f"h-{path.stem}.h5")
         assert r.exit_code == 0, r.output
         h = json.loads(r.stdout)
         bound = row["lambda_max_residual"] + h["residuals"][0] + 1e-5 * abs(h["lambda_max"])   # float32 products
