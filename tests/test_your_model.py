@@ -470,3 +470,17 @@ def test_torchvision_model_and_state_dict(cli, tmp_path):
     assert json.loads(r.stdout)["metrics"]["train"]["loss"] == pytest.approx(float(expect), rel=1e-5)
     with pytest.raises(Exception, match="no model"):
         build_model({"name": "torchvision:not_a_net"})
+
+
+def test_cli_sharpness_reports_a_custom_metric(cli, tmp_path):
+    ck = _state_dict_checkpoint(tmp_path, ym.conv())
+    opts = ["--model", "yourmodels:conv", "--data", "yourmodels:images", "--loss", "ce", "--rho", "0.5,2", "--steps",
+            "5", "--samples", "4", "--no-plot", "-q", "--json"]
+    plain = json.loads(cli(["sharpness", ck, "-o", tmp_path / "a.h5"] + opts).stdout)
+    r = cli(["sharpness", ck, "--metric", "yourmodels:top2", "-o", tmp_path / "b.h5"] + opts)
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert plain["worst"] == pytest.approx(out["worst"], rel=1e-6)   # the loss ascent is the same
+    assert all(np.isnan(plain.get("worst_value") or [np.nan]))
+    v = np.asarray(out["worst_value"], dtype=float)
+    assert np.isfinite(v).all() and (np.abs(v) <= 1).all() and v[-1] < 0   # top-2 accuracy falls at rho = 2

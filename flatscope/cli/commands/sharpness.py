@@ -161,6 +161,9 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
                 raise FlatscopeError(f"--m {opts['m']} is larger than the {name} split ({o.n} samples)")
         k = min(o.n // opts["m"] for o in objs.values())
     total = sum(len(opts["rhos"]) * ((o.n // opts["m"]) if opts["m"] else 1) + opts["samples"] for o in objs.values())
+    # --metric pkg.module:fn: the average case averages the metric, and its change is reported at each
+    # worst-case point (Objective.evaluate returns the metric in place of accuracy)
+    value_fn = {s: (lambda w, o=o: o.evaluate(w)[1]) for s, o in objs.items()} if run.metric is not None else None
     with run.progress(total, "sharpness") as advance:
         res = sharpness(
             objs,
@@ -176,6 +179,7 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
             average=average,
             samples=opts["samples"],
             seed=run.seed,
+            value_fn=value_fn,
             progress=advance,
         )
     options = {
