@@ -484,3 +484,21 @@ def test_cli_sharpness_reports_a_custom_metric(cli, tmp_path):
     assert all(np.isnan(plain.get("worst_value") or [np.nan]))
     v = np.asarray(out["worst_value"], dtype=float)
     assert np.isfinite(v).all() and (np.abs(v) <= 1).all() and v[-1] < 0   # top-2 accuracy falls at rho = 2
+
+
+
+def test_local_energy_error_is_one_minus_a_custom_metric(cli, tmp_path):
+    """--metric replaces accuracy: the error column is 1 - metric, so --target (alias of --target-error)
+    bisects the sigma at which the metric falls by EPS."""
+    model = ym.conv()
+    ck = _state_dict_checkpoint(tmp_path, model)
+    opts = ["--model", "yourmodels:conv", "--data", "yourmodels:images", "--loss", "ce", "--sigma", "0.1",
+            "--samples", "2", "--no-plot", "-q", "--json"]
+    r = cli(["local-energy", ck, "--metric", "yourmodels:top2", "--target", "0.5", "-o", tmp_path / "b.h5"] + opts)
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    d = ym.images()["train"]
+    with torch.no_grad():
+        top2 = float(ym.top2(model.eval()(d.x), d.y))
+    assert out["base_error"] == pytest.approx(1 - top2, abs=1e-12)
+    assert out["target"]["epsilon"] == 0.5

@@ -62,9 +62,12 @@ from ..parallel import objectives, parallel_option
 )
 @click.option(
     "--target-error",
+    "--target",
+    "target_error",
     default=None,
     metavar="EPS",
-    help="Also find the σ at which the mean error rate has risen by EPS (in (0, 1]), by bisection on the same draws.",
+    help="Also find the σ at which the mean error rate has risen by EPS (in (0, 1]), by bisection on the same draws; "
+    "with --metric, the σ at which the metric has fallen by EPS (the error is 1 - metric).",
 )
 @click.option(
     "--batched",
