@@ -72,41 +72,14 @@ import numpy as np
 
 from .errors import FlatscopeError
 from .results import find_analyses, open_results, to_jsonable
+from .shared_options import ANALYSIS_KEYS, COMMON_KEYS, RESULT_DEFAULTS, result_options
 from .thresholds import Threshold, parse_threshold
 
 AUDIT_SCHEMA = "flatscope.audit/1"
 
 # Options every analysis command shares (flatscope/cli/common.py): a step does not set them, the
 # audit passes its own (except ``split``, which a step may override).
-_SHARED = (
-    "checkpoint",
-    "checkpoints",
-    "model",
-    "model_kwargs",
-    "data",
-    "data_kwargs",
-    "loss",
-    "split",
-    "batch_size",
-    "max_samples",
-    "out",
-    "plot",
-    "plot_format",
-    "allow_nonfinite",
-    "allow_mixed",
-    "device",
-    "seed",
-    "dtype",
-    "threads",
-    "as_json",
-    "quiet",
-    "verbose",
-    "label_smoothing",
-    "metric",
-    "output",
-    "hvp",
-    "workers",
-)
+_SHARED = ("checkpoints",) + COMMON_KEYS + ANALYSIS_KEYS
 _STEP_SHARED = ("split",)
 
 
@@ -982,13 +955,10 @@ def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
         max_samples=run.max_samples,
         batch_size=run.batch_size,
     )
-    for key, value, default in (
-        ("label_smoothing", run.label_smoothing, 0.0),
-        ("metric", run.metric_name, None),
-        ("output", run.output_key, None),
-    ):  # they change the numbers (hvp modes do not)
-        if value != default or key in stored_cmp:
-            want[key] = value
+    mine = result_options(run, with_hvp=False)
+    for key in ("label_smoothing", "metric", "output"):
+        if key in mine or key in stored_cmp:
+            want[key] = mine.get(key, RESULT_DEFAULTS[key])
     for k, v in want.items():
         if _canon(stored_cmp.get(k)) != _canon(v):
             return False, f"option {k} was {_canon(stored.get(k))} in the stored result, now {_canon(v)}"

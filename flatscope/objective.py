@@ -56,11 +56,6 @@ def loss_value(out: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
     return make_loss(loss).mean(out, y)
 
 
-def correct_count(out: torch.Tensor, y: torch.Tensor, loss="ce") -> torch.Tensor:
-    """Number of correct predictions (NaN for regression targets)."""
-    return make_loss(loss).correct(out, y)
-
-
 def call_model(model: torch.nn.Module, params_and_buffers, inputs, output: str | None = None) -> torch.Tensor:
     """``model(inputs)`` with the given parameters: a tensor is the one positional argument, a tuple
     or list are positional arguments, a dict are keyword arguments; the output is read by
@@ -96,15 +91,18 @@ def second_order_kernels():
 
 
 def fd_step(w: torch.Tensor, v: torch.Tensor) -> float:
-    """The central-difference step for ``H v``: ``eps^(1/3) * max(1, |w|_rms) / |v|_rms`` scaled so
-    that the relative perturbation of ``w`` is about ``eps^(1/3)`` (truncation error O(h^2) and
-    rounding error O(eps/h) balanced for the dtype)."""
+    """The central-difference step for ``H v``: ``eps^(1/2) * max(1, |w|_rms) / |v|_rms``, a relative
+    perturbation of ``w`` of about ``sqrt(eps)`` of the (widened, see ``Objective._fd_objective``)
+    dtype. For a smooth loss ``eps^(1/3)`` would balance the O(h^2) truncation and O(eps/h) rounding
+    errors, but ReLU-type activations add an O(h) error from the kinks the segment crosses: on the
+    trained digits MLP the error of one product along the top eigenvector fell from 0.33 to 4.5e-6 with
+    the smaller step (float64 differences)."""
     eps = torch.finfo(w.dtype).eps
     wn = float(w.double().norm()) / math.sqrt(w.numel())
     vn = float(v.double().norm()) / math.sqrt(v.numel())
     if vn == 0:
         return 0.0
-    return eps ** (1 / 3) * max(1.0, wn) / vn
+    return eps**0.5 * max(1.0, wn) / vn
 
 
 class Objective:
@@ -409,15 +407,45 @@ class Objective:
                     out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
         return self._reduce(out)
 
+    def _fd_objective(self) -> "Objective":
+        """The objective whose gradients the central difference takes: near a minimum the difference of
+        two float32 gradients is dominated by rounding (digits MLP: 0.3 relative error on a probe and a
+        lambda_max 18x too large, against 3e-8 in float64), so a float32 objective differences in
+        float64, and bfloat16/float16 ones in float32. Same data source, model copy, loss and reduction."""
+        wide = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}.get(
+            self.dtype
+        )
+        if wide is None:
+            return self
+        if getattr(self, "_fd_wide", None) is None:
+            o = Objective(
+                self.model,
+                data=self.source,
+                loss=self.loss_fn,
+                metric=None,
+                output=self.output,
+                batch_size=self.batch_size,
+                device=self.device,
+                dtype=wide,
+                train_mode=self.model.training,
+                hvp_mode="fd",
+            )
+            o._reduce, o._n_total = self._reduce, self._n_total
+            self._fd_wide = o
+        return self._fd_wide
+
     def _fd_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Central difference ``(g(w + h v) - g(w - h v)) / 2h`` of the split gradient, row by row."""
-        rows = v.reshape(-1, v.shape[-1])
+        """Central difference ``(g(w + h v) - g(w - h v)) / 2h`` of the split gradient, row by row, in the
+        wider precision of :meth:`_fd_objective` (the step is chosen for that precision)."""
+        o = self._fd_objective()
+        w = w.to(o.dtype)
+        rows = v.reshape(-1, v.shape[-1]).to(o.dtype)
         out = torch.zeros(rows.shape, dtype=self.acc_dtype, device=self.device)
         for r in range(rows.shape[0]):
             h = fd_step(w, rows[r])
             if h == 0:
                 continue
-            out[r] = (self.grad(w + h * rows[r]) - self.grad(w - h * rows[r])) / (2 * h)  # grads sum in acc_dtype
+            out[r] = ((o.grad(w + h * rows[r]) - o.grad(w - h * rows[r])) / (2 * h)).to(self.acc_dtype)
         return out.reshape(v.shape)
 
     def resolve_hvp_mode(self) -> str:

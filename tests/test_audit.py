@@ -567,3 +567,18 @@ def test_report_renders_in_headless_chromium(compared, tmp_path):
     assert 0.005 < ink < 0.5                                     # text and plots drawn, not a blank page
     colour = (np.ptp(img[..., :3], axis=-1) > 0.3).mean()
     assert colour > 1e-3                                          # coloured plot lines: images displayed
+
+
+def test_cache_keys_on_label_smoothing_and_not_on_the_hvp_mode(tmp_path):
+    ckpt = _copy(tmp_path, "mlp-sgd.pt")
+    suite = _suite(tmp_path, "[hessian]\ntop = 2\ntrace_probes = 6\n")
+    r, first = _audit(ckpt, suite)
+    assert r.exit_code == 0 and not first["steps"][0]["cached"]
+    r, smooth = _audit(ckpt, suite, "--label-smoothing", "0.1")       # changes the loss: recomputed
+    assert not smooth["steps"][0]["cached"] and "label_smoothing" in smooth["steps"][0]["reason"]
+    assert smooth["metrics"]["hessian.lambda_max"] != first["metrics"]["hessian.lambda_max"]
+    r, again = _audit(ckpt, suite, "--label-smoothing", "0.1", "--hvp", "double-backward")
+    assert again["steps"][0]["cached"]                                 # equal up to rounding: reused
+    r, back = _audit(ckpt, suite)                                      # smoothing gone: recomputed again
+    assert not back["steps"][0]["cached"] and back["metrics"]["hessian.lambda_max"] == pytest.approx(
+        first["metrics"]["hessian.lambda_max"], rel=1e-9)

@@ -502,3 +502,107 @@ def test_local_energy_error_is_one_minus_a_custom_metric(cli, tmp_path):
         top2 = float(ym.top2(model.eval()(d.x), d.y))
     assert out["base_error"] == pytest.approx(1 - top2, abs=1e-12)
     assert out["target"]["epsilon"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- more sources
+def test_safetensors_checkpoint_with_tied_weights(cli, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = ym.FrozenTied()
+    save_model(model, str(tmp_path / "w.safetensors"))   # stores the tied tensor once
+    np.savez(tmp_path / "tok.npz", X=ym.token_data(8).numpy(), y=ym.token_data(8).numpy())
+    from flatscope.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(str(tmp_path / "w.safetensors"), model_spec={"name": "yourmodels:FrozenTied"},
+                         allow_import=True)
+    assert ck.kind == "safetensors" and torch.equal(ck.model.out.weight, model.emb.weight)
+    r = cli(["info", tmp_path / "w.safetensors", "--model", "yourmodels:FrozenTied", "--data",
+             f"npz:{tmp_path / 'tok.npz'}", "--loss", "lm", "--json"])
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["n_frozen"] == 4 * 4 + 4 and info["n_trainable"] == ym.VOCAB * 4 + 1
+    ids = ym.token_data(8)
+    with torch.no_grad():
+        out = model(ids)
+    expect = F.cross_entropy(out[:, :-1].reshape(-1, ym.VOCAB), ids[:, 1:].reshape(-1))
+    assert info["metrics"]["train"]["loss"] == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_hf_disk_dataset_equals_in_memory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from flatscope.data import load_data
+
+    ids = ym.token_data(10)
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": ids.tolist(), "text": ["x"] * 10}),
+                              "test": datasets.Dataset.from_dict({"input_ids": ids[:4].tolist(), "text": ["y"] * 4})})
+    d.save_to_disk(str(tmp_path / "corpus"))
+    data = load_data({"name": f"hf-disk:{tmp_path / 'corpus'}"})
+    assert len(data.train) == 10 and len(data.test) == 4
+    torch.manual_seed(0)
+    model = ym.TransformerKw()
+    streamed = Objective(model, data=data.source("train"), loss="lm", batch_size=3, dtype=torch.float64)
+    memory = Objective(model, {"input_ids": ids}, ids, loss="lm", dtype=torch.float64)
+    assert streamed.loss() == pytest.approx(memory.loss(), rel=1e-12)      # string column dropped, ids as target
+    with pytest.raises(Exception, match="no column"):
+        load_data({"name": f"hf-disk:{tmp_path / 'corpus'}", "kwargs": {"columns": ["nope"]}})
+
+
+def test_mnist1d_builtin_is_generated_locally():
+    pytest.importorskip("mnist1d")
+    from flatscope.data import load_data
+
+    d = load_data({"name": "mnist1d", "kwargs": {"num_samples": 500}})
+    assert d.X_train.shape == (400, 40) and d.X_test.shape == (100, 40) and d.n_outputs == 10
+    again = load_data({"name": "mnist1d", "kwargs": {"num_samples": 500}})
+    assert torch.equal(d.X_train, again.X_train)                            # seeded: the same data every time
+
+
+def test_dataloaders_in_order_and_iterable_datasets():
+    torch.manual_seed(0)
+    model = ym.TinyConv()
+    ds = ym.ImageDataset(11)
+    ref = Objective(model, ds.x, ds.y, batch_size=11)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
+    assert Objective(model, loader, batch_size=4).loss() == pytest.approx(ref.loss(), rel=1e-6)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(ds.x, ds.y))
+
+    it = Objective(model, torch.utils.data.DataLoader(Stream(), batch_size=5))
+    assert it.n == 11 and it.loss() == pytest.approx(ref.loss(), rel=1e-6)
+    with pytest.raises(Exception, match="no random access"):
+        it.minibatch(torch.tensor([0, 1]))
+    with pytest.raises(Exception, match="shuffle"):
+        Objective(model, torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True))
+
+
+def test_cli_hvp_fd_reports_its_accuracy_and_agrees_with_exact(cli, samples, tmp_path):
+    common = ["--top", "2", "--no-density", "--trace-probes", "2", "--max-samples", "200", "--no-plot", "--json", "-q"]
+    exact = json.loads(cli(["hessian", samples / "mlp-sgd.pt", "-o", tmp_path / "e.h5"] + common).stdout)
+    r = cli(["hessian", samples / "mlp-sgd.pt", "--hvp", "fd", "-o", tmp_path / "f.h5"] + common)
+    assert r.exit_code == 0, r.stderr
+    fd = json.loads(r.stdout)
+    assert fd["hvp"] == "fd" and exact["hvp"] == "cached"
+    with h5py.File(tmp_path / "f.h5") as f:
+        rel = json.loads(f["hessian"].attrs["summary"])["hvp_fd_rel_error"]
+    # float32 model, float64 differences: before they were widened, float32 differences near this minimum
+    # gave a probe error of 0.3 and a lambda_max 18x too large
+    assert 0 < rel < 1e-4
+    assert fd["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-4)
+    r = cli(["hessian", samples / "mlp-sgd.pt", "--hvp", "fd", "--dtype", "float64", "-o", tmp_path / "g.h5"] + common)
+    fd64 = json.loads(r.stdout)
+    with h5py.File(tmp_path / "g.h5") as f:
+        rel64 = json.loads(f["hessian"].attrs["summary"])["hvp_fd_rel_error"]
+    assert rel64 < 1e-6 and fd64["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-4)
+
+
+def test_cli_streamed_dataset_with_worker_processes(cli, tmp_path):
+    ck = _state_dict_checkpoint(tmp_path, ym.conv())
+    opts = ["--model", "yourmodels:conv", "--data", "yourmodels:images", "--loss", "ce", "--json"]
+    one = json.loads(cli(["info", ck] + opts).stdout)["metrics"]
+    two = json.loads(cli(["info", ck, "--workers", "2", "--batch-size", "4"] + opts).stdout)["metrics"]
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-6)
+    assert two["test"]["accuracy"] == one["test"]["accuracy"]

@@ -32,32 +32,10 @@ from ..objective import Objective
 from ..threads import choose_threads
 from .. import distributed
 from .. import results as store
+from ..shared_options import ANALYSIS_KEYS, COMMON_KEYS, result_options
 
 STATE = {"verbose": False}
 _TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any command changes it
-
-COMMON_KEYS = ("device", "seed", "dtype", "threads", "as_json", "quiet", "verbose")
-ANALYSIS_KEYS = (
-    "checkpoint",
-    "model",
-    "model_kwargs",
-    "data",
-    "data_kwargs",
-    "loss",
-    "split",
-    "batch_size",
-    "max_samples",
-    "out",
-    "plot",
-    "plot_format",
-    "allow_nonfinite",
-    "allow_mixed",
-    "label_smoothing",
-    "metric",
-    "output",
-    "hvp",
-    "workers",
-)
 
 
 def _json_dict(ctx, param, value):
@@ -541,14 +519,8 @@ class Run:
     def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:
         """Write analysis group ``name`` (replacing an older one) atomically; returns the file path."""
         options = dict(options, split=self.split, max_samples=self.max_samples, batch_size=self.batch_size)
-        for key, value, default in (
-            ("label_smoothing", self.label_smoothing, 0.0),
-            ("metric", self.metric_name, None),
-            ("output", self.output_key, None),
-            ("hvp", self.hvp_mode, "auto"),
-        ):
-            if value != default:  # only when set, so that earlier results keep matching
-                options.setdefault(key, value)
+        for key, value in result_options(self).items():
+            options.setdefault(key, value)  # hessian stores its own resolved hvp mode
         if not self.is_main:
             return self.out_path
         if self.checkpoint_path is not None:
