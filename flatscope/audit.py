@@ -56,6 +56,7 @@ group it writes, how its stored options compare, and its summary keys.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -67,19 +68,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import click
 import numpy as np
 
 from .errors import FlatscopeError
-from .results import find_analyses, open_results, to_jsonable
-from .shared_options import ANALYSIS_KEYS, COMMON_KEYS, RESULT_DEFAULTS, result_options
+from .options import MAX_OPTION_INT, SCHEMAS, Option, check_number  # noqa: F401
+from .options import defaults as option_defaults
+from .results import find_analyses, open_results, stored_warnings, to_jsonable
+from .shared_options import RESULT_DEFAULTS, result_options
 from .thresholds import Threshold, parse_threshold
 
 AUDIT_SCHEMA = "flatscope.audit/1"
 
-# Options every analysis command shares (flatscope/cli/common.py): a step does not set them, the
-# audit passes its own (except ``split``, which a step may override).
-_SHARED = ("checkpoints",) + COMMON_KEYS + ANALYSIS_KEYS
+# Of the options every analysis shares (flatscope/cli/common.py), a step may set only ``split``: the
+# others are the audit's own, and every step runs with them.
 _STEP_SHARED = ("split",)
 
 
@@ -107,403 +108,92 @@ class Target:
 
 @dataclass(frozen=True)
 class Analysis:
-    """One kind of audit step: a flatscope analysis command and how to read and cache its result."""
+    """One kind of audit step: an analysis, its options (:data:`flatscope.options.SCHEMAS`) and its step
+    module ``flatscope/steps/<name>.py`` (compute and store; the stored group, how its options compare for
+    a cache hit, whether it is complete, its summary keys)."""
 
     name: str
-    command: str  # module flatscope/cli/commands/<command>.py
+    command: str  # the command line's name: flatscope <command>
     kind: str  # the group's ``kind`` attr
     defaults: dict  # audit defaults (option name -> value)
     in_default_suite: bool
-    group: Callable[["Step"], str]  # the HDF5 group the step writes
-    expected: Callable[["Step", Target], dict]  # stored options that must match for a cache hit
-    metric_keys: Callable[["Step"], list]  # the summary keys the result will have
-    normalize: Callable[[dict], dict] = lambda stored: stored  # stored options -> comparable form
-    complete: Callable[[object], str | None] = lambda g: None  # why a stored group is unusable
-    denied: tuple = ()  # command options an audit step may not set
-    validate: Callable[["Step"], None] = lambda step: None  # option checks that need no data (at plan time)
     describe: str = ""
 
+    @property
+    def options(self) -> tuple:
+        return SCHEMAS[self.name]
 
-def _hessian_keys(step: "Step") -> list:
-    from .analyses.hessian import HessianResult
+    @property
+    def denied(self) -> tuple:
+        """Command options an audit step may not set (they read other files or resume a run)."""
+        return tuple(o.name for o in self.options if not o.audit)
 
-    return list(HessianResult(dim=0, n_samples=0, k=1, top=None).summary())
+    @property
+    def step(self):
+        """The step module (imported on first use: it imports torch)."""
+        return importlib.import_module(f"flatscope.steps.{self.name}")
 
+    def group(self, step: "Step") -> str:
+        return self.step.group(step)
 
-def _one_split(name: str):
-    def group(step: "Step") -> str:
-        if len(step.splits) != 1:
-            raise FlatscopeError(
-                f"suite step {name} analyses one split: set split = \"train\" or \"test\" in its "
-                f"table (e.g. --set {name}.split=train)"
-            )
-        return name
+    def expected(self, step: "Step", target: Target) -> dict:
+        return self.step.expected(step, target)
 
-    return group
+    def normalize(self, stored: dict) -> dict:
+        return getattr(self.step, "normalize", lambda x: x)(stored)
 
+    def complete(self, g) -> str | None:
+        return self.step.complete(g)
 
-def _hessian_complete(g) -> str | None:
-    if "nonfinite" in g.attrs:
-        return "the stored run stopped at a non-finite Hessian-vector product"
-    if "eigenvalues" not in g:
-        return "the stored group has no eigenvalues"
-    return None
+    def validate(self, step: "Step") -> None:
+        self.step.validate(step)
 
-
-def _local_energy_expected(step: "Step", target: Target) -> dict:
-    from .analyses.local_energy import parse_sigmas
-    from .cli.commands.local_energy import _whole
-
-    p = step.params
-    eps = p["target_error"]
-    if eps is not None:
-        try:
-            eps = float(eps)
-        except ValueError:
-            raise FlatscopeError(f"--target-error {eps!r} is not a number") from None
-    bn = p["bn"]
-    if bn == "recompute" and not target.has_batchnorm:
-        bn = "eval"  # the command does the same (with a warning)
-    return {
-        "sigma": parse_sigmas(p["sigma_spec"]).tolist(),
-        "samples": _whole(p["samples"], "--samples", 2),
-        "noise": p["noise"],
-        "params": p["params"],
-        "bn": bn,
-        "target_error": eps,
-    }
-
-
-def _local_energy_validate(step: "Step") -> None:
-    from .analyses.local_energy import parse_sigmas
-    from .cli.commands.local_energy import _whole
-
-    p = step.params
-    parse_sigmas(p["sigma_spec"])
-    _whole(p["samples"], "--samples", 2)
-    _whole(p["chunk"], "--chunk", 1)
-    if p["target_error"] is not None:
-        try:
-            eps = float(p["target_error"])
-        except ValueError:
-            raise FlatscopeError(f"--target-error {p['target_error']!r} is not a number") from None
-        if not 0 < eps <= 1:
-            raise FlatscopeError(f"--target-error must be in (0, 1] (a rise of the error rate), got {eps:g}")
-
-
-def _local_energy_normalize(stored: dict) -> dict:
-    from .analyses.local_energy import parse_sigmas
-
-    out = dict(stored)
-    try:
-        out["sigma"] = parse_sigmas(stored.get("sigma")).tolist()
-    except FlatscopeError:
-        out["sigma"] = None
-    return out
-
-
-def _local_energy_keys(step: "Step") -> list:
-    from .analyses.local_energy import LocalEnergyResult, SplitCurve, TargetSigma
-
-    curves = {}
-    for s in step.splits:
-        c = SplitCurve(s, 0.0, 0.0, np.zeros((1, 2)), np.zeros((1, 2)))
-        if step.params["target_error"] is not None:
-            c.target = TargetSigma(0.0, math.nan, False, 0.0, 0.0, 0.0, math.nan, math.nan, 0, 0)
-        curves[s] = c
-    res = LocalEnergyResult(
-        sigma=np.array([1.0]),
-        samples=2,
-        noise="",
-        params="",
-        bn="",
-        batched=False,
-        chunk=1,
-        seed=0,
-        n_perturbed=0,
-        curves=curves,
-    )
-    return list(res.summary())
-
-
-def _landscape_plan(step: "Step") -> tuple[str, int]:
-    if step.extra_checkpoints:
-        return "interp", len(step.extra_checkpoints)
-    return "random", 2 if step.params.get("two_d") else 1
-
-
-def _landscape_group(step: "Step") -> str:
-    from .cli.commands.landscape import _NAME, _default_name
-
-    kind, k = _landscape_plan(step)
-    name = step.params.get("name") or _default_name(kind, k, None)
-    if not _NAME.match(name):
-        raise FlatscopeError(f"landscape name {name!r}: use letters, digits and . _ + - only")
-    return f"landscape/{name}"
-
-
-def _landscape_expected(step: "Step", target: Target) -> dict:
-    from .analyses.landscape import parse_grid, parse_range
-
-    p = step.params
-    kind, k = _landscape_plan(step)
-    random = kind == "random"
-    bn = p["bn"]
-    if bn == "recompute" and not target.has_batchnorm:
-        bn = "eval"
-    run = target.run
-    return {
-        "directions": kind,
-        "dims": k,
-        "range": [list(r) for r in parse_range(p["range_text"], k, (-1.0, 1.0) if random else (-0.5, 1.5))],
-        "grid": parse_grid(p["grid_text"], k),
-        "norm": p["norm"] if random else None,
-        "bias_bn": p["bias_bn"] if random else None,
-        "orthogonalize": bool(p["orthogonalize"]) if random else None,
-        "seed": run.seed if random else None,
-        "bn": bn,
-        "checkpoint_sha256": [target.sha256] + list(step.extra_sha256),
-        "dtype": run.dtype_name,
-        "loss": run.loss_name,
-        "data": target.data_spec,
-    }
-
-
-def _landscape_validate(step: "Step") -> None:
-    from .analyses.landscape import parse_grid, parse_range
-
-    kind, k = _landscape_plan(step)
-    parse_range(step.params["range_text"], k, (-1.0, 1.0))
-    parse_grid(step.params["grid_text"], k)
-
-
-def _landscape_keys(step: "Step") -> list:
-    import torch
-
-    from .analyses.landscape import Grid, LandscapeResult
-    from .directions import Directions
-    from .params import ParamLayout
-
-    kind, k = _landscape_plan(step)
-    dirs = Directions(torch.zeros(k, 1, dtype=torch.float64), ParamLayout(("w",), ((1,),)), kind, {})
-    x = np.array([-1.0, 0.0, 1.0])
-    res = LandscapeResult("x", dirs, Grid(x, x if k == 2 else None), list(step.splits))
-    return list(res.summary())
-
-
-def _landscape_complete(g) -> str | None:
-    if "done" not in g or not bool(np.all(g["done"][()])):
-        return "the stored slice is not finished"
-    return None
-
-
-def _local_entropy_norm(opts: dict, strict: bool = False) -> dict:
-    from .analyses.local_entropy import parse_gamma
-    from .cli.commands.local_entropy import parse_beta, parse_step
-
-    out = dict(opts)
-    try:
-        grid, relative = parse_gamma(str(opts.get("gamma")))
-        out["gamma"] = [grid.tolist(), relative]
-        out["beta"] = parse_beta(str(opts.get("beta")))
-        out["step_size"] = list(parse_step(str(opts.get("step_size"))))
-    except FlatscopeError:
-        if strict:
-            raise
-        out["gamma"] = None
-    return out
-
-
-def _local_entropy_expected(step: "Step", target: Target) -> dict:
-    from .analyses.local_entropy import default_minibatch
-    from .cli.commands.local_entropy import parse_minibatch
-
-    p = dict(step.params)
-    spec = p.pop("minibatch_spec")
-    if p["sampler"] == "mala":
-        minibatch = None
-    elif spec is not None:
-        minibatch = parse_minibatch(spec)
-    else:  # the command's default depends on the split's size
-        minibatch = default_minibatch(len(target.run.split_source(step.splits[0])))
-    want = {
-        "gamma": p.pop("gamma_spec"),
-        "beta": p.pop("beta_spec"),
-        "step_size": p.pop("step_spec"),
-        "minibatch": minibatch or "full",
-        **p,
-    }
-    return _local_entropy_norm(want)
-
-
-def _local_entropy_validate(step: "Step") -> None:
-    from .cli.commands.local_entropy import parse_minibatch
-
-    p = step.params
-    _local_entropy_norm({"gamma": p["gamma_spec"], "beta": p["beta_spec"], "step_size": p["step_spec"]}, strict=True)
-    if p["minibatch_spec"] is not None:
-        parse_minibatch(p["minibatch_spec"])
-
-
-def _local_entropy_keys(step: "Step") -> list:
-    from .analyses.local_entropy import LocalEntropyResult
-
-    one = {
-        k: np.zeros(1)
-        for k in (
-            "local_entropy",
-            "local_entropy_err",
-            "mean_loss",
-            "mean_sq_dist",
-            "grad_norm",
-            "rhat",
-            "ess",
-            "accept_rate",
-        )
-    }
-    res = LocalEntropyResult(
-        gamma=np.ones(1),
-        beta=1.0,
-        n_params=1,
-        center_loss=0.0,
-        center_grad_norm=0.0,
-        lambda_max=0.0,
-        lambda_max_source="",
-        sampler="",
-        chains=1,
-        steps=1,
-        burn_in=0,
-        thin=1,
-        minibatch=None,
-        warm_start="",
-        integrator="",
-        per_gamma=one,
-        vectors={},
-        traces={},
-        importance=None,
-    )
-    return list(res.summary())
-
-
-def _sharpness_parse(step: "Step") -> dict:
-    from .cli.commands.sharpness import parse_options
-
-    p = step.params
-    return parse_options(
-        p["rho_spec"],
-        p["steps"],
-        p["step_size"],
-        p["restarts"],
-        p["eta"],
-        p["samples"],
-        p["m"],
-        p["norm"],
-        p["average"],
-    )
-
-
-def _sharpness_expected(step: "Step", target: Target) -> dict:
-    o = _sharpness_parse(step)
-    p = step.params
-    return {
-        "rho": o["rhos"].tolist(),
-        "norm": p["norm"],
-        "adaptive": bool(p["adaptive"]),
-        "eta": o["eta"],
-        "steps": o["steps"],
-        "step_size": o["step_size"],
-        "restarts": o["restarts"],
-        "m": o["m"],
-        "average": p["average"],
-        "samples": o["samples"],
-        "params": p["params"],
-    }
-
-
-def _sharpness_normalize(stored: dict) -> dict:
-    from .analyses.sharpness import parse_rhos
-
-    out = dict(stored)
-    try:
-        out["rho"] = parse_rhos(str(stored.get("rho"))).tolist()
-    except FlatscopeError:
-        out["rho"] = None
-    return out
-
-
-def _sharpness_keys(step: "Step") -> list:
-    from .analyses.sharpness import summary_keys
-
-    return summary_keys(step.splits)
+    def metric_keys(self, step: "Step") -> list:
+        return self.step.metric_keys(step)
 
 
 ANALYSES: dict[str, Analysis] = {
     a.name: a
     for a in [
         Analysis(
-            name="hessian",
-            command="hessian",
-            kind="hessian",
-            in_default_suite=True,
-            defaults={"top": 3, "density": False, "trace_probes": 30},
-            group=_one_split("hessian"),
-            expected=lambda step, target: {k: v for k, v in step.params.items() if k != "hvp"},
-            metric_keys=_hessian_keys,
-            complete=_hessian_complete,
-            describe="top eigenvalues (Lanczos) and the trace (Hutch++)",
+            "hessian",
+            "hessian",
+            "hessian",
+            {"top": 3, "density": False, "trace_probes": 30},
+            True,
+            "top eigenvalues (Lanczos) and the trace (Hutch++)",
         ),
         Analysis(
-            name="local_energy",
-            command="local_energy",
-            kind="local_energy",
-            in_default_suite=True,
-            defaults={"sigma": "0.01..1:5", "samples": 8, "target_error": 0.01},
-            group=lambda step: "local_energy",
-            expected=_local_energy_expected,
-            normalize=_local_energy_normalize,
-            metric_keys=_local_energy_keys,
-            validate=_local_energy_validate,
-            describe="δE(σ) of loss and error under multiplicative weight noise, and the σ where the error rises by ε",
+            "local_energy",
+            "local-energy",
+            "local_energy",
+            {"sigma": "0.01..1:5", "samples": 8, "target_error": 0.01},
+            True,
+            "δE(σ) of loss and error under multiplicative weight noise, and the σ where the error rises by ε",
         ),
         Analysis(
-            name="landscape",
-            command="landscape",
-            kind="landscape",
-            in_default_suite=True,
-            defaults={"grid": 21},
-            denied=("directions", "hessian_from", "trajectory", "directions_from", "resume"),
-            group=_landscape_group,
-            expected=_landscape_expected,
-            metric_keys=_landscape_keys,
-            complete=_landscape_complete,
-            validate=_landscape_validate,
-            describe="loss along a filter-normalized random direction (Li et al. 2018)",
+            "landscape",
+            "landscape",
+            "landscape",
+            {"grid": 21},
+            True,
+            "loss along a filter-normalized random direction (Li et al. 2018)",
         ),
         Analysis(
-            name="local_entropy",
-            command="local_entropy",
-            kind="local_entropy",
-            in_default_suite=False,
-            defaults={"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
-            group=_one_split("local_entropy"),
-            expected=_local_entropy_expected,
-            normalize=_local_entropy_norm,
-            metric_keys=_local_entropy_keys,
-            validate=_local_entropy_validate,
-            describe="local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)",
+            "local_entropy",
+            "local-entropy",
+            "local_entropy",
+            {"gamma": "0.1..10:5", "steps": 200, "burn_in": 50, "chains": 4, "is_samples": 0},
+            False,
+            "local entropy F(γ) by Langevin sampling (optional: add it with --step or a [local_entropy] table)",
         ),
         Analysis(
-            name="sharpness",
-            command="sharpness",
-            kind="sharpness",
-            in_default_suite=False,
-            defaults={"rho": "0.1..1:3", "steps": 10, "samples": 8},
-            group=lambda step: "sharpness",
-            expected=_sharpness_expected,
-            normalize=_sharpness_normalize,
-            metric_keys=_sharpness_keys,
-            validate=lambda step: _sharpness_parse(step) and None,
-            describe="worst-case and average-case adaptive sharpness (Andriushchenko et al. 2023; optional: add it "
+            "sharpness",
+            "sharpness",
+            "sharpness",
+            {"rho": "0.1..1:3", "steps": 10, "samples": 8},
+            False,
+            "worst-case and average-case adaptive sharpness (Andriushchenko et al. 2023; optional: add it "
             "with --step or a [sharpness] table)",
         ),
     ]
@@ -528,64 +218,19 @@ def analysis(name: str) -> Analysis:
     return ANALYSES[key]
 
 
-# ---------------------------------------------------------------------------------------- commands
-def command_of(a: Analysis) -> click.Command:
-    return importlib.import_module(f"flatscope.cli.commands.{a.command}").command
+# ----------------------------------------------------------------------------------------- options
+def option_table(a: Analysis) -> dict[str, Option]:
+    """Option name -> declaration, for the options a suite step may set (its own, and ``split``)."""
+    return {o.name: o for o in a.options if o.audit}
 
 
-def _callback(cmd: click.Command) -> Callable:
-    """The command's function, without the CLI's error handler (errors reach the audit as exceptions)."""
-    cb = cmd.callback
-    if getattr(cb, "_handles_errors", False):
-        cb = cb.__wrapped__
-    return cb
-
-
-def option_table(a: Analysis) -> dict[str, click.Option]:
-    """Option name (the long flag without dashes, ``-`` as ``_``) -> click option, for the step options."""
-    out = {}
-    for p in command_of(a).params:
-        if not isinstance(p, click.Option) or (p.name in _SHARED and p.name not in _STEP_SHARED):
-            continue
-        longs = [o for o in p.opts if o.startswith("--")]
-        if not longs:
-            continue
-        key = longs[0][2:].replace("-", "_")
-        if key in a.denied:
-            continue
-        out[key] = p
-    return out
-
-
-def _tokens(key: str, opt: click.Option, value, where: str) -> list[str]:
-    flag = next(o for o in opt.opts if o.startswith("--"))
-    if opt.is_flag:
-        if not isinstance(value, bool):
-            raise FlatscopeError(f"{where}: option {key} is a switch; give true or false, not {value!r}")
+def _tokens(o: Option, value) -> list[str]:
+    """A converted step option as command-line flags (for the step's equivalent command line)."""
+    if o.type == "bool":
         if value:
-            return [flag]
-        off = [o for o in opt.secondary_opts if o.startswith("--")]
-        return [off[0]] if off else []
-    if isinstance(value, bool):
-        raise FlatscopeError(f"{where}: option {key} takes a value, not {str(value).lower()}")
-    if isinstance(value, (list, tuple)):
-        if not value or not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
-            raise FlatscopeError(f"{where}: option {key}: a list must hold numbers or strings")
-        if len(value) > 10_000:
-            raise FlatscopeError(f"{where}: option {key}: a list of {len(value)} values is too long (at most 10000)")
-        for v in value:
-            if isinstance(v, int):
-                _bounded_int(v, f"{where}: option {key}")
-            elif isinstance(v, float):
-                _finite(v, f"{where}: option {key}")
-        value = ",".join(str(v) for v in value)
-    if not isinstance(value, (int, float, str)):
-        raise FlatscopeError(f"{where}: option {key}: unsupported value {value!r}")
-    if isinstance(value, int):
-        _bounded_int(value, f"{where}: option {key}")
-    if isinstance(value, float):
-        _finite(value, f"{where}: option {key}")
-    return [flag, str(value)]
+            return [o.flag]
+        return [o.off] if o.off else []
+    return [o.flag, str(value)]
 
 
 def parse_value(text: str):
@@ -594,25 +239,10 @@ def parse_value(text: str):
     if t.lower() in ("true", "false"):
         return t.lower() == "true"
     if re.fullmatch(r"[+-]?\d+", t, re.ASCII):
-        return _bounded_int(int(t), "--set")
+        return check_number(int(t), "--set")
     if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", t, re.ASCII):
-        return _finite(float(t), "--set")
+        return check_number(float(t), "--set")
     return t
-
-
-MAX_OPTION_INT = 2**53  # larger whole numbers are not option values (and overflow torch and numpy)
-
-
-def _bounded_int(v: int, where: str) -> int:
-    if abs(v) > MAX_OPTION_INT:
-        raise FlatscopeError(f"{where}: {v} is too large for an option value (at most {MAX_OPTION_INT})")
-    return v
-
-
-def _finite(v: float, where: str) -> float:
-    if not math.isfinite(v):
-        raise FlatscopeError(f"{where}: {v} is not a finite number")
-    return v
 
 
 # ------------------------------------------------------------------------------------------- suite
@@ -639,7 +269,7 @@ class Step:
         return self.group.replace("/", ".")
 
     def command_line(self) -> str:
-        return shlex.join(["flatscope", command_of(self.analysis).name] + self.argv)
+        return shlex.join(["flatscope", self.analysis.command] + self.argv)
 
 
 @dataclass
@@ -839,11 +469,12 @@ def shared_argv(run, split: str | None = None) -> list[str]:
 
 
 def plan(steps: list[Step], run) -> list[Step]:
-    """Parse every step's options with its command's own parser and predict groups and metric names.
+    """Convert and check every step's options by their declarations and predict groups and metric names.
 
-    Nothing is loaded or computed. Unknown options, bad values (the command's click types and choices,
-    and the checks of :attr:`Analysis.validate`: σ and γ grids, ranges, grids, bounds) and steps that
-    would write the same group fail here, as :class:`FlatscopeError` naming the step.
+    Nothing is loaded or computed. Unknown options, bad values (the declared types, choices and bounds
+    of :mod:`flatscope.options`, as on the command line, and the checks of each step's ``validate``: σ
+    and γ grids, ranges, grids, bounds) and steps that would write the same group fail here, as
+    :class:`FlatscopeError` naming the step.
     """
     groups: dict[str, str] = {}
     for step in steps:
@@ -856,30 +487,23 @@ def plan(steps: list[Step], run) -> list[Step]:
             raise FlatscopeError(f"{where}: split must be train, test or both, got {split!r}")
         argv = [str(run.checkpoint_path)] + [str(p) for p in step.extra_checkpoints]
         argv += shared_argv(run, split)
+        params = option_defaults(a.options)
         for key, value in opts.items():
             if key not in table:
-                hint = difflib.get_close_matches(key, list(table), n=1)
-                denied = (
-                    f" (not available in an audit; run flatscope {command_of(a).name} directly)"
-                    if key in a.denied
-                    else ""
-                )
+                names = sorted(list(table) + list(_STEP_SHARED))
+                hint = difflib.get_close_matches(key, names, n=1)
+                denied = f" (not available in an audit; run flatscope {a.command} directly)" if key in a.denied else ""
                 raise FlatscopeError(
                     f"{where}: unknown option {key!r}{denied}"
                     + (f"; did you mean {hint[0]!r}?" if hint and not denied else "")
-                    + f" (options: {', '.join(sorted(table))})"
+                    + f" (options: {', '.join(names)})"
                 )
-            argv += _tokens(key, table[key], value, where)
-        cmd = command_of(a)
-        try:
-            ctx = cmd.make_context(f"flatscope {cmd.name}", list(argv))
-        except click.exceptions.Exit:
-            raise FlatscopeError(f"{where}: unexpected option") from None
-        except click.ClickException as exc:
-            raise FlatscopeError(f"{where}: {exc.format_message()}") from None
+            o = table[key]
+            params[o.param] = o.convert(value, where)
+            argv += _tokens(o, params[o.param])
         step.argv = argv
-        step.params = {k: v for k, v in ctx.params.items() if k not in _SHARED}
-        s = ctx.params.get("split", run.split)
+        step.params = params
+        s = split or run.split
         step.splits = ["train", "test"] if s == "both" else [s]
         try:
             a.validate(step)
@@ -1004,6 +628,7 @@ class StepRecord:
     options: dict  # the stored options attr
     summary: dict  # the stored summary attr
     wall_time_s: float | None  # how long the stored computation took
+    warnings: list = field(default_factory=list)  # the warnings stored with the group (also when reused)
 
     def to_json(self) -> dict:
         return {
@@ -1015,16 +640,35 @@ class StepRecord:
             "wall_time_s": self.wall_time_s,
             "command": self.command,
             "options": self.options,
+            "warnings": self.warnings,
         }
 
 
-def read_group(path: str, group: str) -> tuple[dict, dict, float | None]:
+def read_group(path: str, group: str) -> tuple[dict, dict, float | None, list]:
+    """The stored summary, options, computing time and warnings of ``group``."""
     with open_results(path) as f:
         g = f[group]
         summary = json.loads(g.attrs.get("summary", "{}"))
         options = json.loads(g.attrs.get("options", "{}"))
         wall = g.attrs.get("wall_time_s")
-    return summary, options, (float(wall) if wall is not None else None)
+        warnings = stored_warnings(g)
+    return summary, options, (float(wall) if wall is not None else None), warnings
+
+
+@contextlib.contextmanager
+def _step_run(run, step: Step):
+    """``run`` as the step's command would see it: the step's split, quiet (the audit says what it
+    does), the clock and the seed reset, and only this step's warnings stored with its group."""
+    saved = run.split, run.quiet, run.started
+    run.split = "both" if len(step.splits) == 2 else step.splits[0]
+    run.quiet = True
+    run.started = time.time()
+    run._warnings_saved = len(run.warnings)
+    run.reseed()
+    try:
+        yield run
+    finally:
+        run.split, run.quiet, run.started = saved
 
 
 def run_steps(
@@ -1046,24 +690,28 @@ def run_steps(
                 run.plot(step.group)
         else:
             note(f"{step.name}: computing ({reason})")
-            cmd = command_of(step.analysis)
-            try:
-                ctx = cmd.make_context(f"flatscope {cmd.name}", list(step.argv))
-                with ctx:
-                    ctx.invoke(_callback(cmd), **ctx.params)
-            except FlatscopeError as exc:
-                raise FlatscopeError(f"{step.name}: {exc}") from None
-            except click.ClickException as exc:
-                raise FlatscopeError(f"{step.name}: {exc.format_message()}") from None
+            with _step_run(run, step):
+                try:
+                    extra = {"extra_checkpoints": list(step.extra_checkpoints)} if step.extra_checkpoints else {}
+                    step.analysis.step.compute(run, **extra, **step.params)
+                except FlatscopeError as exc:
+                    raise FlatscopeError(f"{step.name}: {exc}") from None
+                if run.do_plot and run.is_main:
+                    run.plot(step.group)
         seconds = time.perf_counter() - t0
         if not run.is_main:
             records.append(StepRecord(step.name, step.group, hit, reason, seconds, step.command_line(), {}, {}, None))
             continue
-        summary, options, wall = read_group(path, step.group)
+        summary, options, wall, warnings = read_group(path, step.group)
         if not hit:
             note(f"{step.name}: wrote /{step.group} in {seconds:.1f} s")
+        else:
+            for w in warnings:  # the stored result's warnings still qualify its numbers
+                note(f"{step.name}: stored warning: {w}")
         records.append(
-            StepRecord(step.name, step.group, hit, reason, seconds, step.command_line(), options, summary, wall)
+            StepRecord(
+                step.name, step.group, hit, reason, seconds, step.command_line(), options, summary, wall, warnings
+            )
         )
     return records
 

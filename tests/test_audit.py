@@ -233,8 +233,10 @@ def _check_schema(out: dict) -> None:
     assert out["failed"] == [t["threshold"] for t in out["thresholds"] if t["failed"]]
     assert (out["verdict"] == "fail") == bool(out["failed"])
     for s in out["steps"]:
-        assert set(s) == {"analysis", "group", "cached", "reason", "seconds", "wall_time_s", "command", "options"}
+        assert set(s) == {"analysis", "group", "cached", "reason", "seconds", "wall_time_s", "command", "options",
+                          "warnings"}
         assert s["group"].startswith("/") and s["command"].startswith("flatscope ")
+        assert isinstance(s["warnings"], list) and all(isinstance(w, str) for w in s["warnings"])
         assert isinstance(s["cached"], bool) and isinstance(s["options"], dict)
     assert isinstance(out["seconds"], (int, float))
 

@@ -85,8 +85,8 @@ def test_correlate_reuses_stored_results_without_recomputing(family, monkeypatch
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    import flatscope.cli.commands.hessian as hess
-    import flatscope.cli.commands.local_energy as le
+    import flatscope.analyses.hessian as hess
+    import flatscope.analyses.local_energy as le
 
     monkeypatch.setattr(hess, "hessian_analysis", boom)
     monkeypatch.setattr(le, "local_energy", boom)

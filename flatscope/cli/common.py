@@ -17,25 +17,31 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 import numpy as np
-import torch
 
 from .. import __version__
-from ..checkpoint import Checkpoint, load_checkpoint, sha256_file
-from ..data import Dataset, load_data, subsample_source
 from ..errors import FlatscopeError
-from ..models import is_factory_path
-from ..objective import Objective
+from ..lazy import lazy_module
 from ..threads import choose_threads
-from .. import distributed
 from .. import results as store
 from ..shared_options import ANALYSIS_KEYS, COMMON_KEYS, result_options
 
+if TYPE_CHECKING:
+    import torch
+
+    from .. import distributed
+    from ..checkpoint import Checkpoint
+    from ..data import Dataset
+    from ..objective import Objective
+else:  # imported on first use, so that --help and usage errors answer without torch
+    torch = lazy_module("torch")
+    distributed = lazy_module("flatscope.distributed")
+
 STATE = {"verbose": False}
-_TORCH_THREADS = torch.get_num_threads()  # torch's own default, before any command changes it
+_TORCH_THREADS: list[int] = []  # torch's own default thread count, read before any command changes it
 
 
 def _json_dict(ctx, param, value):
@@ -300,7 +306,9 @@ class Run:
     # ------------------------------------------------------------------ setup
     def setup(self, check_output: bool = False) -> None:
         STATE["verbose"] = bool(self.verbose)
-        n = choose_threads(self.threads, _TORCH_THREADS)  # see flatscope/threads.py
+        if not _TORCH_THREADS:
+            _TORCH_THREADS.append(torch.get_num_threads())
+        n = choose_threads(self.threads, _TORCH_THREADS[0])  # see flatscope/threads.py
         if n is not None and n != torch.get_num_threads():
             torch.set_num_threads(n)
         self.device = resolve_device(self.device_spec)
@@ -326,6 +334,8 @@ class Run:
         """Refuse a results file that holds analyses of another checkpoint, unless --allow-mixed."""
         if self.allow_mixed or not os.path.isfile(self.out_path):
             return
+        from ..checkpoint import sha256_file
+
         sha = self._ckpt.sha256 if self._ckpt else sha256_file(self.checkpoint_path)
         other = store.other_checkpoint(self.out_path, sha)
         if other is not None:
@@ -362,6 +372,9 @@ class Run:
     @property
     def checkpoint(self) -> Checkpoint:
         if self._ckpt is None:
+            from ..checkpoint import load_checkpoint
+            from ..models import is_factory_path
+
             self._ckpt = load_checkpoint(
                 self.checkpoint_path,
                 model_spec=self.model_spec(),
@@ -385,6 +398,9 @@ class Run:
     @property
     def data(self) -> Dataset:
         if self._data is None:
+            from ..data import load_data
+            from ..models import is_factory_path
+
             self._data = load_data(
                 self.data_spec(), allow_import=self.data_name is not None and is_factory_path(self.data_name)
             )
@@ -423,6 +439,8 @@ class Run:
         src = self.data.source(split)
         if self.workers and hasattr(src, "workers"):
             src.workers = self.workers
+        from ..data import subsample_source
+
         return subsample_source(src, self.max_samples, self.seed)
 
     def split_data(self, split: str):
@@ -435,6 +453,8 @@ class Run:
     def objective(
         self, split: str | None = None, model: torch.nn.Module | None = None, shard: bool = True, **kwargs
     ) -> Objective:
+        from ..objective import Objective
+
         split = split or self.splits()[0]
         obj = Objective(
             self.checkpoint.model if model is None else model,

@@ -1,39 +1,14 @@
-"""``--parallel data|points``: how ``landscape`` and ``local-energy`` split their work under torchrun.
-
-- ``data`` (the default): every rank holds a shard of the split (:meth:`Objective.shard`) and every
-  point is evaluated by all ranks together, its sums all-reduced. Use it when the data set is large
-  or the points are few.
-- ``points``: every rank holds the whole split and takes a share of the grid points (landscape) or
-  of the noise draws (local-energy); the values are gathered to rank 0. No communication per
-  point, so it scales better when there are many points and each forward pass is cheap.
-
-Both give the single-process values: the points are evaluated in the same chunks either way. In
-one process the flag changes nothing.
-"""
+"""``--parallel data|points`` on the command line (the option is declared in :mod:`flatscope.options`,
+the split of the work in :mod:`flatscope.parallel`)."""
 
 from __future__ import annotations
 
-import click
+from ..options import parallel
+from ..parallel import PARALLEL, objectives
+from .schema import click_option
 
-from ..objective import Objective
-
-PARALLEL = ("data", "points")
+__all__ = ["PARALLEL", "objectives", "parallel_option"]
 
 
 def parallel_option(what: str):
-    return click.option(
-        "--parallel",
-        type=click.Choice(PARALLEL),
-        default="data",
-        show_default=True,
-        help=f"Under torchrun: shard the data across ranks (data), or give every rank the whole data and a "
-        f"share of the {what} (points). No effect in one process.",
-    )
-
-
-def objectives(run, parallel: str) -> dict[str, Objective]:
-    """One objective per split of ``run``: sharded under torchrun with ``data``, whole with ``points``."""
-    if parallel == "data":
-        return {s: run.objective(s) for s in run.splits()}
-    # Run.objective without the shard() it applies under torchrun
-    return {s: run.objective(s, shard=False) for s in run.splits()}
+    return click_option(parallel(what))

@@ -4,110 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ...analyses.hessian import HVP_MODES, hessian_analysis
-from ...errors import FlatscopeError
-from ...linalg import TRACE_METHODS
-from ...safe_files import check_allocation
+from ...options import HESSIAN
 from ..common import analysis_options, pass_run
+from ..schema import schema_options
 
 
 @click.command("hessian")
 @analysis_options
-@click.option(
-    "--top",
-    type=int,
-    default=10,
-    show_default=True,
-    metavar="K",
-    help="How many of the largest eigenvalues to compute (Lanczos).",
-)
-@click.option(
-    "--bottom",
-    type=int,
-    default=0,
-    show_default=True,
-    metavar="K",
-    help="Also the K smallest (most negative) eigenvalues.",
-)
-@click.option(
-    "--density/--no-density", default=True, show_default=True, help="Spectral density by stochastic Lanczos quadrature."
-)
-@click.option(
-    "--probes",
-    type=int,
-    default=8,
-    show_default=True,
-    metavar="N",
-    help="Random probes for the density (each runs --steps Lanczos steps).",
-)
-@click.option(
-    "--steps",
-    type=int,
-    default=80,
-    show_default=True,
-    metavar="M",
-    help="Lanczos steps per density probe (M-point Gauss rule).",
-)
-@click.option(
-    "--sigma",
-    type=float,
-    default=0.01,
-    show_default=True,
-    metavar="S",
-    help="Gaussian broadening of the density, as a fraction of the spread of the Ritz nodes.",
-)
-@click.option(
-    "--trace-probes",
-    type=int,
-    default=60,
-    show_default=True,
-    metavar="N",
-    help="Hessian-vector products for the trace estimate (exact when N >= parameter count).",
-)
-@click.option(
-    "--trace-method", type=click.Choice(TRACE_METHODS), default="hutch++", show_default=True, help="Trace estimator."
-)
-@click.option("--per-layer", is_flag=True, help="Top eigenvalue and trace of every parameter tensor's block.")
-@click.option(
-    "--save-eigenvectors",
-    is_flag=True,
-    help="Store the top eigenvectors (k x dim) and the parameter layout (for landscape directions).",
-)
-@click.option(
-    "--tol", type=float, default=1e-5, show_default=True, help="Converged when ||Hv - lambda v|| <= TOL * |lambda_max|."
-)
-@click.option(
-    "--max-iter",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Most Hessian-vector products per Lanczos run [default: max(300, 30 K)].",
-)
-@click.option(
-    "--block-size",
-    type=int,
-    default=1,
-    show_default=True,
-    metavar="B",
-    help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.",
-)
+@schema_options(HESSIAN)
 @pass_run
-def command(
-    run,
-    top,
-    bottom,
-    density,
-    probes,
-    steps,
-    sigma,
-    trace_probes,
-    trace_method,
-    per_layer,
-    save_eigenvectors,
-    tol,
-    max_iter,
-    block_size,
-):
+def command(run, **params):
     """Hessian spectrum of the loss at the checkpoint: top/bottom eigenvalues with residuals,
     spectral density, trace, per-layer spectra and flatness summaries.
 
@@ -122,71 +28,10 @@ def command(
       flatscope hessian sample_checkpoints/cnn-sgd.pt --per-layer
       flatscope hessian sample_checkpoints/mlp-sgd.pt --save-eigenvectors --json
     """
-    if run.split == "both":
-        raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
-    obj = run.objective()
-    for what, n in (
-        (f"--probes {probes} x --steps {steps}", max(probes, 0) * max(steps, 0) * 4 * bool(density)),
-        (f"--steps {steps}", max(steps, 0) * obj.dim),
-        (f"--trace-probes {trace_probes}", max(trace_probes, 0) * obj.dim),
-        (
-            f"--top {top} / --bottom {bottom} / --block-size {block_size}",
-            (max(top, 0) + max(bottom, 0) + max(block_size, 0)) * obj.dim * 3,
-        ),
-    ):
-        check_allocation(what, n)
-    hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
-    res = hessian_analysis(
-        obj,
-        top=top,
-        bottom=bottom,
-        density=density,
-        probes=probes,
-        steps=steps,
-        sigma=sigma,
-        trace_probes=trace_probes,
-        trace_method=trace_method,
-        per_layer=per_layer,
-        save_eigenvectors=save_eigenvectors,
-        tol=tol,
-        max_iter=max_iter,
-        block_size=block_size,
-        seed=run.seed,
-        hvp=hvp,
-        progress=run.progress,
-    )
-    if obj.hvp_mode == "fd":
-        rel = obj.fd_accuracy(seed=run.seed)
-        res.hvp_fd_rel_error = rel
-        run.note(
-            "--hvp fd: relative difference from an exact product on a probe over "
-            f"{obj.hvp_info.get('fd_probe_samples', 0)} samples: "
-            + ("not measurable (no exact product for this model)" if rel is None else f"{rel:.2e}")
-        )
-    for w in res.warnings:
-        run.warn(w)
-    options = dict(
-        top=top,
-        bottom=bottom,
-        density=density,
-        probes=probes,
-        steps=steps,
-        sigma=sigma,
-        trace_probes=trace_probes,
-        trace_method=trace_method,
-        per_layer=per_layer,
-        save_eigenvectors=save_eigenvectors,
-        tol=tol,
-        max_iter=max_iter,
-        block_size=block_size,
-        hvp=res.hvp_mode,
-    )
-    stored = res.top is not None and len(res.top.eigenvalues) > 0
-    if stored:
-        run.save("hessian", res.to_tree(), kind="hessian", summary=res.summary(), options=options)
-    if res.nonfinite:
-        where = f"; the stages before it are stored in {run.out_path}" if stored else ""
-        raise FlatscopeError(res.nonfinite + where)
+    from ...steps.hessian import compute
+
+    res, obj = compute(run, **params)
+    top, bottom, tol = params["top"], params["bottom"], params["tol"]
     plots = run.plot("hessian")
     payload = res.to_json()
     payload.update(results=run.out_path, plots=plots, split=run.split)

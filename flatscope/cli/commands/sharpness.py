@@ -4,137 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ...analyses.sharpness import (
-    AVERAGES,
-    DEFAULT_RHO,
-    NORMS,
-    check_options,
-    parse_rhos,
-    sharpness,
-)
-from ...errors import FlatscopeError
+from ...options import SHARPNESS
 from ..common import analysis_options, pass_run
-
-
-def _number(text, name: str) -> float:
-    try:
-        return float(str(text).strip())
-    except ValueError:
-        raise FlatscopeError(f"{name} must be a number, got {text!r}") from None
-
-
-def _whole(text, name: str) -> int:
-    try:
-        return int(str(text).strip())
-    except ValueError:
-        raise FlatscopeError(f"{name} must be a whole number, got {text!r}") from None
-
-
-def parse_options(rho_spec, steps, step_size, restarts, eta, samples, m, norm, average) -> dict:
-    """The command's options as :func:`flatscope.analyses.sharpness.sharpness` takes them (checked)."""
-    out = {
-        "rhos": parse_rhos(rho_spec),
-        "steps": _whole(steps, "--steps"),
-        "step_size": _number(step_size, "--step-size"),
-        "restarts": _whole(restarts, "--restarts"),
-        "eta": _number(eta, "--eta"),
-        "samples": _whole(samples, "--samples"),
-        "m": None if m is None else _whole(m, "--m"),
-    }
-    check_options(
-        norm=norm,
-        steps=out["steps"],
-        step_size=out["step_size"],
-        restarts=out["restarts"],
-        eta=out["eta"],
-        average=average,
-        samples=out["samples"],
-        m=out["m"],
-    )
-    return out
+from ..schema import schema_options
 
 
 @click.command("sharpness")
-@click.option(
-    "--rho",
-    "rho_spec",
-    default=DEFAULT_RHO,
-    show_default=True,
-    metavar="SPEC",
-    help="Radii ρ > 0: a..b (10 log-spaced), a..b:N, a..b:N:lin|log, or a comma list, e.g. 0.05,0.1.",
-)
-@click.option(
-    "--norm",
-    type=click.Choice(NORMS),
-    default="l2",
-    show_default=True,
-    help="The ball: ‖δ ⊘ c‖₂ ≤ ρ (l2) or ‖δ ⊘ c‖∞ ≤ ρ (linf).",
-)
-@click.option(
-    "--adaptive/--no-adaptive",
-    default=True,
-    show_default=True,
-    help="Scale the ball elementwise by c = |w| + η (adaptive, invariant to layer rescaling) or not (c = 1).",
-)
-@click.option(
-    "--eta",
-    default="0",
-    show_default=True,
-    metavar="ETA",
-    help="η in c = |w| + η (adaptive only); 0 as in Andriushchenko et al. 2023, 0.01 is ASAM's ball.",
-)
-@click.option(
-    "--steps",
-    default="20",
-    show_default=True,
-    metavar="N",
-    help="Projected gradient-ascent steps per restart (one gradient over the data each).",
-)
-@click.option(
-    "--step-size",
-    default="1",
-    show_default=True,
-    metavar="A",
-    help="First ascent step, as a fraction of ρ; halved whenever a step does not raise the loss.",
-)
-@click.option(
-    "--restarts",
-    default="1",
-    show_default=True,
-    metavar="R",
-    help="Ascents per ρ: the first from δ = 0, the others from seeded random points of the ball.",
-)
-@click.option(
-    "--m",
-    "m",
-    default=None,
-    metavar="M",
-    help="m-sharpness: the mean over disjoint sub-batches of M samples of each one's worst case.",
-)
-@click.option(
-    "--average",
-    type=click.Choice(AVERAGES),
-    default="surface",
-    show_default=True,
-    help="Average case over the ball's surface (uniform) or a Gaussian of the same second moment.",
-)
-@click.option(
-    "--samples",
-    default="16",
-    show_default=True,
-    metavar="N",
-    help="Average-case draws (0: skip the average case); the same draws at every ρ.",
-)
-@click.option(
-    "--params",
-    default="all",
-    show_default=True,
-    metavar="all|weights|REGEX",
-    help="Which parameters may move: all, weights (tensors of 2+ dims), or a regex on names.",
-)
+@schema_options(SHARPNESS)
 @analysis_options
 @pass_run
-def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, average, samples, params):
+def command(run, **options):
     """Worst-case sharpness max_{δ ∈ B(ρ)} L(w + δ) − L(w) and average-case sharpness, over a ρ grid.
 
     B(ρ) is the ℓ2 or ℓ∞ ball of radius ρ, scaled elementwise by |w| + η (adaptive, the default:
@@ -150,52 +29,10 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
       flatscope sharpness ckpt.pt --rho 0.5 --m 128               # m-sharpness over sub-batches of 128
       flatscope sharpness ckpt.pt --rho 1 --eta 0.01 --params weights --json
     """
-    opts = parse_options(rho_spec, steps, step_size, restarts, eta, samples, m, norm, average)
-    objs = {s: run.objective(s) for s in run.splits()}
-    first = next(iter(objs.values()))
-    first.layout.mask(params)  # fail on a bad regex before any work
-    k = 1
-    if opts["m"] is not None:
-        for name, o in objs.items():
-            if opts["m"] > o.n:
-                raise FlatscopeError(f"--m {opts['m']} is larger than the {name} split ({o.n} samples)")
-        k = min(o.n // opts["m"] for o in objs.values())
-    total = sum(len(opts["rhos"]) * ((o.n // opts["m"]) if opts["m"] else 1) + opts["samples"] for o in objs.values())
-    # --metric pkg.module:fn: the average case averages the metric, and its change is reported at each
-    # worst-case point (Objective.evaluate returns the metric in place of accuracy)
-    value_fn = {s: (lambda w, o=o: o.evaluate(w)[1]) for s, o in objs.items()} if run.metric is not None else None
-    with run.progress(total, "sharpness") as advance:
-        res = sharpness(
-            objs,
-            opts["rhos"],
-            norm=norm,
-            adaptive=adaptive,
-            eta=opts["eta"],
-            params=params,
-            steps=opts["steps"],
-            step_size=opts["step_size"],
-            restarts=opts["restarts"],
-            m=opts["m"],
-            average=average,
-            samples=opts["samples"],
-            seed=run.seed,
-            value_fn=value_fn,
-            progress=advance,
-        )
-    options = {
-        "rho": rho_spec,
-        "norm": norm,
-        "adaptive": adaptive,
-        "eta": opts["eta"],
-        "steps": opts["steps"],
-        "step_size": opts["step_size"],
-        "restarts": opts["restarts"],
-        "m": opts["m"],
-        "average": average,
-        "samples": opts["samples"],
-        "params": params,
-    }
-    run.save("sharpness", res.to_tree(), kind="sharpness", summary=res.summary(), options=options)
+    from ...steps.sharpness import compute
+
+    res, opts, k = compute(run, **options)
+    adaptive, norm, average = options["adaptive"], options["norm"], options["average"]
     plots = run.plot("sharpness")
     payload = res.to_json()
     payload["results"] = run.out_path

@@ -1,0 +1,86 @@
+"""The ``hessian`` step: top/bottom eigenvalues, spectral density, trace and per-layer spectra, stored as
+``/hessian`` (:mod:`flatscope.analyses.hessian`)."""
+
+from __future__ import annotations
+
+from ..errors import FlatscopeError
+
+GROUP = "hessian"
+
+
+def compute(run, **params):
+    """Run the analysis on ``run``'s split and store ``/hessian``; returns ``(result, objective)``."""
+    from ..analyses.hessian import HVP_MODES, hessian_analysis
+    from ..safe_files import check_allocation
+
+    p = params
+    if run.split == "both":
+        raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
+    obj = run.objective()
+    top, bottom, steps, block = p["top"], p["bottom"], p["steps"], p["block_size"]
+    for what, n in (
+        (f"--probes {p['probes']} x --steps {steps}", max(p["probes"], 0) * max(steps, 0) * 4 * bool(p["density"])),
+        (f"--steps {steps}", max(steps, 0) * obj.dim),
+        (f"--trace-probes {p['trace_probes']}", max(p["trace_probes"], 0) * obj.dim),
+        (
+            f"--top {top} / --bottom {bottom} / --block-size {block}",
+            (max(top, 0) + max(bottom, 0) + max(block, 0)) * obj.dim * 3,
+        ),
+    ):
+        check_allocation(what, n)
+    hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
+    res = hessian_analysis(obj, **p, seed=run.seed, hvp=hvp, progress=run.progress)
+    if obj.hvp_mode == "fd":
+        rel = obj.fd_accuracy(seed=run.seed)
+        res.hvp_fd_rel_error = rel
+        run.note(
+            "--hvp fd: relative difference from an exact product on a probe over "
+            f"{obj.hvp_info.get('fd_probe_samples', 0)} samples: "
+            + ("not measurable (no exact product for this model)" if rel is None else f"{rel:.2e}")
+        )
+    for w in res.warnings:
+        run.warn(w)
+    options = dict(p, hvp=res.hvp_mode)
+    stored = res.top is not None and len(res.top.eigenvalues) > 0
+    if stored:
+        run.save(GROUP, res.to_tree(), kind="hessian", summary=res.summary(), options=options)
+    if res.nonfinite:
+        where = f"; the stages before it are stored in {run.out_path}" if stored else ""
+        raise FlatscopeError(res.nonfinite + where)
+    return res, obj
+
+
+# ------------------------------------------------------------------------------------------ audit
+def group(step) -> str:
+    return one_split(step, GROUP)
+
+
+def one_split(step, name: str) -> str:
+    if len(step.splits) != 1:
+        raise FlatscopeError(
+            f"suite step {name} analyses one split: set split = \"train\" or \"test\" in its "
+            f"table (e.g. --set {name}.split=train)"
+        )
+    return name
+
+
+def validate(step) -> None:
+    """Nothing to check without data: the option types (click's, or the audit's conversion) did it."""
+
+
+def expected(step, target) -> dict:
+    return dict(step.params)
+
+
+def complete(g) -> str | None:
+    if "nonfinite" in g.attrs:
+        return "the stored run stopped at a non-finite Hessian-vector product"
+    if "eigenvalues" not in g:
+        return "the stored group has no eigenvalues"
+    return None
+
+
+def metric_keys(step) -> list:
+    from ..analyses.hessian import HessianResult
+
+    return list(HessianResult(dim=0, n_samples=0, k=1, top=None).summary())
