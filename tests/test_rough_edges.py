@@ -134,7 +134,14 @@ print("torch imported" if "torch" in sys.modules else "torch not imported", code
 """
 
 
-@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--version"], 0), ([], 0), (["no-such-command"], 2)])
+@pytest.mark.parametrize("args, code", [
+    (["--help"], 0), (["--version"], 0), ([], 0), (["no-such-command"], 2),
+    # every analysis command's --help and usage errors too: their options are declared without torch
+    (["hessian", "--help"], 0), (["local-energy", "--help"], 0), (["landscape", "--help"], 0),
+    (["local-entropy", "--help"], 0), (["sharpness", "--help"], 0), (["audit", "--help"], 0),
+    (["hessian", "ckpt.pt", "--top", "x"], 2), (["local-energy", "ckpt.pt", "--noise", "loud"], 2),
+    (["audit", "ckpt.pt", "--step", "nothing"], 2),
+])
 def test_help_version_and_unknown_commands_do_not_import_torch(args, code):
     import subprocess
     import sys

@@ -175,6 +175,7 @@ def compute(
     Returns ``(result, what, ranges, sizes)``: ``what`` says which directions, for the summary line.
     """
     started = time.time()
+    first_warning = len(run.warnings)  # this run's warnings are stored with the slice
     paths = [run.checkpoint_path] + list(extra_checkpoints)
     kind, k = _plan(kind, two_d, paths, directions_from)
     if name is not None and not _NAME.match(name):
@@ -292,6 +293,7 @@ def compute(
             g.attrs["summary"] = json.dumps(store.to_jsonable(res.summary()))
             g.attrs["options"] = json.dumps(store.to_jsonable(res.options))
             g.attrs["wall_time_s"] = previous_wall + time.time() - started
+            g.attrs["warnings"] = json.dumps([str(w) for w in run.warnings[first_warning:]])
 
     try:
         with run.progress(grid.size - int(result.done.sum()), f"landscape {name}") as advance:
@@ -314,11 +316,11 @@ def compute(
             "rerun the same command with --resume to finish"
         )
         raise
-    flush(result)
-    run.note(f"wrote /{group} to {path}")
     warning = check_center(result, run.dtype)
     if warning:
         run.warn(warning)
+    flush(result)  # with this run's warnings
+    run.note(f"wrote /{group} to {path}")
     what = {
         "random": f"{norm}-normalized random direction{'s' if k == 2 else ''}",
         "interp": "interpolation " + " -> ".join(os.path.basename(p) for p in paths),
@@ -483,6 +485,10 @@ def _resume(path: str, name: str, result: LandscapeResult) -> tuple[float, dict]
 
 
 # ------------------------------------------------------------------------------------------ audit
+# result-determining options the cache finds under another name: the dimension, and the group's name
+KEYED_AS = {"2d": "dims", "name": "group"}
+
+
 def validate(step) -> None:
     """The range and grid of the step's slice (no data needed)."""
     kind, k = _step_plan(step)

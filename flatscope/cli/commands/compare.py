@@ -412,7 +412,7 @@ def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suit
         "<h2>Metrics</h2>",
         "<p>Each metric is <code>&lt;analysis group&gt;.&lt;summary key&gt;</code>, as in "
         "<code>flatscope audit</code> (the README lists their meanings).</p>",
-        rep.table(["metric"] + labels, [[rep.code(k)] + list(v.values()) for k, v in table.items()]),
+        rep.table(["metric"] + labels, _metric_rows(members, table)),
     ]
     if interps:
         splits = sorted({k[: -len("_barrier")] for it in interps for k in it["summary"] if k.endswith("_barrier")})
@@ -458,6 +458,31 @@ def _html(main_run, members, ckpts, table, interps, pairs, plots, warnings, suit
         )
     )
     return rep.page(f"flatscope compare: {', '.join(labels)}", body)
+
+
+def _metric_rows(members, table) -> list[list]:
+    """The metrics table's rows; after each analysis group's metrics, its stored warnings per checkpoint
+    (also of results reused from an earlier run: they still qualify those numbers)."""
+    warned: dict[str, tuple[str, dict]] = {}  # metric prefix -> (group, {label: warnings})
+    for m in members:
+        for step, rec in zip(m["steps"], m["records"]):
+            if rec.warnings:
+                warned.setdefault(step.prefix, (rec.group, {}))[1][m["label"]] = rec.warnings
+    keys = list(table)
+    rows = []
+    for i, k in enumerate(keys):
+        rows.append([rep.code(k)] + list(table[k].values()))
+        prefix = _prefix_of(k, warned)
+        if prefix is None or (i + 1 < len(keys) and _prefix_of(keys[i + 1], warned) == prefix):
+            continue
+        group, by_label = warned[prefix]
+        cells = [rep.Raw("<br>".join(f"⚠ {rep.esc(w)}" for w in by_label.get(m["label"], []))) for m in members]
+        rows.append([rep.Raw(f'<span class="warn">warnings of /{rep.esc(group)}</span>')] + cells)
+    return rows
+
+
+def _prefix_of(metric: str, prefixes) -> str | None:
+    return next((p for p in prefixes if metric.startswith(p + ".")), None)
 
 
 def _family_html(family) -> list[str]:
