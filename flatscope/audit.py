@@ -1,10 +1,13 @@
 """Audits: a suite of flatness analyses run on a checkpoint, named metrics, thresholds and a verdict.
 
-A *suite* is an ordered list of *steps*. A step is one flatscope analysis command run with given
-options, executed by the command's own code: the step ``hessian`` with ``{"top": 3}`` is exactly
-``flatscope hessian CKPT --top 3 ...`` (its option names are the command's long flags without the
-dashes), so it writes the very HDF5 group that command writes and nothing is re-implemented here.
-Each step's equivalent command line is recorded (:attr:`StepRecord.command`).
+A *suite* is an ordered list of *steps*. A step is one flatscope analysis run with given options by
+the same library function its command calls (``compute`` of :mod:`flatscope.steps`): the step
+``hessian`` with ``{"top": 3}`` is exactly ``flatscope hessian CKPT --top 3 ...`` (its option names
+are the command's long flags without the dashes, declared once in :mod:`flatscope.options`), so it
+writes the very HDF5 group that command writes and nothing is re-implemented here. A step's values
+are converted and checked by those declarations (types, choices, bounds) and by the step's own
+``validate``, before anything is loaded. Each step's equivalent command line is recorded
+(:attr:`StepRecord.command`).
 
 Analyses (:data:`ANALYSES`, one registry entry each):
 
@@ -37,10 +40,11 @@ Caching. A step is not recomputed when the results file already holds its group 
 
 - attr ``checkpoint_sha256`` equal to the checkpoint's sha256,
 - provenance attrs ``seed``, ``dtype``, ``loss`` and ``data`` equal to this run's,
-- attr ``options`` (JSON) equal to this step's options in every key that determines the result
-  (all of them, plus ``split``, ``max_samples`` and ``batch_size``; the keys that only choose how the
-  numbers are computed, equal up to rounding, are ignored: the Hessian's ``hvp`` mode,
-  local energy's ``batched`` and ``chunk``, the landscape's ``batching`` and ``points_per_call``), and
+- attr ``options`` (JSON) equal to this step's options in every key that determines the result (the
+  options declared ``result=True`` in :mod:`flatscope.options`, plus ``split``, ``max_samples`` and
+  ``batch_size``; the keys that only choose how the numbers are computed, equal up to rounding, are
+  ignored: the Hessian's ``hvp`` mode, local energy's ``batched`` and ``chunk``, the landscape's
+  ``batching`` and ``points_per_call``, ``parallel``), and
 - a complete result (a landscape with every point done, a Hessian without a non-finite stop).
 
 ``recompute=True`` always recomputes. The device is not part of the key (CPU and CUDA agree up to
@@ -50,8 +54,13 @@ Stored metrics. Groups written during training rather than by an analysis (:data
 ``/track`` of ``flatscope train --track``) are read, never computed: when the results file holds
 one, its summary keys are metrics too (``track.lambda_max_last``, ``track.lambda_max_max``).
 
-Adding an analysis is one entry in :data:`ANALYSES`: the command module, the audit defaults, the
-group it writes, how its stored options compare, and its summary keys.
+Adding an analysis to the audit is one entry in :data:`ANALYSES` (its command name, kind and audit
+defaults): its options come from :data:`flatscope.options.SCHEMAS`, and its group, cache comparison,
+completeness and summary keys from its step module ``flatscope/steps/<name>.py``.
+
+Warnings. The warnings stored with a group (sampler heating, low ESS, non-convergence: attr
+``warnings``) are part of its :class:`StepRecord`, whether the step was computed or reused, so a
+rerun that reads a stored result still reports them (``--json``: ``steps[i].warnings``).
 """
 
 from __future__ import annotations
@@ -580,7 +589,9 @@ def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
         batch_size=run.batch_size,
     )
     mine = result_options(run, with_hvp=False)
-    for key in ("label_smoothing", "metric", "output"):
+    for key in RESULT_DEFAULTS:  # the shared options that change the numbers (the HVP mode only up to rounding)
+        if key == "hvp":
+            continue
         if key in mine or key in stored_cmp:
             want[key] = mine.get(key, RESULT_DEFAULTS[key])
     for k, v in want.items():

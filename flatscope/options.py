@@ -582,3 +582,9 @@ def defaults(options) -> dict:
 def result_names(options) -> list[str]:
     """The names of the options that determine the result (what a cache keys on)."""
     return [o.name for o in options if o.result]
+
+
+def stored_result_options(kind: str, stored: dict) -> dict:
+    """Of a group's stored ``options``, the declared options of analysis ``kind`` that determine its
+    numbers (what ``flatscope show`` prints; {} for kinds without declarations, e.g. ``track``)."""
+    return {o.name: stored[o.name] for o in SCHEMAS.get(kind, ()) if o.result and o.name in stored}

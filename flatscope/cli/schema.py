@@ -44,3 +44,51 @@ def schema_options(options) -> Callable:
         return f
 
     return deco
+
+
+def shared_analysis_options(*without: str) -> Callable:
+    """The shared analysis options (:func:`flatscope.cli.common.analysis_options`) without the named
+    ones, for commands that set those themselves (several checkpoints, their own results file)."""
+    from .common import analysis_options
+
+    @analysis_options
+    def donor(**kw):  # pragma: no cover - only its click params are used
+        pass
+
+    def deco(f: Callable) -> Callable:
+        f.__click_params__ = list(getattr(f, "__click_params__", [])) + [  # type: ignore[attr-defined]
+            p
+            for p in donor.__click_params__
+            if p.name not in without  # type: ignore[attr-defined]
+        ]
+        return f
+
+    return deco
+
+
+def suite_options(*, suite: str, set_example: str, recompute: str, step: str | None = None) -> Callable:
+    """``--suite``, ``--step`` (when ``step`` gives its help), ``--set`` and ``--recompute`` of the commands
+    that run a suite of analyses (audit, compare, correlate)."""
+    from ..audit import ANALYSES
+
+    opts = [
+        click.option("--suite", "suite_path", default=None, metavar="SUITE.toml", help=suite),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="ANALYSIS.OPTION=VALUE",
+            help=f"Override one analysis option (repeatable), e.g. {set_example}.",
+        ),
+        click.option("--recompute", is_flag=True, help=recompute),
+    ]
+    if step is not None:
+        choice = click.Choice(sorted(ANALYSES))
+        opts.insert(1, click.option("--step", "only", multiple=True, type=choice, metavar="ANALYSIS", help=step))
+
+    def deco(f: Callable) -> Callable:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco

@@ -423,7 +423,7 @@ def _hessian_directions(run, layout, k: int, hessian_from: str | None):
     top-k eigenvectors of the training loss computed now by Lanczos (``flatscope.analyses.hessian``)."""
     if hessian_from is not None or _has_eigenvectors(run.out_path, k):
         return read_hessian_eigenvectors(hessian_from or run.out_path, layout, k)
-    from ...analyses.hessian import top_eigenvectors
+    from ..analyses.hessian import top_eigenvectors
 
     run.note(f"computing the top-{k} Hessian eigenvectors of the train loss (Lanczos)")
     res = top_eigenvectors(run.objective("train"), k, seed=run.seed)

@@ -6,6 +6,7 @@ import click
 
 from ...audit import ANALYSES, audit, load_suite
 from ..common import analysis_options, pass_run
+from ..schema import suite_options
 
 
 def _option(cmd: click.Command, name: str) -> click.Option:
@@ -14,29 +15,13 @@ def _option(cmd: click.Command, name: str) -> click.Option:
 
 @click.command("audit")
 @analysis_options
-@click.option(
-    "--suite",
-    "suite_path",
-    default=None,
-    metavar="SUITE.toml",
-    help="The suite: one [table] per analysis with its options, and fail_if = [...] (see the README). "
+@suite_options(
+    suite="The suite: one [table] per analysis with its options, and fail_if = [...] (see the README). "
     "Default: hessian, local_energy and landscape with the cheap audit defaults.",
-)
-@click.option(
-    "--step",
-    "only",
-    multiple=True,
-    type=click.Choice(sorted(ANALYSES)),
-    metavar="ANALYSIS",
-    help=f"Run only these steps, in this order (repeatable): {', '.join(ANALYSES)}. A step the "
+    step=f"Run only these steps, in this order (repeatable): {', '.join(ANALYSES)}. A step the "
     "suite lacks runs with its audit defaults.",
-)
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="ANALYSIS.OPTION=VALUE",
-    help="Override one step option (repeatable), e.g. --set hessian.top=5 --set local_energy.samples=16.",
+    set_example="--set hessian.top=5 --set local_energy.samples=16",
+    recompute="Recompute every step, even when the results file holds it for this checkpoint and options.",
 )
 @click.option(
     "--fail-if",
@@ -45,11 +30,6 @@ def _option(cmd: click.Command, name: str) -> click.Option:
     metavar="'METRIC OP NUMBER'",
     help="Fail (exit 1) when the condition holds, e.g. 'hessian.lambda_max > 50' (repeatable; "
     "OP one of < <= > >= == !=). Parsed by a fixed grammar, never evaluated.",
-)
-@click.option(
-    "--recompute",
-    is_flag=True,
-    help="Recompute every step, even when the results file holds it for this checkpoint and options.",
 )
 @pass_run
 def command(run, suite_path, only, sets, fail_if, recompute):

@@ -15,30 +15,13 @@ import click
 
 from ... import __version__
 from ... import report as rep
-from ...analyses.landscape import parse_range
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
-from ...checkpoint import sha256_file
 from ...errors import FlatscopeError
-from ...params import ParamLayout
 from ...results import open_results, read_tree, to_jsonable
-from ..common import Run, analysis_options
+from ..common import Run
+from ..schema import shared_analysis_options, suite_options
 
 COMPARE_SCHEMA = "flatscope.compare/1"
-_NOT_SHARED = ("checkpoint", "out", "plot", "plot_format")
-
-
-def _shared_options(f):
-    """The options every analysis takes (model, data, loss, split, --max-samples, --seed, ...), without
-    the single checkpoint argument, the results file and the plot switches, which compare sets itself."""
-
-    @analysis_options
-    def donor(**kw):  # pragma: no cover - only its click params are used
-        pass
-
-    f.__click_params__ = list(getattr(f, "__click_params__", [])) + [
-        p for p in donor.__click_params__ if p.name not in _NOT_SHARED
-    ]
-    return f
 
 
 def labels_for(paths: list[str]) -> list[str]:
@@ -84,31 +67,14 @@ def _caption(path: Path, what: str) -> str:
     metavar="DIR",
     help="Report folder (created if missing): index.html, the PNG plots, interpolations.h5.",
 )
-@click.option(
-    "--suite",
-    "suite_path",
-    default=None,
-    metavar="SUITE.toml",
-    help="The analyses, as for flatscope audit (its fail_if is ignored). Default: the audit's default "
+@suite_options(
+    suite="The analyses, as for flatscope audit (its fail_if is ignored). Default: the audit's default "
     "suite plus a spectral density (hessian density=true, probes=4, steps=40), local_entropy "
     "and sharpness.",
+    step="Run only these analyses, in this order (repeatable).",
+    set_example="--set local_energy.samples=32",
+    recompute="Recompute everything, even results already stored for these options.",
 )
-@click.option(
-    "--step",
-    "only",
-    multiple=True,
-    type=click.Choice(sorted(ANALYSES)),
-    metavar="ANALYSIS",
-    help="Run only these analyses, in this order (repeatable).",
-)
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="ANALYSIS.OPTION=VALUE",
-    help="Override one analysis option (repeatable), e.g. --set local_energy.samples=32.",
-)
-@click.option("--recompute", is_flag=True, help="Recompute everything, even results already stored for these options.")
 @click.option(
     "--results-dir",
     default=None,
@@ -147,7 +113,7 @@ def _caption(path: Path, what: str) -> str:
     help="With 3 or more checkpoints, the report ranks each flatness metric against this gap "
     "(Kendall, Spearman, as flatscope correlate); 'none' leaves the section out.",
 )
-@_shared_options
+@shared_analysis_options("checkpoint", "out", "plot", "plot_format")
 def command(
     checkpoints,
     report_dir,
@@ -177,6 +143,10 @@ def command(
       flatscope compare a.pt b.pt -o report/ --max-samples 500 --set local_energy.samples=32
       flatscope compare a.pt b.pt -o report/ --suite audit.toml --results-dir results/ --json
     """
+    from ...analyses.landscape import parse_range
+    from ...checkpoint import sha256_file
+    from ...params import ParamLayout
+
     main_run = Run(**shared)
     main_run.setup()
     paths = [str(p) for p in checkpoints]

@@ -10,17 +10,11 @@ import click
 
 from ... import results as store
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
-from ...correlation import (
-    axes_of,
-    correlate_measure,
-    gap_value,
-    parse_gap,
-    varying_axes,
-)
 from ...errors import FlatscopeError
 from ...measures import flatter, flatter_label
 from ..common import Run
-from .compare import _shared_options, labels_for
+from ..schema import shared_analysis_options, suite_options
+from .compare import labels_for
 
 CORRELATE_SCHEMA = "flatscope.correlate/1"
 DEFAULT_MEASURES = "hessian.lambda_max,hessian.trace,local_energy.train_target_sigma"
@@ -104,21 +98,11 @@ def _quantities(run: Run, splits: list[str]) -> dict:
     show_default=True,
     help="Confidence level of the intervals.",
 )
-@click.option(
-    "--suite",
-    "suite_path",
-    default=None,
-    metavar="SUITE.toml",
-    help="Options of the analyses, as for flatscope audit (only the analyses the measures need run).",
+@suite_options(
+    suite="Options of the analyses, as for flatscope audit (only the analyses the measures need run).",
+    set_example="--set local_energy.samples=32",
+    recompute="Recompute every measure, even results already stored.",
 )
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="ANALYSIS.OPTION=VALUE",
-    help="Override one analysis option (repeatable), e.g. --set local_energy.samples=32.",
-)
-@click.option("--recompute", is_flag=True, help="Recompute every measure, even results already stored.")
 @click.option(
     "--results-dir",
     default=None,
@@ -140,7 +124,7 @@ def _quantities(run: Run, splits: list[str]) -> dict:
 )
 @click.option("--plot-format", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
 @click.option("--allow-mixed", is_flag=True, help="Accept checkpoints of different data sets.")
-@_shared_options
+@shared_analysis_options("checkpoint", "out", "plot", "plot_format", "allow_mixed")
 def command(
     checkpoints,
     measures,
@@ -176,6 +160,8 @@ def command(
       flatscope correlate runs/family/*.pt --measures hessian.lambda_max,local_energy.train_target_sigma
       flatscope correlate runs/family/*.pt --gap test_loss-train_loss --axes optimizer,lr -o corr.h5
     """
+    from ...correlation import axes_of, correlate_measure, gap_value, parse_gap, varying_axes  # scipy: slow
+
     main_run = Run(**shared)
     main_run.setup()
     paths = [str(p) for p in checkpoints]
@@ -445,6 +431,8 @@ def family_section(
     (``{metric: {label: value}}``) with the gap, over the compared checkpoints (``members`` with
     ``label`` and ``path``). Raises FlatscopeError when it cannot be computed (fewer than 3
     checkpoints, no test split, an undefined gap)."""
+    from ...correlation import axes_of, correlate_measure, gap_value, parse_gap, varying_axes  # scipy: slow
+
     if len(members) < 3:
         raise FlatscopeError("a rank correlation needs at least 3 checkpoints")
     terms = parse_gap(gap_text)

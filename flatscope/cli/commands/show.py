@@ -8,6 +8,7 @@ import os
 import click
 
 from ...measures import flatter
+from ...options import stored_result_options
 from ...results import find_analyses, open_results, stored_warnings
 from ..common import Run, common_options
 
@@ -66,7 +67,7 @@ def _fmt(v) -> str:
 @common_options
 def command(results, **common):
     """List the analyses in results files with their headline numbers; each flatness measure
-    says which direction means flatter ("lower = flatter").
+    says which direction means flatter ("lower = flatter"), and the options the numbers depend on.
 
     \b
     Example:
@@ -100,6 +101,10 @@ def command(results, **common):
                         ),
                         highlight=False,
                     )
+                chosen = stored_result_options(a["kind"], a["options"])
+                if chosen:
+                    text = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in chosen.items())
+                    console.print(escape(f"      options {text}"), highlight=False)
                 for k, v in a["summary"].items():
                     d = a["flatter"].get(k)
                     console.print(escape(f"      {k:<30} {_fmt(v)}" + (f"   ({d} = flatter)" if d else "")))
