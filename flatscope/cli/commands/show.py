@@ -101,7 +101,7 @@ def command(results, **common):
                         ),
                         highlight=False,
                     )
-                chosen = stored_result_options(a["kind"], a["options"])
+                chosen = {k: v for k, v in stored_result_options(a["kind"], a["options"]).items() if v is not None}
                 if chosen:
                     text = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in chosen.items())
                     console.print(escape(f"      options {text}"), highlight=False)
