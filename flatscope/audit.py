@@ -75,16 +75,22 @@ import re
 import shlex
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from .errors import FlatscopeError
 from .options import MAX_OPTION_INT, SCHEMAS, Option, check_number  # noqa: F401
 from .options import defaults as option_defaults
-from .results import find_analyses, open_results, stored_warnings, to_jsonable
+from .lazy import lazy_module
 from .shared_options import RESULT_DEFAULTS, result_options
 from .thresholds import Threshold, parse_threshold
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from . import results as store
+else:  # imported on first use: `flatscope audit --help` needs neither
+    np = lazy_module("numpy")
+    store = lazy_module("flatscope.results")
 
 AUDIT_SCHEMA = "flatscope.audit/1"
 
@@ -550,14 +556,14 @@ def check_metric_names(thresholds: list[Threshold], steps: list[Step], stored: d
 
 # ------------------------------------------------------------------------------------------- cache
 def _canon(x) -> str:
-    return json.dumps(to_jsonable(x), sort_keys=True)
+    return json.dumps(store.to_jsonable(x), sort_keys=True)
 
 
 def cache_status(path: str, step: Step, target: Target) -> tuple[bool, str]:
     """(reusable, reason): whether ``path`` holds a finished ``step.group`` for this checkpoint and options."""
     if not os.path.exists(path):
         return False, "no results file yet"
-    with open_results(path) as f:
+    with store.open_results(path) as f:
         if step.group not in f:
             return False, f"no /{step.group} in the results file"
         g = f[step.group]
@@ -609,8 +615,8 @@ def stored_metrics(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     out = {}
-    with open_results(path) as f:
-        for name, g in find_analyses(f):
+    with store.open_results(path) as f:
+        for name, g in store.find_analyses(f):
             if str(g.attrs["kind"]) in STORED_KINDS:
                 for k, v in json.loads(g.attrs.get("summary", "{}")).items():
                     if not isinstance(v, str):
@@ -657,12 +663,12 @@ class StepRecord:
 
 def read_group(path: str, group: str) -> tuple[dict, dict, float | None, list]:
     """The stored summary, options, computing time and warnings of ``group``."""
-    with open_results(path) as f:
+    with store.open_results(path) as f:
         g = f[group]
         summary = json.loads(g.attrs.get("summary", "{}"))
         options = json.loads(g.attrs.get("options", "{}"))
         wall = g.attrs.get("wall_time_s")
-        warnings = stored_warnings(g)
+        warnings = store.stored_warnings(g)
     return summary, options, (float(wall) if wall is not None else None), warnings
 
 
@@ -787,7 +793,7 @@ class AuditResult:
 
     def to_json(self) -> dict:
         """The ``--json`` object (schema :data:`AUDIT_SCHEMA`, documented in the README)."""
-        return to_jsonable(
+        return store.to_jsonable(
             {
                 "schema": AUDIT_SCHEMA,
                 "checkpoint": self.checkpoint,

@@ -20,25 +20,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import click
-import numpy as np
 
 from .. import __version__
 from ..errors import FlatscopeError
 from ..lazy import lazy_module
 from ..threads import choose_threads
-from .. import results as store
 from ..shared_options import ANALYSIS_KEYS, COMMON_KEYS, result_options
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from .. import distributed
+    from .. import results as store
     from ..checkpoint import Checkpoint
     from ..data import Dataset
     from ..objective import Objective
 else:  # imported on first use, so that --help and usage errors answer without torch
+    np = lazy_module("numpy")
     torch = lazy_module("torch")
     distributed = lazy_module("flatscope.distributed")
+    store = lazy_module("flatscope.results")
 
 STATE = {"verbose": False}
 _TORCH_THREADS: list[int] = []  # torch's own default thread count, read before any command changes it

@@ -17,10 +17,11 @@ from ... import __version__
 from ... import report as rep
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
 from ...errors import FlatscopeError
-from ...results import open_results, read_tree, to_jsonable
+from ...lazy import lazy_module
 from ..common import Run
 from ..schema import shared_analysis_options, suite_options
 
+store = lazy_module("flatscope.results")  # h5py: imported when the command runs, not for --help
 COMPARE_SCHEMA = "flatscope.compare/1"
 
 
@@ -244,7 +245,7 @@ def command(
     interps = []
     for p in pairs:
         rec = p["record"]
-        with open_results(interp_file) as f:
+        with store.open_results(interp_file) as f:
             dist = f[rec.group]["directions"].get("distance")
             dist = float(dist[()][0]) if dist is not None else None
         interps.append(
@@ -323,14 +324,14 @@ def _plots(members, pairs, report: Path) -> list[tuple[str, str]]:
             continue
         items = []
         for m in members:
-            with open_results(m["run"].out_path) as f:
-                items.append((m["label"], read_tree(f[m["steps"][i].group])))
+            with store.open_results(m["run"].out_path) as f:
+                items.append((m["label"], store.read_tree(f[m["steps"][i].group])))
         for p in fn(items, report / f"overlay.{step.group.replace('/', '-')}", "png"):
             out.append((str(p), _caption(Path(p), f"/{step.group}")))
     fn = plot_function("landscape")
     for p in pairs:
-        with open_results(p["run"].out_path) as f:
-            tree = read_tree(f[p["record"].group])
+        with store.open_results(p["run"].out_path) as f:
+            tree = store.read_tree(f[p["record"].group])
         for path in fn(
             [(f"{p['from']} → {p['to']}", tree)], report / f"interp.{p['step'].group.split('/')[-1]}", "png"
         ):
@@ -490,7 +491,7 @@ def _family_html(family) -> list[str]:
 
 
 def _prov_row(label, r) -> list:
-    opts = rep.esc(json.dumps(to_jsonable(r.options), indent=1, sort_keys=True))
+    opts = rep.esc(json.dumps(store.to_jsonable(r.options), indent=1, sort_keys=True))
     how = f"reused ({r.reason})" if r.cached else f"computed ({r.reason})"
     return [
         label,

@@ -8,7 +8,7 @@ import os
 
 import click
 
-from ... import results as store
+from ...lazy import lazy_module
 from ...audit import ANALYSES, Step, collect_metrics, load_suite, plan, run_steps
 from ...errors import FlatscopeError
 from ...measures import flatter, flatter_label
@@ -16,6 +16,7 @@ from ..common import Run
 from ..schema import shared_analysis_options, suite_options
 from .compare import labels_for
 
+store = lazy_module("flatscope.results")  # h5py: imported when the command runs, not for --help
 CORRELATE_SCHEMA = "flatscope.correlate/1"
 DEFAULT_MEASURES = "hessian.lambda_max,hessian.trace,local_energy.train_target_sigma"
 
