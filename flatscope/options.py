@@ -109,6 +109,7 @@ class Option:
             raise bad(f"unsupported value {value!r}")
         check_number(value, f"{where}: option {self.name}")
         invalid = f"{where}: invalid value for {self.flag}: "
+        out: float
         if self.type == "int":
             try:
                 out = value if isinstance(value, int) else int(str(value).strip())
@@ -123,10 +124,10 @@ class Option:
                 raise FlatscopeError(f"{invalid}{value!r} is not a valid float") from None
             check_number(out, f"{where}: option {self.name}")
         elif self.type == "choice":
-            out = str(value)
-            if out not in self.choices:
-                raise FlatscopeError(f"{invalid}{out!r} is not one of {', '.join(map(repr, self.choices))}")
-            return out
+            text = str(value)
+            if text not in self.choices:
+                raise FlatscopeError(f"{invalid}{text!r} is not one of {', '.join(map(repr, self.choices))}")
+            return text
         else:
             return str(value)
         if self.minimum is not None and out < self.minimum:

@@ -56,11 +56,9 @@ def shared_analysis_options(*without: str) -> Callable:
         pass
 
     def deco(f: Callable) -> Callable:
-        f.__click_params__ = list(getattr(f, "__click_params__", [])) + [  # type: ignore[attr-defined]
-            p
-            for p in donor.__click_params__
-            if p.name not in without  # type: ignore[attr-defined]
-        ]
+        given: list = donor.__click_params__  # type: ignore[attr-defined]
+        params = [p for p in given if p.name not in without]
+        f.__click_params__ = list(getattr(f, "__click_params__", [])) + params  # type: ignore[attr-defined]
         return f
 
     return deco

@@ -373,7 +373,7 @@ def _directions(
     """The directions and what comes with them: stored axes, interpolation anchors, trajectory epochs."""
     first = next(iter(objectives.values()))
     layout = first.layout
-    out = {
+    out: dict = {
         "stored": None,
         "anchors": None,
         "anchor_buffers": None,

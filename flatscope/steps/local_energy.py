@@ -136,7 +136,7 @@ def normalize(stored: dict) -> dict:
 
     out = dict(stored)
     try:
-        out["sigma"] = parse_sigmas(stored.get("sigma")).tolist()
+        out["sigma"] = parse_sigmas(stored.get("sigma")).tolist()  # type: ignore[arg-type]  # None: refused
     except FlatscopeError:
         out["sigma"] = None
     return out
