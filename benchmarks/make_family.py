@@ -24,7 +24,7 @@ with ``--seeds`` seeds, all to the full budget (no early stop).
 
     python benchmarks/make_family.py family --data digits -o runs/family          # ~64 CNNs
     python benchmarks/make_family.py table --data digits --seeds 5 -o runs/table
-    python benchmarks/make_family.py family --data mnist1d --model mlp -o runs/family-mnist1d
+    python benchmarks/make_family.py family --data mnist1d --model cnn1d -o runs/family-mnist1d
 """
 
 from __future__ import annotations
@@ -49,14 +49,17 @@ BASE = {"sgd": (0.05, {}), "esgd": (10.0, {}), "rsgd": (0.05, {"replicas": 3}), 
 
 
 def model_spec(name: str, width: int, data: Dataset) -> dict:
-    """The architecture at width multiplier ``width``: cnn channels (4w, 8w), hidden 16w; mlp (32w, 32w)."""
+    """The architecture at width multiplier ``width``: cnn channels (4w, 8w), hidden 16w; cnn1d (for mnist1d's
+    40-sample signals) channels (8w, 16w), hidden 16w; mlp (32w, 32w)."""
     kw = {"in_features": data.in_features, "out_features": data.n_outputs}
     if name == "cnn":
         kw.update(channels=[4 * width, 8 * width], hidden=16 * width)
+    elif name == "cnn1d":
+        kw.update(channels=[8 * width, 16 * width], hidden=16 * width)
     elif name == "mlp":
         kw.update(widths=[32 * width, 32 * width])
     else:
-        raise SystemExit(f"unknown --model {name!r} (cnn or mlp)")
+        raise SystemExit(f"unknown --model {name!r} (cnn, cnn1d or mlp)")
     return {"name": name, "kwargs": kw}
 
 
@@ -177,9 +180,9 @@ def table(args, data, data_spec) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["family", "table"])
-    p.add_argument("--data", default="digits", help="a flatscope data name (digits, mnist1d once built in, npz:PATH)")
+    p.add_argument("--data", default="digits", help="a flatscope data name (digits, mnist1d, npz:PATH)")
     p.add_argument("--data-kwargs", default="{}", help="JSON keyword arguments for --data")
-    p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
+    p.add_argument("--model", default="cnn", choices=["cnn", "cnn1d", "mlp"])
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--budget", type=int, default=1500, help="gradient evaluations (the same for every member)")
     p.add_argument("--stop-loss", type=float, default=0.01, help="family: the training-loss criterion")

@@ -1,12 +1,12 @@
 """Built-in models and the model spec that travels in a checkpoint.
 
 A model spec is ``{"name": NAME, "kwargs": {...}}``. ``NAME`` is a built-in (``mlp``, ``cnn``,
-``resnet``, ``linear``) or ``pkg.module:factory``; a factory is imported only when the user
+``cnn1d``, ``resnet``, ``linear``) or ``pkg.module:factory``; a factory is imported only when the user
 names it on the command line (:func:`build_model` with ``allow_import=True``), never because a
 checkpoint says so.
 
-Every built-in takes inputs of shape ``(N, in_features)`` or ``(N, C, H, W)`` and reshapes
-internally. ``torchvision:NAME`` builds a torchvision architecture (``--model-kwargs`` such as
+Every built-in takes inputs of shape ``(N, in_features)`` or ``(N, C, H, W)`` (``cnn1d``: ``(N, C, L)``)
+and reshapes internally. ``torchvision:NAME`` builds a torchvision architecture (``--model-kwargs`` such as
 ``{"num_classes": 10}``, no pretrained weights); ``hf:DIR`` builds the architecture of a local Hugging
 Face folder from its config (see :mod:`flatscope.hf`).
 """
@@ -110,6 +110,51 @@ class CNN(nn.Module):
         return self.head(self.features(x.reshape(-1, *self.in_shape)))
 
 
+class CNN1D(nn.Module):
+    """Small 1-D CNN for signals such as MNIST-1D's (1 channel of 40 samples; Greydanus 2020, "Scaling down
+    deep learning", arXiv:2011.14439): two blocks of ``Conv1d(kernel, padding kernel // 2)``, activation and
+    ``MaxPool1d(2)`` (length L -> L // 4), then ``Linear(hidden)``, activation, ``Linear(out_features)``. ``in_shape=[C, L]``
+    (default ``[1, in_features]``)."""
+
+    def __init__(
+        self,
+        in_features: int = 40,
+        out_features: int = 10,
+        channels=(8, 16),
+        hidden: int = 32,
+        kernel: int = 5,
+        in_shape=None,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        shape = (1, int(in_features)) if in_shape is None else tuple(int(s) for s in in_shape)
+        if len(shape) != 2 or math.prod(shape) != in_features:
+            raise FlatscopeError(f"in_shape {list(shape)} does not hold {in_features} features as [C, L]")
+        self.in_shape = shape
+        c, length = shape
+        if length < 4:
+            raise FlatscopeError(f"cnn1d needs signals of at least 4 samples (two poolings by 2), got {length}")
+        c1, c2 = (int(x) for x in channels)
+        k = int(kernel)
+        if k < 1 or k % 2 == 0:
+            raise FlatscopeError(f"cnn1d needs an odd kernel (so that padding kernel // 2 keeps the length), got {k}")
+        self.features = nn.Sequential(
+            nn.Conv1d(c, c1, k, padding=k // 2),
+            _activation(activation),
+            nn.MaxPool1d(2),
+            nn.Conv1d(c1, c2, k, padding=k // 2),
+            _activation(activation),
+            nn.MaxPool1d(2),
+        )
+        flat = c2 * (length // 4)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden), _activation(activation), nn.Linear(hidden, out_features)
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x.reshape(-1, *self.in_shape)))
+
+
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -182,6 +227,7 @@ def _torchvision_model(name: str, **kwargs) -> nn.Module:
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
+    "cnn1d": CNN1D,
     "resnet": ResNet,
     "linear": _linear,
 }

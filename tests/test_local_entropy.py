@@ -559,3 +559,46 @@ def test_cli_bad_input(tmp_path, cli, args, message):
     r = cli(["local-entropy", ck, "-o", out, "--no-plot", *FAST, *args])
     assert_one_line_error(r, 2, message)
     assert out.read_bytes() == before
+
+
+# ------------------------------------------------------------------ plot: robust limits and the noise-floor flag
+def test_plot_flags_noise_floor_and_keeps_unreliable_importance_sampling_off_the_limits(monkeypatch, tmp_path):
+    """The local-entropy plot's logic (not its pixels): |grad F| is "at noise floor" exactly where it is less
+    than 2 of its standard errors above the floor; an ESS = 1 importance-sampling estimate far outside the
+    other values does not set the panel's limits (it is marked at the edge); the prior is drawn under the data."""
+    from flatscope.plotting import local_entropy as lep
+
+    gn, err, floor = np.array([1.0, 1.0, 1.0, 5.0, np.nan]), np.full(5, 0.1), np.array([0.85, 0.79, 1.2, 1.0, 1.0])
+    assert lep.at_noise_floor(gn, err, floor).tolist() == [True, False, True, False, False]
+    assert lep.at_noise_floor(gn, err, floor, z=2.2).tolist() == [True, True, True, False, False]
+    assert not lep.at_noise_floor([1.0], [np.nan], [0.9]).any()            # unknown error: never flagged
+
+    lo, hi = lep.robust_limits([0.0, 1.0], [1.5, 100.0], margin=0.0)       # 1.5 within 3 spans, 100 not
+    assert (lo, hi) == (0.0, 1.5)
+    lo, hi = lep.robust_limits([1e-3, 1e-1], [1.0, 1e6], log=True, margin=0.0)
+    assert lo == pytest.approx(1e-3) and hi == pytest.approx(1.0)
+
+    g = np.array([0.01, 0.1, 1.0, 10.0])
+    F = np.array([0.5, 0.2, 0.05, 0.011])
+    tree = {"gamma": g, "center_loss": 0.01, "beta": 100.0, "sampler": "sgld", "n_params": 50,
+            "local_entropy": F, "local_entropy_err": np.full(4, 0.01), "mean_loss": F * 0.8,
+            "mean_loss_err": np.full(4, 0.01), "mean_sq_dist": 50 / (100.0 * g), "mean_sq_dist_err": 0.01 / g,
+            "grad_norm": np.array([1.0, 1.0, 3.0, 3.0]), "grad_norm_err": np.full(4, 0.1),
+            "grad_noise_floor": np.array([0.95, 0.99, 1.0, 2.9]), "rhat": np.ones(4),
+            "importance": {"local_entropy": np.array([40.0, 0.21, 0.05, 0.011]),
+                           "local_entropy_err": np.full(4, 1e-3), "ess": np.array([1.0, 150, 300, 400])}}
+    figs = []
+    monkeypatch.setattr(lep, "save", lambda fig, base, suffix, fmt: figs.append(fig) or f"{base}.{suffix}.{fmt}")
+    lep.plot([("ck", tree)], tmp_path / "x", "png")
+    ax, axg = figs[0].axes[:2]
+    assert ax.get_ylim()[1] < 1.0                          # not stretched to 40 by the ESS = 1 estimate
+    assert any("ESS 1" in t.get_text() for t in ax.texts)  # the outlier is named at the edge
+    a1, _, a2 = figs[1].axes[:3]
+    assert "at noise floor at 3 of 4" in a2.get_title()
+    assert any("at noise floor" in t.get_text() for t in a2.get_legend().get_texts())
+    prior, data = a1.lines[0], a1.lines[1]                 # the prior band is drawn first, wider, under the data
+    assert prior.get_zorder() < data.get_zorder() and prior.get_linewidth() > data.get_linewidth()
+    import matplotlib.pyplot as plt
+
+    for f in figs:
+        plt.close(f)

@@ -606,3 +606,34 @@ def test_cli_streamed_dataset_with_worker_processes(cli, tmp_path):
     two = json.loads(cli(["info", ck, "--workers", "2", "--batch-size", "4"] + opts).stdout)["metrics"]
     assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-6)
     assert two["test"]["accuracy"] == one["test"]["accuracy"]
+
+
+def test_cnn1d_builtin_is_the_stated_network_and_its_hessian_is_exact():
+    """``cnn1d`` (for mnist1d's 40-sample signals) equals its definition written with torch.nn.functional,
+    takes (N, 40) and (N, 1, 40), refuses bad shapes, and its Lanczos lambda_max equals the dense Hessian's."""
+    import torch.nn.functional as F
+
+    from flatscope.analyses.hessian import top_eigenvectors
+    from flatscope.errors import FlatscopeError
+    from flatscope.models import build_model
+    from flatscope.objective import exact_hessian
+
+    torch.manual_seed(0)
+    m = build_model({"name": "cnn1d", "kwargs": {"in_features": 12, "out_features": 3, "channels": [2, 3],
+                                                 "hidden": 4, "kernel": 3}}).double()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    c1, c2, l1, l2 = m.features[0], m.features[3], m.head[1], m.head[3]
+    h = F.max_pool1d(F.relu(F.conv1d(x[:, None], c1.weight, c1.bias, padding=1)), 2)
+    h = F.max_pool1d(F.relu(F.conv1d(h, c2.weight, c2.bias, padding=1)), 2)          # length 12 -> 3
+    ref = F.linear(F.relu(F.linear(h.flatten(1), l1.weight, l1.bias)), l2.weight, l2.bias)
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m(x[:, None]), ref, rtol=0, atol=1e-12)
+    for bad, match in (({"kernel": 4}, "odd kernel"), ({"in_features": 3}, "at least 4"),
+                       ({"in_shape": [2, 5]}, "does not hold")):
+        with pytest.raises(FlatscopeError, match=match):
+            build_model({"name": "cnn1d", "kwargs": {"in_features": 12, **bad}})
+    y = torch.randint(0, 3, (7,))
+    obj = Objective(m, x, y, loss="ce", dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(exact_hessian(obj))
+    lam = float(top_eigenvectors(obj, 1, seed=0).eigenvalues[0])
+    assert lam == pytest.approx(float(ev[-1]), rel=1e-6)                     # Lanczos at tol 1e-5 on ~100 dims

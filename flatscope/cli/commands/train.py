@@ -94,7 +94,7 @@ def _epilog() -> str:
     default="digits",
     show_default=True,
     metavar="SPEC",
-    help="digits, teacher, npz:PATH, h5:PATH or pkg.module:factory.",
+    help="digits, mnist1d, teacher, npz:PATH, h5:PATH or pkg.module:factory.",
 )
 @click.option("--data-kwargs", default=None, callback=_json_dict, metavar="JSON")
 @click.option(
