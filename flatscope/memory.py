@@ -243,7 +243,15 @@ def lanczos_default_basis(k: int, dim: int, max_iter: int | None) -> int:
 
 
 def plan_lanczos(
-    budget: MemoryBudget, dim: int, k: int, b: int, vec: int, reserved: float, max_iter: int | None, what: str
+    budget: MemoryBudget,
+    dim: int,
+    k: int,
+    b: int,
+    vec: int,
+    reserved: float,
+    max_iter: int | None,
+    what: str,
+    beside: str = "",
 ) -> int:
     """The ``max_basis`` of a Lanczos run for ``k`` eigenpairs in blocks of ``b``: its default, lowered to
     what fits the budget beside ``reserved`` bytes; refused if not even ``k + 2 b`` vectors fit."""
@@ -251,8 +259,28 @@ def plan_lanczos(
     least = min(dim, k + 2 * b)
     budget.require(
         reserved + lanczos_bytes(least, k, b, vec),
-        f"{what} (a Lanczos basis of at least {least} vectors of {format_size(vec)})",
+        f"{what} (a Lanczos basis of at least {least} vectors of {format_size(vec)}{beside})",
         hint="raise --memory-budget, ask for fewer eigenvalues or lower --batch-size",
     )
     fit = budget.count(vec, reserved + lanczos_bytes(0, k, b, vec), most=default)
     return max(least, fit)
+
+
+def points_per_call(obj, requested: int, point_bytes: int, vectorized: bool, reserved: float = 0.0) -> int:
+    """How many points (perturbed weight vectors) one call may evaluate: at most ``requested``, as many
+    as fit ``obj.memory`` beside ``reserved`` bytes. A point costs ``point_bytes`` (its vectors) and, when
+    the call is ``vectorized`` (vmap), one batch's activations (bounded by the measured training
+    step, :meth:`Objective.batch_bytes`). Refused if not even one point fits. The values do not depend
+    on the count (up to rounding in a vmapped call)."""
+    budget = obj.memory
+    if budget.limit == math.inf:
+        return int(requested)
+    act = obj.batch_bytes(linearization=False)
+    each = point_bytes + (act if vectorized else 0)
+    budget.require(
+        reserved + each + (0 if vectorized else act),
+        f"one point ({format_size(point_bytes)} of vectors and {format_size(act)} for one batch of "
+        f"{min(obj.batch_size, obj.n)} samples, measured)",
+        hint="lower --batch-size or raise --memory-budget",
+    )
+    return budget.count(each, reserved + (0 if vectorized else act), most=int(requested))

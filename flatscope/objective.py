@@ -42,7 +42,7 @@ import torch
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from .errors import FlatscopeError
-from .memory import MemoryBudget, batch_cost, format_size
+from .memory import MemoryBudget, batch_cost
 from .losses import BUILTIN_LOSSES, Loss, Metric, extract_output, make_loss
 from .params import ParamLayout
 from .sources import Source, TensorSource, as_source, describe, to_device
@@ -527,7 +527,7 @@ class Objective:
         w = self.w0 if w is None else self._check_w(w)
         if self.resolve_hvp_mode() == "fd":
             return lambda v: self.hvp(v, w)
-        self.require_batch(reserved)
+        self.require_batch()
         if cache is None:
             cache = self.cache_fits(reserved)
         self.hvp_info["cached"] = bool(cache)
@@ -583,15 +583,14 @@ class Objective:
                 self._batch_bytes[linearization] = 2 * batch_cost(self, create_graph=False)
         return self._batch_bytes[linearization]
 
-    def require_batch(self, reserved: float = 0.0) -> int:
-        """One batch's linearization (bytes), refused with one line if it does not fit the budget."""
+    def require_batch(self) -> int:
+        """One batch's linearization (bytes), refused with one line if it alone exceeds the budget."""
         if self.memory.limit == math.inf:
             return 0
         one = self.batch_bytes()
         self.memory.require(
-            one + reserved,
-            f"one batch of {min(self.batch_size, self.n)} samples ({format_size(one)}, its Hessian-vector "
-            f"product's linearization, measured)" + (f" beside {format_size(reserved)} of vectors" if reserved else ""),
+            one,
+            f"one batch of {min(self.batch_size, self.n)} samples (its Hessian-vector product's linearization, measured)",
             hint="lower --batch-size or raise --memory-budget",
         )
         return one

@@ -93,7 +93,7 @@ class HessianOperator:
         if obj.resolve_hvp_mode() == "fd":
             self.mode = "fd"
         else:
-            obj.require_batch(self.reserved)
+            obj.require_batch()
             if mode == "auto":
                 mode = "cached" if obj.cache_fits(self.reserved) else "double-backward"
             self.mode = mode
@@ -234,6 +234,7 @@ def plan_memory(
     n_batches = sum(1 for c in obj._batch_counts() if c)
     held = one * (n_batches + 1) if op.mode == "cached" else 2 * one
     res_b = held if same else 0
+    beside = f", beside {format_size(res_b)} for the Hessian-vector products" if res_b else ""
 
     def lanczos_plan(k: int, mb: int, name: str) -> int:
         if max_basis is not None:
@@ -242,24 +243,25 @@ def plan_memory(
                 raise FlatscopeError(f"--max-basis {max_basis} is below {least} (K + 2 x --block-size)")
             vb.require(
                 res_b + lanczos_bytes(min(n, max_basis), k, b, vec),
-                f"{name} with --max-basis {max_basis} ({min(n, max_basis)} vectors of {format_size(vec)})",
+                f"{name} with --max-basis {max_basis} ({min(n, max_basis)} vectors of {format_size(vec)}{beside})",
                 hint="lower --max-basis or raise --memory-budget",
             )
             return min(n, max_basis)
-        return plan_lanczos(vb, n, k, b, vec, res_b, max_iter, name)
+        return plan_lanczos(vb, n, k, b, vec, res_b, max_iter, name, beside)
 
     m_top = lanczos_plan(top, mb_top, f"--top {top}")
     m_bot = lanczos_plan(bottom, mb_bot, f"--bottom {bottom}") if bottom else 0
     vb.require(
         res_b + need_trace,
-        f"--trace-probes {trace_probes} ({trace_method}: {2 * r + WORK_VECTORS * tb} vectors of {format_size(vec)})",
+        f"--trace-probes {trace_probes} ({trace_method}: {2 * r + WORK_VECTORS * tb} vectors of {format_size(vec)}"
+        f"{beside})",
         hint="use fewer --trace-probes or --trace-method hutchinson, or raise --memory-budget",
     )
     p = 0
     if density:
         vb.require(
             res_b + need_probe,
-            f"--steps {steps} (one SLQ probe: {min(steps, n) + WORK_VECTORS} vectors of {format_size(vec)})",
+            f"--steps {steps} (one SLQ probe: {min(steps, n) + WORK_VECTORS} vectors of {format_size(vec)}{beside})",
             hint="use fewer --steps or raise --memory-budget",
         )
         p = vb.count(need_probe, res_b, most=probes)

@@ -91,6 +91,14 @@ from ..common import analysis_options, pass_run
     metavar="B",
     help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.",
 )
+@click.option(
+    "--max-basis",
+    type=int,
+    default=None,
+    metavar="M",
+    help="Lanczos vectors kept before a thick restart (memory: M vectors) [default: max(3 K + 30, "
+    "2**26 / parameters), lowered to fit --memory-budget].",
+)
 @pass_run
 def command(
     run,
@@ -107,6 +115,7 @@ def command(
     tol,
     max_iter,
     block_size,
+    max_basis,
 ):
     """Hessian spectrum of the loss at the checkpoint: top/bottom eigenvalues with residuals,
     spectral density, trace, per-layer spectra and flatness summaries.
@@ -151,6 +160,7 @@ def command(
         tol=tol,
         max_iter=max_iter,
         block_size=block_size,
+        max_basis=max_basis,
         seed=run.seed,
         hvp=hvp,
         progress=run.progress,
