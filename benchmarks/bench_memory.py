@@ -12,7 +12,8 @@ Figures: each peak, its excess over the step (``extra``), that excess in paramet
 model's dtype (``extra / (4 n)``) and the ratio peak / step.
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--top 10 20] [--extra-args "--memory-budget 2GB"]
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--top 10 20] [--extra-args "--memory-budget 2GB"] \
+        [--mmap-threshold 65536]
 """
 
 from __future__ import annotations
@@ -83,12 +84,12 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"peak": vm_hwm()}))
 
 
-def measure(kind: str, ckpt: Path, extra: list[str]) -> dict:
+def measure(kind: str, ckpt: Path, extra: list[str], mmap_threshold: int | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, str(ckpt), *extra],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        [sys.executable, __file__, "--child", kind, str(ckpt), *extra], capture_output=True, text=True, env=env
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -108,11 +109,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, nargs="+", default=[10])
     ap.add_argument("--extra-args", default="", help="more hessian options, e.g. '--memory-budget 1GB'")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="MALLOC_MMAP_THRESHOLD_ for the measured processes: glibc then maps every block above it on "
+        "its own and returns it when freed, so the peak counts live tensors, not retained heap",
+    )
     args = ap.parse_args()
-    print(f"machine: {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"machine: {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'glibc default (dynamic)'}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp))
-        step = measure("step", ckpt, [])
+        step = measure("step", ckpt, [], args.mmap_threshold)
         n = step["n"]
         mib = 2**20
         print(f"model: MLP 64-{'-'.join(map(str, WIDTHS))}-10, n = {n:,} parameters, {SAMPLES} samples, float32")
@@ -120,7 +132,7 @@ def main() -> None:
         print("| run | peak RSS (MiB) | extra over step (MiB) | extra / (4 n) vectors | peak / step | lambda_max |")
         print("|---|---|---|---|---|---|")
         for k in args.top:
-            r = measure("hessian", ckpt, ["--top", str(k), *args.extra_args.split()])
+            r = measure("hessian", ckpt, ["--top", str(k), *args.extra_args.split()], args.mmap_threshold)
             extra = r["peak"] - step["peak"]
             lmax = r.get("result", {}).get("lambda_max", float("nan"))
             print(
