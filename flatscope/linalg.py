@@ -61,9 +61,10 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def _rademacher(n: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
-    z = torch.randint(0, 2, (n, dim), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    return z.to(device)
+def _rademacher(n: int, dim: int, gen: torch.Generator, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` Rademacher rows (+-1) from ``gen``; drawing them in several calls gives the same rows."""
+    z = torch.randint(0, 2, (n, dim), generator=gen, dtype=torch.int8).to(device=device, dtype=dtype)
+    return z.mul_(2).sub_(1)
 
 
 def _orthonormalize(
@@ -173,12 +174,16 @@ def lanczos(
         block_size: vectors per Lanczos block; a single-vector Krylov space holds one copy of an
             exactly repeated eigenvalue, so use ``block_size >= multiplicity`` to resolve exact
             degeneracy. ``1`` spends the fewest products on distinct eigenvalues.
-        max_basis: basis size that triggers a thick restart; memory is ``max_basis * dim * 8`` bytes.
+        max_basis: basis size that triggers a thick restart; the basis is one buffer of
+            ``(max_basis + block_size) * dim`` entries of ``dtype``, never copied (a restart combines
+            its rows in place), and the result adds ``k`` rows: memory ``(max_basis + block_size + k +
+            c) * dim`` entries, ``c`` a few blocks of work vectors.
             Default: no restart while the basis fits in 512 MiB (``2**26 / dim`` vectors), and at
             least ``3 k + 30`` vectors. Restarting only ever costs products (measured in
             benchmarks/RESULTS.md), so it is a memory bound, not a speed-up.
         seed, v0: the start block is ``v0`` (rows) or Gaussian from ``torch.Generator(seed)``.
-        dtype: precision of the basis (float64; float32 only to save memory).
+        dtype: precision of the basis and of the returned eigenvectors (float64; float32 halves the
+            memory; the small eigenproblem and the true residuals stay float64).
         device: where the basis lives (default: ``v0``'s device or CPU).
         true_residuals: compute ``||A v - lambda v||`` explicitly at the end (``k`` more products).
         callback: called with the number of products after each block (progress bars).
@@ -218,8 +223,11 @@ def lanczos(
             P0 = torch.cat([P0, randn(b - P0.shape[0])])
     else:
         P0 = randn(b)
-    Q = torch.zeros(0, dim, dtype=fdt, device=device)  # basis rows whose products are known (via T)
+    # basis rows whose products are known (via T): a view of one buffer, so that the basis is never copied
+    Qbuf = torch.empty(min(dim, m_max + b), dim, dtype=fdt, device=device)
+    Q = Qbuf[:0]
     P, _ = _orthonormalize(P0, Q, gen, 0.0)  # pending block: next to be multiplied
+    del P0
     T = np.zeros((0, 0))  # Q A Q^T
     E = np.zeros((P.shape[0], 0))  # P A Q^T: couples Ritz vectors to P
     n_mv, n_restarts, status, nonfinite_at = 0, 0, "max_iter", None
@@ -243,7 +251,10 @@ def lanczos(
             status = "nonfinite"
             break
         m = Q.shape[0]
-        Q = torch.cat([Q, P])
+        if m + bb > Qbuf.shape[0]:  # cannot happen with the restart below; kept as a safe fallback
+            Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, dim, dtype=fdt, device=device)])
+        Qbuf[m : m + bb] = P
+        Q = Qbuf[: m + bb]
         C = (Q @ AP.T).to(torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))
         Tn[:m, :m] = T
@@ -274,7 +285,7 @@ def lanczos(
             # thick restart: keep the best Ritz vectors toward the wanted end, continue from P
             keep_n = min(Q.shape[0] - 1, max(k + (m_max - k) // 2, k + b))
             order = np.argsort(-theta if largest else theta, kind="stable")[:keep_n]
-            Q = torch.as_tensor(S[:, order].T, dtype=fdt, device=device) @ Q
+            Q = _combine_rows(Qbuf, Q.shape[0], torch.as_tensor(S[:, order].T, dtype=fdt, device=device))
             T = np.diag(theta[order])
             E = E @ S[:, order]
             n_restarts += 1
@@ -301,17 +312,26 @@ def lanczos(
     idx = wanted(theta)
     vals = theta[idx]
     vecs = torch.as_tensor(S[:, idx].T, dtype=fdt, device=device) @ Q
+    del Q, Qbuf, P  # the basis is freed before the residual products
     vecs = vecs / torch.linalg.norm(vecs, dim=1, keepdim=True)
     est = np.zeros(len(idx)) if status == "exhausted" else np.linalg.norm(E @ S[:, idx], axis=0)
     res = est
     if true_residuals and status != "nonfinite":
-        AV = _apply(matvec, vecs).to(torch.float64)
-        n_mv += vecs.shape[0]
-        if _finite(AV):
-            lam = torch.as_tensor(vals, device=device, dtype=torch.float64)[:, None]
-            res = torch.linalg.norm(AV - lam * vecs.to(torch.float64), dim=1).cpu().numpy()
+        # ||A v - lambda v|| block by block: one block of products (and its float64 copy) at a time
+        res_t, ok = np.zeros(len(vals)), True
+        for s in range(0, vecs.shape[0], b):
+            Vs = vecs[s : s + b]
+            AV = _apply(matvec, Vs)
+            n_mv += Vs.shape[0]
+            if not _finite(AV):
+                nonfinite_at, ok = n_mv - Vs.shape[0] + 1, False
+                break
+            lam = torch.as_tensor(vals[s : s + b], device=AV.device, dtype=torch.float64)[:, None]
+            res_t[s : s + b] = torch.linalg.norm(AV - lam * Vs.to(AV.device, torch.float64), dim=1).cpu().numpy()
+            del AV
+        if ok:
+            res = res_t
         else:
-            nonfinite_at = n_mv - vecs.shape[0] + 1
             status = "nonfinite"
     converged = (res <= tol * scale) & (status != "nonfinite")
     return EigResult(
@@ -329,6 +349,16 @@ def lanczos(
         np.asarray(est, dtype=np.float64),
         history,
     )
+
+
+def _combine_rows(buf: torch.Tensor, m: int, St: torch.Tensor) -> torch.Tensor:
+    """``buf[:r] = St @ buf[:m]`` in place (``St``: r x m, r <= m), column block by column block, so that
+    the temporary holds about two rows instead of a second basis. Returns the view ``buf[:r]``."""
+    r, dim = St.shape[0], buf.shape[1]
+    cols = max(1024, (2 * dim) // max(r, 1))
+    for c0 in range(0, dim, cols):
+        buf[:r, c0 : c0 + cols] = St @ buf[:m, c0 : c0 + cols]
+    return buf[:r]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,8 +535,7 @@ def _lanczos_tridiag(
             break
         everyone = len(active) == p
         idx = torch.as_tensor(active, device=dev)
-        B = basis[:, : j + 1] if everyone else basis[idx, : j + 1]  # (a, j+1, dim); a view when all are active
-        Qj = B[:, j]
+        Qj = basis[:, j] if everyone else basis[idx, j]
         AQ = _apply(matvec, Qj).to(fdt)
         n_mv += len(active)
         if not _finite(AQ):
@@ -516,9 +545,15 @@ def _lanczos_tridiag(
         W = AQ - a[:, None] * Qj  # three-term recurrence ...
         if j > 0:
             bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
-            W = W - bprev[:, None] * B[:, j - 1]
-        # ... then one full reorthogonalization pass against each probe's own basis
-        W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
+            W = W - bprev[:, None] * (basis[:, j - 1] if everyone else basis[idx, j - 1])
+        # ... then one full reorthogonalization pass against each probe's own basis (views: never a copy of it)
+        if everyone:
+            B = basis[:, : j + 1]  # (p, j+1, dim)
+            W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
+        else:
+            for r, pi in enumerate(active):
+                Bp = basis[pi, : j + 1]
+                W[r] -= (Bp @ W[r]) @ Bp
         bnorm = torch.linalg.norm(W, dim=1)
         a_np, b_np = a.to(torch.float64).cpu().numpy(), bnorm.to(torch.float64).cpu().numpy()
         still = []
@@ -572,7 +607,7 @@ def slq(
     done = 0
     for start in range(0, n_probes, batch):
         cnt = min(batch, n_probes - start)
-        V0 = (_rademacher(cnt, dim, gen, device) / math.sqrt(dim)).to(dtype)
+        V0 = _rademacher(cnt, dim, gen, device, dtype).div_(math.sqrt(dim))
         cb = (lambda n, base=n_mv: callback(base + n)) if callback is not None else None
         alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb)
         if bad_here is not None:
@@ -651,6 +686,10 @@ def trace(
     ``diag(A) ~ mean_j z_j * (A z_j)`` (Bekas, Kokiopoulou & Saad 2007) applied to the deflated part
     for Hutch++ (``diag(A Q Q^T)`` exactly plus ``mean_j g~_j * (A g~_j)``, ``g~ = (I - QQ^T) g``); the
     block traces add up to the total.
+
+    Memory: probes are drawn, multiplied and reduced ``batch`` at a time, so Hutchinson holds a few
+    groups of ``batch`` vectors and Hutch++ adds its sketch ``A S`` and basis ``Q`` (``2 r`` vectors,
+    ``r = n_matvec // 3``); the values do not depend on ``batch`` (one random stream, same probes).
     """
     if method not in TRACE_METHODS:
         raise FlatscopeError(f"unknown trace method {method!r}; choose from {', '.join(TRACE_METHODS)}")
@@ -691,6 +730,21 @@ def trace(
             bt, bse = np.zeros(0), np.zeros(0)
         return TraceResult(total, se, done[0], meth, samples, bt, bse)
 
+    def probes(count: int):
+        """Rademacher rows in groups of ``batch`` (the same stream as one draw of ``count`` rows)."""
+        for s in range(0, count, batch):
+            yield _rademacher(min(batch, count - s), dim, gen, device, dtype)
+
+    def stream(Zs) -> tuple[np.ndarray, np.ndarray]:
+        """Per-probe values ``z^T A z`` and their block sums, one group of probes at a time."""
+        samples, bsums = [], []
+        for Z in Zs:
+            contrib = Z * apply(Z)
+            samples.append(contrib.sum(dim=1).to(torch.float64).cpu().numpy())
+            bsums.append(block_sums(contrib))
+            del contrib
+        return np.concatenate(samples), np.concatenate(bsums, axis=0)
+
     try:
         if n_matvec >= dim:  # exact: A e_i for every unit vector
             diag = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -706,25 +760,27 @@ def trace(
         if n_matvec < 2:
             raise FlatscopeError(f"a trace estimate needs at least 2 products, got {n_matvec}")
         if method == "hutchinson" or n_matvec < 6:
-            Z = _rademacher(n_matvec, dim, gen, device).to(dtype)
-            AZ = apply(Z)
-            contrib = Z * AZ
-            samples = contrib.sum(dim=1).to(torch.float64).cpu().numpy()
-            return finish(float(samples.mean()), samples, np.zeros(len(blocks)), block_sums(contrib), "hutchinson")
+            samples, bsamp = stream(probes(n_matvec))
+            return finish(float(samples.mean()), samples, np.zeros(len(blocks)), bsamp, "hutchinson")
+        # Hutch++: the sketch A S (r rows) and its orthonormal basis Q are the only (r x dim) tensors
         r = n_matvec // 3
-        S = _rademacher(r, dim, gen, device).to(dtype)
-        AS = apply(S)
-        Qm, _ = torch.linalg.qr(AS.T)  # (dim, r)
-        Qr = Qm.T.contiguous()  # rows orthonormal
-        AQ = apply(Qr)
-        low = float(torch.sum(Qr * AQ))  # tr(Q^T A Q)
-        fixed = block_sums((Qr * AQ).sum(dim=0, keepdim=True))  # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
-        G = _rademacher(n_matvec - 2 * r, dim, gen, device).to(dtype)
-        Gt = G - (G @ Qr.T) @ Qr
-        AG = apply(Gt)
-        contrib = Gt * AG
-        samples = contrib.sum(dim=1).to(torch.float64).cpu().numpy()
-        return finish(low + float(samples.mean()), samples, fixed[0], block_sums(contrib), "hutch++")
+        AS = torch.empty(r, dim, dtype=dtype, device=device)
+        s0 = 0
+        for S in probes(r):
+            AS[s0 : s0 + S.shape[0]] = apply(S)
+            s0 += S.shape[0]
+        Qm, _ = torch.linalg.qr(AS.T)  # (dim, r), column-major: Qm.T is contiguous
+        del AS
+        Qr = Qm.T  # rows orthonormal
+        low, fixed = 0.0, np.zeros((1, len(blocks)))
+        for s in range(0, r, batch):
+            Qc = Qr[s : s + batch]
+            qaq = Qc * apply(Qc)
+            low += float(torch.sum(qaq))  # tr(Q^T A Q)
+            fixed += block_sums(qaq.sum(dim=0, keepdim=True))  # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
+            del qaq
+        samples, bsamp = stream(G - (G @ Qr.T) @ Qr for G in probes(n_matvec - 2 * r))
+        return finish(low + float(samples.mean()), samples, fixed[0], bsamp, "hutch++")
     except _NonFinite as exc:
         return TraceResult(
             float("nan"),

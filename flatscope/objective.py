@@ -42,6 +42,7 @@ import torch
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from .errors import FlatscopeError
+from .memory import MemoryBudget, batch_cost
 from .losses import BUILTIN_LOSSES, Loss, Metric, extract_output, make_loss
 from .params import ParamLayout
 from .sources import Source, TensorSource, as_source, describe, to_device
@@ -123,6 +124,8 @@ class Objective:
         n_total: int | None = None,
         hvp_mode: str = "auto",
         workers: int = 0,
+        memory_budget=None,
+        basis_device: str | torch.device | None = None,
     ):
         self.loss_fn: Loss = make_loss(loss)
         self.loss_name = self.loss_fn.name
@@ -161,6 +164,10 @@ class Objective:
         self._counts: list[int] | None = None
         self._count_total: float | None = None
         self._n_total = int(n_total) if n_total is not None else None
+        self._memory_budget = memory_budget
+        self._memory: MemoryBudget | None = memory_budget if isinstance(memory_budget, MemoryBudget) else None
+        self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
+        self._batch_bytes: dict[bool, int] = {}
         self._probe()
 
     # ------------------------------------------------------------------ data
@@ -251,6 +258,8 @@ class Objective:
             dtype=self.dtype,
             train_mode=self.model.training,
             hvp_mode=self.hvp_mode,
+            memory_budget=self._memory_budget if self._memory is None else self._memory,
+            basis_device=self.basis_device,
         )
 
     @contextlib.contextmanager
@@ -397,14 +406,15 @@ class Objective:
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss_and_grad(w)[1]
 
-    def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor, reserved: float = 0.0) -> torch.Tensor:
         g = grad(self._batch_loss)
         out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
+        rows = self.rows_per_product(v, reserved + (self.batch_bytes() if v.dim() > 1 else 0))
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
                     _, pullback = vjp(lambda p: g(p, xb, yb), w)
-                    out += wt * (pullback(v)[0] if v.dim() == 1 else vmap(pullback)(v)[0])
+                    _pull_rows(pullback, v, wt, out, rows)
         return self._reduce(out)
 
     def _fd_objective(self) -> "Objective":
@@ -503,34 +513,104 @@ class Objective:
         self.hvp_info["fd_probe_samples"] = small.n
         return rel
 
-    def hvp_operator(self, w: torch.Tensor | None = None, max_cached_batches: int = 8) -> Callable:
+    def hvp_operator(self, w: torch.Tensor | None = None, reserved: float = 0.0, cache: bool | None = None) -> Callable:
         """``matvec(v) = H(w) v`` for repeated use at one point (Lanczos, Hutchinson).
 
-        For up to ``max_cached_batches`` batches the per-batch linearizations are built once and
-        reused, so each product costs one backward pass instead of a gradient plus a backward
-        pass; beyond that (large data) it falls back to :meth:`hvp`, which holds one batch's graph
-        at a time. In the ``fd`` mode every product is two split gradients.
+        The per-batch linearizations are built once and reused, so that each product costs one
+        backward pass instead of a gradient plus a backward pass, when they fit the memory budget
+        beside the caller's ``reserved`` bytes (:meth:`cache_fits`: the measured bytes of the first
+        batch's linearization times the number of batches); otherwise each product rebuilds them one
+        batch at a time (:meth:`hvp`). ``cache`` True or False forces either. A block of vectors is
+        multiplied in vmapped groups of :meth:`rows_per_product` rows. In the ``fd`` mode every
+        product is two split gradients.
         """
         w = self.w0 if w is None else self._check_w(w)
-        n_batches = -(-self.n // self.batch_size)
-        if self.resolve_hvp_mode() == "fd" or n_batches > max_cached_batches:
+        if self.resolve_hvp_mode() == "fd":
             return lambda v: self.hvp(v, w)
+        self.require_batch()
+        if cache is None:
+            cache = self.cache_fits(reserved)
+        self.hvp_info["cached"] = bool(cache)
+        if not cache:
+            return lambda v: self._exact_hvp(self._check_w(v), w, reserved)
         g = grad(self._batch_loss)
         pullbacks = []
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
                     pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
+        held = reserved + self.batch_bytes() * len(pullbacks)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._check_w(v)
             out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
+            rows = self.rows_per_product(v, held)
             with second_order_kernels():
                 for wt, pb in pullbacks:
-                    out += wt * (pb(v)[0] if v.dim() == 1 else vmap(pb)(v)[0])
+                    _pull_rows(pb, v, wt, out, rows)
             return self._reduce(out)
 
         return matvec
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def memory(self) -> MemoryBudget:
+        """The :class:`~flatscope.memory.MemoryBudget` every analysis of this objective consults
+        (``memory_budget``: bytes, a size such as ``"4GB"``, or a budget; default a fraction of the
+        device's free memory, taken at first use). It decides how work is cut, never a result."""
+        if self._memory is None:
+            self._memory = MemoryBudget(self._memory_budget, self.device)
+        return self._memory
+
+    def memory_on(self, device: str | torch.device) -> MemoryBudget:
+        """The budget for vectors kept on ``device``: :attr:`memory` on the objective's own device, else
+        a budget of that device (the same ``memory_budget``, or its free memory's default share)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self.memory
+        if getattr(self, "_memory_other", None) is None or self._memory_other.device != device:
+            self._memory_other = MemoryBudget(self.memory.limit if self.memory.explicit else None, device)
+        return self._memory_other
+
+    def batch_bytes(self, linearization: bool = True) -> int:
+        """Measured bytes of one batch (:func:`flatscope.memory.batch_cost`, once per objective): the
+        linearization a cached Hessian-vector product keeps, or (``False``) one training step's
+        activations and gradient. Without a double backward: twice the training step."""
+        if linearization not in self._batch_bytes:
+            try:
+                self._batch_bytes[linearization] = batch_cost(self, create_graph=linearization)
+            except (RuntimeError, NotImplementedError):
+                self._batch_bytes[linearization] = 2 * batch_cost(self, create_graph=False)
+        return self._batch_bytes[linearization]
+
+    def require_batch(self) -> int:
+        """One batch's linearization (bytes), refused with one line if it alone exceeds the budget."""
+        if self.memory.limit == math.inf:
+            return 0
+        one = self.batch_bytes()
+        self.memory.require(
+            one,
+            f"one batch of {min(self.batch_size, self.n)} samples (its Hessian-vector product's linearization, measured)",
+            hint="lower --batch-size or raise --memory-budget",
+        )
+        return one
+
+    def cache_fits(self, reserved: float = 0.0) -> bool:
+        """Whether every batch's linearization, plus one batch for the product itself, fits the budget
+        beside ``reserved`` bytes (never a batch count)."""
+        if self.memory.limit == math.inf:
+            return True
+        n_batches = sum(1 for c in self._batch_counts() if c)
+        return self.memory.fits(self.batch_bytes() * (n_batches + 1), reserved)
+
+    def rows_per_product(self, v: torch.Tensor, reserved: float = 0.0) -> int:
+        """How many rows of ``v`` one vmapped product may carry beside ``reserved`` bytes: each row
+        costs about one batch's linearization (its backward pass) and two vectors."""
+        k = 1 if v.dim() == 1 else v.shape[0]
+        if k == 1 or self.memory.limit == math.inf:
+            return k
+        each = self.batch_bytes() + 2 * v.shape[-1] * v.element_size()
+        return self.memory.count(each, reserved, most=k)
 
     def minibatch_loss_and_grad(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradient on the samples ``idx`` of this split (no reduction across ranks)."""
@@ -650,6 +730,15 @@ class PointEvaluator:
             loss += wt * float(obj.loss_fn.mean(out, yb))
             correct += float(obj._score(out, yb))
         return loss, correct / obj.count_total
+
+
+def _pull_rows(pullback, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int) -> None:
+    """``out += wt * pullback(v)`` for one vector or, for rows of ``v``, in vmapped groups of ``rows``."""
+    if v.dim() == 1:
+        out += wt * pullback(v)[0]
+        return
+    for s in range(0, v.shape[0], rows):
+        out[s : s + rows] += wt * vmap(pullback)(v[s : s + rows])[0]
 
 
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:

@@ -205,6 +205,16 @@ HESSIAN = (
         "Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.",
         "B",
     ),
+    Option(
+        "max_basis",
+        "int",
+        None,
+        "Lanczos vectors kept before a thick restart (memory: M vectors) [default: max(3 K + 30, "
+        "2**26 / parameters), lowered to fit --memory-budget].",
+        "M",
+        show_default=False,
+        result=False,
+    ),
 )
 
 LOCAL_ENERGY = (

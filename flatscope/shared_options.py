@@ -27,6 +27,8 @@ ANALYSIS_KEYS = (
     "output",
     "hvp",
     "workers",
+    "memory_budget",  # how work is cut, never a result: not in RESULT_DEFAULTS (nor the audit's cache key)
+    "basis_device",
 )
 
 

@@ -120,7 +120,7 @@ def test_mse_with_labels_uses_one_hot_and_accuracy_nan_for_regression():
     assert o2.loss() == pytest.approx(float(expected), rel=1e-12)
 
 
-def test_cached_hvp_operator_equals_hvp_and_falls_back_for_many_batches():
+def test_cached_hvp_operator_equals_hvp_and_rebuilt():
     torch.manual_seed(5)
     model = MLP(in_features=4, out_features=3, widths=(5,), activation="tanh").double()
     X = torch.randn(40, 4, dtype=torch.float64)
@@ -128,6 +128,6 @@ def test_cached_hvp_operator_equals_hvp_and_falls_back_for_many_batches():
     obj = Objective(model, X, y, batch_size=9, dtype=torch.float64)
     V = torch.randn(3, obj.dim, dtype=torch.float64)
     w = obj.w0 + 0.1
-    for op in (obj.hvp_operator(w), obj.hvp_operator(w, max_cached_batches=2)):
+    for op in (obj.hvp_operator(w), obj.hvp_operator(w, cache=False)):
         torch.testing.assert_close(op(V), obj.hvp(V, w), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(op(V[1]), obj.hvp(V[1], w), rtol=1e-12, atol=1e-14)

@@ -53,10 +53,19 @@ import torch
 
 from ..errors import FlatscopeError
 from ..linalg import EigResult, SLQResult, TraceResult, lanczos, slq, trace
+from ..memory import (
+    WORK_VECTORS,
+    MemoryBudget,
+    basis_dtype,
+    format_size,
+    lanczos_bytes,
+    lanczos_default_basis,
+    plan_lanczos,
+    vector_bytes,
+)
 from ..objective import Objective
 
 HVP_MODES = ("auto", "cached", "double-backward")
-MAX_CACHED_BATCHES = 8
 
 
 class HessianOperator:
@@ -68,20 +77,26 @@ class HessianOperator:
     (products embed the block vector in zeros and keep the block of the result).
 
     ``mode``: ``cached`` (:meth:`Objective.hvp_operator`: each batch's linearization built once and
-    reused, one backward pass per product), ``double-backward`` (:meth:`Objective.hvp`: rebuilt for
-    every product, one batch in memory at a time), or ``auto`` = ``cached`` when the split has at
-    most ``MAX_CACHED_BATCHES`` batches, else ``double-backward``.
+    reused, one backward pass per product), ``double-backward`` (rebuilt for every product, one
+    batch in memory at a time), or ``auto`` = ``cached`` when every batch's linearization fits the
+    objective's memory budget beside ``reserved`` bytes (the caller's vectors;
+    :meth:`Objective.cache_fits`), else ``double-backward``. A budget too small for one batch is
+    refused here, before any product.
     """
 
-    def __init__(self, obj: Objective, w: torch.Tensor | None = None, mode: str = "auto"):
+    def __init__(self, obj: Objective, w: torch.Tensor | None = None, mode: str = "auto", reserved: float = 0.0):
         if mode not in HVP_MODES:
             raise FlatscopeError(f"unknown HVP mode {mode!r}; choose from {', '.join(HVP_MODES)}")
         self.obj = obj
         self.w = (obj.w0 if w is None else obj._check_w(w)).detach()
-        n_batches = math.ceil(obj.n / obj.batch_size)
-        self.mode = ("cached" if n_batches <= MAX_CACHED_BATCHES else "double-backward") if mode == "auto" else mode
+        self.reserved = float(reserved)
         if obj.resolve_hvp_mode() == "fd":
             self.mode = "fd"
+        else:
+            obj.require_batch()
+            if mode == "auto":
+                mode = "cached" if obj.cache_fits(self.reserved) else "double-backward"
+            self.mode = mode
         self.n_matvec = 0
         self._cached = None
 
@@ -92,12 +107,10 @@ class HessianOperator:
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         if self.mode == "fd":
             out = self.obj.hvp(V, self.w)
-        elif self.mode == "cached":
-            if self._cached is None:
-                self._cached = self.obj.hvp_operator(self.w, max_cached_batches=MAX_CACHED_BATCHES)
-            out = self._cached(V)
         else:
-            out = self.obj.hvp(V, self.w)
+            if self._cached is None:
+                self._cached = self.obj.hvp_operator(self.w, self.reserved, cache=self.mode == "cached")
+            out = self._cached(V)
         self.n_matvec += 1 if V.dim() == 1 else V.shape[0]
         return out
 
@@ -125,11 +138,146 @@ def top_eigenvectors(
     ``res.eigenvectors`` is a ``(k, obj.dim)`` float64 tensor on ``obj.device`` with unit rows, in
     ``obj.layout`` order (``obj.layout.unflatten(res.eigenvectors[0])`` gives named tensors).
     """
-    op = HessianOperator(obj, mode=hvp)
+    plan, op = plan_memory(
+        obj, top=k, max_iter=max_iter, density=False, trace_probes=0, hvp=hvp, vector_dtype=torch.float64
+    )
     try:
-        return lanczos(op, obj.dim, k, "largest", tol=tol, max_iter=max_iter, seed=seed, device=obj.device)
+        return lanczos(
+            op,
+            obj.dim,
+            k,
+            "largest",
+            tol=tol,
+            max_iter=max_iter,
+            max_basis=plan.max_basis,
+            seed=seed,
+            device=obj.device,
+        )
     finally:
         op.release()
+
+
+@dataclass
+class MemoryPlan:
+    """How the Hessian analysis cuts its work to fit the memory budget; it never changes a result.
+
+    Bytes: ``budget`` (the objective's device), ``basis_budget`` (the vectors' device), ``batch_bytes``
+    (one batch's linearization, measured), ``vector_bytes`` (one vector in ``basis_dtype``). ``cached``:
+    whether the per-batch linearizations are kept; ``max_basis``/``max_basis_bottom``: where the Lanczos
+    bases restart; ``probe_batch``: SLQ probes run side by side."""
+
+    budget: float
+    basis_budget: float
+    batch_bytes: int
+    vector_bytes: int
+    basis_dtype: str
+    basis_device: str
+    cached: bool
+    max_basis: int
+    max_basis_bottom: int
+    probe_batch: int
+
+    def to_dict(self) -> dict:
+        return {k: (None if v == math.inf else v) for k, v in self.__dict__.items()}
+
+
+def plan_memory(
+    obj: Objective,
+    *,
+    top: int,
+    bottom: int = 0,
+    block_size: int = 1,
+    max_iter: int | None = None,
+    max_basis: int | None = None,
+    density: bool = True,
+    probes: int = 8,
+    steps: int = 80,
+    trace_probes: int = 60,
+    trace_method: str = "hutch++",
+    trace_batch: int = 8,
+    hvp: str = "auto",
+    vector_dtype: torch.dtype | None = None,
+) -> tuple[MemoryPlan, HessianOperator]:
+    """Size every stage of :func:`hessian_analysis` to the objective's memory budget, before any work.
+
+    The peak of a stage is one batch's pass (and the linearization cache when it fits) plus its
+    vectors: Lanczos ``(m + b + k + c b) n`` (:func:`flatscope.memory.lanczos_bytes`), Hutch++
+    ``(2 r + c b) n`` (sketch and basis, ``r = trace_probes // 3``), SLQ ``p (steps + c) n`` for ``p``
+    probes side by side, ``n`` entries of the basis dtype each. The cache is kept when it fits beside
+    the largest of the default Lanczos basis and the smallest other stage; then each Lanczos basis is
+    its default lowered to what fits, and ``p`` as many probes as fit. A stage whose least form does
+    not fit (``k + 2 b`` Lanczos vectors, the Hutch++ sketch, one probe) is refused with what it needs.
+    """
+    n = obj.dim
+    bdt = vector_dtype or basis_dtype(obj.dtype)
+    bdev = obj.basis_device
+    vec = vector_bytes(n, bdt)
+    same = bdev == obj.device
+    vb: MemoryBudget = obj.memory_on(bdev)
+    b = min(block_size, n)
+    mb_top = min(n, max_basis if max_basis is not None else lanczos_default_basis(top, n, max_iter))
+    mb_bot = min(n, max_basis if max_basis is not None else lanczos_default_basis(max(bottom, 1), n, max_iter))
+    r = trace_probes // 3 if trace_method == "hutch++" and 6 <= trace_probes < n else 0
+    tb = min(trace_batch, trace_probes)
+    need_trace = (2 * r + WORK_VECTORS * tb) * vec
+    need_probe = (min(steps, n) + WORK_VECTORS) * vec
+    prefer = max(
+        lanczos_bytes(mb_top, top, b, vec),
+        lanczos_bytes(mb_bot, bottom, b, vec) if bottom else 0,
+        need_trace,
+        need_probe if density else 0,
+    )
+    op = HessianOperator(obj, mode=hvp, reserved=prefer if same else 0.0)
+    one = obj.batch_bytes() if obj.memory.limit != math.inf and op.mode != "fd" else 0
+    if op.mode == "fd" and obj.memory.limit != math.inf:
+        one = 4 * obj.batch_bytes(linearization=False)  # two gradients of the widened objective
+    n_batches = sum(1 for c in obj._batch_counts() if c)
+    held = one * (n_batches + 1) if op.mode == "cached" else 2 * one
+    res_b = held if same else 0
+    beside = f", beside {format_size(res_b)} for the Hessian-vector products" if res_b else ""
+
+    def lanczos_plan(k: int, mb: int, name: str) -> int:
+        if max_basis is not None:
+            least = min(n, k + 2 * b)
+            if max_basis < least:
+                raise FlatscopeError(f"--max-basis {max_basis} is below {least} (K + 2 x --block-size)")
+            vb.require(
+                res_b + lanczos_bytes(min(n, max_basis), k, b, vec),
+                f"{name} with --max-basis {max_basis} ({min(n, max_basis)} vectors of {format_size(vec)}{beside})",
+                hint="lower --max-basis or raise --memory-budget",
+            )
+            return min(n, max_basis)
+        return plan_lanczos(vb, n, k, b, vec, res_b, max_iter, name, beside)
+
+    m_top = lanczos_plan(top, mb_top, f"--top {top}")
+    m_bot = lanczos_plan(bottom, mb_bot, f"--bottom {bottom}") if bottom else 0
+    vb.require(
+        res_b + need_trace,
+        f"--trace-probes {trace_probes} ({trace_method}: {2 * r + WORK_VECTORS * tb} vectors of {format_size(vec)}"
+        f"{beside})",
+        hint="use fewer --trace-probes or --trace-method hutchinson, or raise --memory-budget",
+    )
+    p = 0
+    if density:
+        vb.require(
+            res_b + need_probe,
+            f"--steps {steps} (one SLQ probe: {min(steps, n) + WORK_VECTORS} vectors of {format_size(vec)}{beside})",
+            hint="use fewer --steps or raise --memory-budget",
+        )
+        p = vb.count(need_probe, res_b, most=probes)
+    plan = MemoryPlan(
+        budget=obj.memory.limit,
+        basis_budget=vb.limit,
+        batch_bytes=int(one),
+        vector_bytes=int(vec),
+        basis_dtype=str(bdt).replace("torch.", ""),
+        basis_device=str(bdev),
+        cached=op.mode == "cached",
+        max_basis=int(m_top),
+        max_basis_bottom=int(m_bot),
+        probe_batch=int(p),
+    )
+    return plan, op
 
 
 @dataclass
@@ -153,6 +301,7 @@ class HessianResult:
     seconds: dict = field(default_factory=dict)
     nonfinite: str | None = None
     warnings: list = field(default_factory=list)
+    memory: dict | None = None  # MemoryPlan.to_dict(): how the work was cut to the memory budget
 
     # ------------------------------------------------------------------ flatness numbers
     def _eig(self, r: EigResult | None, attr: str) -> np.ndarray:
@@ -217,7 +366,8 @@ class HessianResult:
                 n_matvec_top=np.int64(self.top.n_matvec),
             )
             if self.save_eigenvectors:
-                t["eigenvectors"] = self.top.eigenvectors.detach().cpu().numpy()
+                V = self.top.eigenvectors.detach().cpu().to(torch.float64)  # stored float64, unit rows
+                t["eigenvectors"] = (V / torch.linalg.norm(V, dim=1, keepdim=True)).numpy()
                 t["layout"] = json.dumps(self.layout)
         if self.bottom is not None:
             t.update(
@@ -308,6 +458,8 @@ class HessianResult:
                 for i, n in enumerate(pl["names"])
             ]
         out["hvp"] = self.hvp_mode
+        if self.memory is not None:
+            out["memory"] = dict(self.memory)
         out["seconds"] = self.seconds
         out["nonfinite"] = self.nonfinite
         out["warnings"] = list(self.warnings)
@@ -371,6 +523,7 @@ def hessian_analysis(
     tol: float = 1e-5,
     max_iter: int | None = None,
     block_size: int = 1,
+    max_basis: int | None = None,
     seed: int = 0,
     hvp: str = "auto",
     progress: Callable | None = None,
@@ -390,9 +543,28 @@ def hessian_analysis(
     stage keeps what it had, and ``nonfinite`` says where. A Lanczos run that does not reach
     ``tol`` within ``max_iter`` products adds a line to ``warnings`` and keeps its Ritz pairs.
     ``progress(total, description)`` is a context manager yielding ``advance(n)`` (``Run.progress``).
+
+    Memory (:func:`plan_memory`): the objective's memory budget decides whether linearizations are
+    cached, where each Lanczos basis restarts (``max_basis`` overrides it), how many SLQ probes run
+    side by side; vectors are float32 for float32 and lower-precision models (float64 for float64)
+    and live on ``obj.basis_device``. A stage that cannot fit is refused before any product.
     """
     _check(obj, top, bottom, probes, steps, trace_probes, tol, max_iter, block_size, sigma)
-    op = HessianOperator(obj, mode=hvp)
+    plan, op = plan_memory(
+        obj,
+        top=top,
+        bottom=bottom,
+        block_size=block_size,
+        max_iter=max_iter,
+        max_basis=max_basis,
+        density=density,
+        probes=probes,
+        steps=steps,
+        trace_probes=trace_probes,
+        trace_method=trace_method,
+        hvp=hvp,
+    )
+    bdt, bdev = basis_dtype(obj.dtype), obj.basis_device
     layout = obj.layout
     res = HessianResult(
         dim=obj.dim,
@@ -402,8 +574,9 @@ def hessian_analysis(
         layout=layout.to_attrs(),
         save_eigenvectors=save_eigenvectors,
         hvp_mode=op.mode,
+        memory=plan.to_dict(),
     )
-    dev = obj.device
+    dev = bdev
 
     def stage(total: int, desc: str):
         if progress is None:
@@ -433,7 +606,9 @@ def hessian_analysis(
                 tol=tol,
                 max_iter=max_iter,
                 block_size=block_size,
+                max_basis=plan.max_basis if which == "largest" else plan.max_basis_bottom,
                 seed=seed,
+                dtype=bdt,
                 device=dev,
                 callback=tracked(adv),
             )
@@ -457,7 +632,17 @@ def hessian_analysis(
         if res.nonfinite is None and density:
             t0 = time.perf_counter()
             with stage(probes * min(steps, obj.dim), "density (SLQ)") as adv:
-                d = slq(op, obj.dim, probes, steps, seed=seed + 1, device=dev, callback=tracked(adv))
+                d = slq(
+                    op,
+                    obj.dim,
+                    probes,
+                    steps,
+                    seed=seed + 1,
+                    dtype=bdt,
+                    device=dev,
+                    probe_batch=plan.probe_batch,
+                    callback=tracked(adv),
+                )
             res.seconds["density"] = time.perf_counter() - t0
             res.n_matvec += d.n_matvec
             if d.nonfinite_at is not None:
@@ -477,6 +662,7 @@ def hessian_analysis(
                     method=trace_method,
                     seed=seed + 2,
                     blocks=blocks,
+                    dtype=bdt,
                     device=dev,
                     callback=tracked(adv),
                 )
@@ -487,14 +673,23 @@ def hessian_analysis(
             else:
                 res.traces = tr
         if res.nonfinite is None and per_layer:
-            res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, trace_probes, stage, tracked)
+            res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, trace_probes, stage, tracked, plan)
     finally:
         op.release()
     return res
 
 
 def _per_layer(
-    op: HessianOperator, obj: Objective, res: HessianResult, tol, max_iter, seed, trace_probes, stage, tracked
+    op: HessianOperator,
+    obj: Objective,
+    res: HessianResult,
+    tol,
+    max_iter,
+    seed,
+    trace_probes,
+    stage,
+    tracked,
+    plan: MemoryPlan,
 ) -> dict:
     names = list(obj.layout.names)
     slices = obj.layout.slices()
@@ -520,14 +715,22 @@ def _per_layer(
                 "largest",
                 tol=tol,
                 max_iter=max_iter,
+                max_basis=plan.max_basis,
                 seed=seed + 3 + i,
-                device=obj.device,
+                dtype=basis_dtype(obj.dtype),
+                device=obj.basis_device,
             )
             res.n_matvec += r.n_matvec
             out["n_matvec"][i] = r.n_matvec
             if r.nonfinite_at is None and sl.stop - sl.start <= trace_probes:
                 # a block no larger than the trace budget: its trace exactly, from its unit vectors
-                t = trace(op.restrict(sl), sl.stop - sl.start, trace_probes, device=obj.device)
+                t = trace(
+                    op.restrict(sl),
+                    sl.stop - sl.start,
+                    trace_probes,
+                    dtype=basis_dtype(obj.dtype),
+                    device=obj.basis_device,
+                )
                 res.n_matvec += t.n_matvec
                 out["n_matvec"][i] += t.n_matvec
                 if t.nonfinite_at is None:

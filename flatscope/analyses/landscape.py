@@ -37,6 +37,7 @@ import torch
 
 from ..directions import Directions
 from ..errors import FlatscopeError
+from ..memory import points_per_call as fit_points
 from ..objective import Objective, PointEvaluator  # noqa: F401  (PointEvaluator: re-exported)
 
 BATCHING = ("auto", "vmap", "loop")
@@ -431,6 +432,9 @@ def compute(
     m = points_per_call or default_points_per_call(first, mode)
     if m < 1:
         raise FlatscopeError(f"--points-per-call must be at least 1, got {m}")
+    # as many points per call as fit the memory budget: each is a float64 row and its copy in the model's
+    # dtype, plus one batch's activations per objective when vmapped (the values do not depend on it)
+    m = fit_points(first, m, first.dim * (8 + first.w0.element_size()), mode == "vmap")
     result.options["batching"], result.options["points_per_call"] = mode, m
     origin = first.w0.to(torch.float64)
     d = result.directions  # a float64 copy on the objective's device, made once

@@ -63,6 +63,7 @@ import torch
 
 from ..errors import FlatscopeError
 from ..grids import parse_grid
+from ..memory import points_per_call, vector_bytes
 from ..objective import Objective, PointEvaluator
 from ..params import ParamLayout
 
@@ -534,6 +535,15 @@ def local_energy(
     mask = first.layout.mask(params)
     progress = progress or (lambda k: None)
 
+    # draws per call within the memory budget: each holds its normal draw, its direction, the point and
+    # (filter normalization) one more vector, plus one batch's activations when vmapped; the directions cache
+    chunk = points_per_call(
+        first,
+        int(chunk),
+        4 * vector_bytes(first.dim, first.dtype),
+        use_batched,
+        reserved=min(samples * first.dim, Directions.CACHE_ELEMENTS) * first.w0.element_size(),
+    )
     res = LocalEnergyResult(
         sigma=sig,
         samples=samples,

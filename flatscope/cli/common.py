@@ -170,6 +170,20 @@ def analysis_options(f: Callable) -> Callable:
             "backward, with a note).",
         ),
         click.option(
+            "--memory-budget",
+            default=None,
+            metavar="SIZE",
+            help="Most memory the analysis may add to what is loaded, e.g. 4GB, 512MiB, 2G: it decides "
+            "whether linearizations are cached, where a Lanczos basis restarts and how many vectors or "
+            "points go through one call, never the results [default: half the free memory].",
+        ),
+        click.option(
+            "--basis-device",
+            default=None,
+            metavar="cpu|cuda[:N]",
+            help="Where Lanczos, SLQ and trace vectors live [default: --device]; cpu keeps them off the GPU.",
+        ),
+        click.option(
             "--workers",
             type=click.IntRange(min=0),
             default=0,
@@ -286,6 +300,8 @@ class Run:
         output=None,
         hvp="auto",
         workers=0,
+        memory_budget=None,
+        basis_device=None,
     ):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
@@ -296,6 +312,7 @@ class Run:
         self.allow_nonfinite, self.allow_mixed = allow_nonfinite, allow_mixed
         self.label_smoothing, self.metric_name, self.output_key = label_smoothing, metric, output
         self.hvp_mode, self.workers = hvp, workers
+        self.memory_budget, self.basis_device_spec = memory_budget, basis_device
         self._loss_obj = None
         self._metric_obj = None
         self.started = time.time()
@@ -328,6 +345,11 @@ class Run:
             raise FlatscopeError(f"--max-samples must be at least 1, got {self.max_samples}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FlatscopeError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.memory_budget is not None:
+            from ..memory import parse_size
+
+            self.memory_budget = parse_size(self.memory_budget)
+        self.basis_device = self.device if self.basis_device_spec is None else resolve_device(self.basis_device_spec)
         if check_output and self.checkpoint_path is not None:
             store.check_output_path(self.out_path)
             self.check_not_mixed()
@@ -468,6 +490,8 @@ class Run:
             device=self.device,
             dtype=self.dtype,
             hvp_mode=self.hvp_mode if self.hvp_mode in ("auto", "fd") else "exact",
+            memory_budget=self.memory_budget,
+            basis_device=self.basis_device,
             **kwargs,
         )
         for note in obj.notes:
