@@ -8,7 +8,7 @@ from ...analyses.hessian import HVP_MODES, hessian_analysis
 from ...errors import FlatscopeError
 from ...linalg import TRACE_METHODS
 from ...safe_files import check_allocation
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 
 
 @click.command("hessian")
@@ -91,6 +91,7 @@ from ..common import analysis_options, pass_run
     metavar="B",
     help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.",
 )
+@estimate_option
 @pass_run
 def command(
     run,
@@ -136,6 +137,26 @@ def command(
     ):
         check_allocation(what, n)
     hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
+    if run.estimate:
+        from ...estimate import estimate_hessian
+
+        est = estimate_hessian(
+            obj,
+            hvp=hvp,
+            seed=run.seed,
+            top=top,
+            bottom=bottom,
+            density=density,
+            probes=probes,
+            steps=steps,
+            trace_probes=trace_probes,
+            tol=tol,
+            max_iter=max_iter,
+            block_size=block_size,
+            per_layer=per_layer,
+            sigma=sigma,
+        )
+        return run.emit_estimate(est)
     res = hessian_analysis(
         obj,
         top=top,

@@ -43,7 +43,7 @@ from ...directions import (
 from ...errors import FlatscopeError
 from ...models import is_factory_path
 from ...params import ParamLayout
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..parallel import objectives as split_objectives
 from ..parallel import parallel_option
 
@@ -286,6 +286,7 @@ def _same(a, b) -> bool:
 @parallel_option("grid points")
 @analysis_options
 @_many_checkpoints
+@estimate_option
 @pass_run
 def command(
     run,
@@ -413,6 +414,13 @@ def command(
             batching = stored["batching"]
         points_per_call = points_per_call or stored.get("points_per_call")
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
+    if run.estimate:
+        from ...estimate import estimate_landscape
+
+        est = estimate_landscape(
+            objectives, points=grid.size - int(result.done.sum()), bn_recompute=bn == "recompute", seed=run.seed
+        )
+        return run.emit_estimate(est)
     result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     mode = choose_batching(first, batching, per_point_buffers)
     # Rank 0's choice for all: the auto rule looks at the forward size, and shards may differ by a sample.

@@ -15,7 +15,7 @@ from ...analyses.local_energy import (
 )
 from ...errors import FlatscopeError
 from ...safe_files import check_allocation
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..parallel import objectives, parallel_option
 
 
@@ -87,6 +87,7 @@ from ..parallel import objectives, parallel_option
 )
 @parallel_option("noise draws")
 @analysis_options
+@estimate_option
 @pass_run
 def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, chunk, parallel):
     """Local energy δE(σ) = E_z[E(w + σ z⊙w)] − E(w) of the loss and the error rate.
@@ -127,6 +128,13 @@ def command(run, sigma_spec, samples, noise, params, bn, target_error, batched, 
         else:
             run.warn("the model has no BatchNorm layers; --bn recompute changes nothing")
             bn = "eval"
+    if run.estimate:
+        from ...estimate import estimate_local_energy
+
+        est = estimate_local_energy(
+            objs, sigmas=sigmas, samples=n, bn_recompute=bn == "recompute", target=eps is not None, seed=run.seed
+        )
+        return run.emit_estimate(est)
     total = len(sigmas) * n * len(objs) + (12 * n * len(objs) if eps is not None else 0)
     with run.progress(total, "local energy") as advance:
         res = local_energy(

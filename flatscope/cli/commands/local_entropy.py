@@ -11,7 +11,7 @@ from ...analyses.local_entropy import FULL_BATCH_MAX_SAMPLES, default_minibatch,
 from ...errors import FlatscopeError
 from ...safe_files import check_allocation
 from ...samplers import ObjectivePotential, power_lambda_max
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 
 
 def parse_step(spec: str) -> tuple[float | None, float | None]:
@@ -164,6 +164,7 @@ def parse_beta(spec: str) -> float | None:
     help="How chains share a step: vmap (one batched call) or loop; auto = vmap for >= 8 chains with "
     "small per-chain calls (rows x parameters <= 2e6), loop otherwise (measured faster there).",
 )
+@estimate_option
 @pass_run
 def command(
     run,
@@ -227,6 +228,22 @@ def command(
         if minibatch is not None and minibatch > obj.n:
             raise FlatscopeError(f"--minibatch {minibatch} exceeds the {obj.n} samples of the {split} split")
         lam = lambda_max
+        if run.estimate:
+            from ...estimate import estimate_local_entropy
+
+            est = estimate_local_entropy(
+                obj,
+                n_gammas=len(grid),
+                steps=steps,
+                burn_in=burn_in,
+                chains=chains,
+                minibatch=minibatch,
+                is_samples=is_samples,
+                lambda_given=lambda_max is not None,
+                n_splits=len(run.splits()),
+                seed=run.seed,
+            )
+            return run.emit_estimate(est)
         if lam is None:
             pot = ObjectivePotential(obj)
             lam = power_lambda_max(

@@ -13,7 +13,7 @@ from ...analyses.sharpness import (
     sharpness,
 )
 from ...errors import FlatscopeError
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 
 
 def _number(text, name: str) -> float:
@@ -133,6 +133,7 @@ def parse_options(rho_spec, steps, step_size, restarts, eta, samples, m, norm, a
     help="Which parameters may move: all, weights (tensors of 2+ dims), or a regex on names.",
 )
 @analysis_options
+@estimate_option
 @pass_run
 def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, average, samples, params):
     """Worst-case sharpness max_{δ ∈ B(ρ)} L(w + δ) − L(w) and average-case sharpness, over a ρ grid.
@@ -160,6 +161,19 @@ def command(run, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m, a
             if opts["m"] > o.n:
                 raise FlatscopeError(f"--m {opts['m']} is larger than the {name} split ({o.n} samples)")
         k = min(o.n // opts["m"] for o in objs.values())
+    if run.estimate:
+        from ...estimate import estimate_sharpness
+
+        est = estimate_sharpness(
+            objs,
+            n_rho=len(opts["rhos"]),
+            steps=opts["steps"],
+            restarts=opts["restarts"],
+            samples=opts["samples"],
+            m=opts["m"],
+            seed=run.seed,
+        )
+        return run.emit_estimate(est)
     total = sum(len(opts["rhos"]) * ((o.n // opts["m"]) if opts["m"] else 1) + opts["samples"] for o in objs.values())
     # --metric pkg.module:fn: the average case averages the metric, and its change is reported at each
     # worst-case point (Objective.evaluate returns the metric in place of accuracy)
