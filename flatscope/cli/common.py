@@ -597,7 +597,7 @@ class Run:
                 )
             console.print(t)
             if est.units.setup:
-                console.print(f"setup (linearization cache): {est.units.setup:.3g} s", highlight=False)
+                console.print(f"setup (paid once: cache build, first calls): {est.units.setup:.3g} s", highlight=False)
             console.print(
                 f"predicted: {est.seconds:.3g} s for the analysis ({est.elapsed + est.seconds:.3g} s wall with "
                 f"loading), peak memory {est.peak_bytes / 2**20:,.0f} MiB; ~ marks a modelled count",
