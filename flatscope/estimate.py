@@ -218,6 +218,18 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory(
     *, base_bytes: int, product_bytes: int, dim: int, vectors: int, vector_bytes: int = 8, cache_bytes: int = 0
 ) -> int:
@@ -398,7 +410,7 @@ class Estimate:
     analysis: str
     stages: list = field(default_factory=list)  # dicts: stage, unit, count, exact, seconds
     seconds: float = 0.0
-    elapsed: float = 0.0  # seconds already spent before the analysis starts (loading, measuring)
+    elapsed: float = 0.0  # seconds this process spent before measuring (imports, checkpoint, data, objective)
     peak_bytes: int = 0
     units: UnitCosts = field(default_factory=UnitCosts)
     dim: int = 0

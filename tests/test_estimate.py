@@ -196,13 +196,24 @@ def test_bfloat16_on_a_cuda_device_without_it(cli, samples, tmp_path, monkeypatc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp-sgd", "cnn-sgd"])
-def test_estimate_predicts_time_within_2x(cli, samples, tmp_path, name):
-    """Timing: the predicted wall time of the analysis within a factor 2 of the real one (same machine)."""
-    args = ["hessian", samples / f"{name}.pt", "--top", "5", "--probes", "4", "--steps", "30", "--trace-probes", "24"]
-    est = _json(cli([*args, "-o", tmp_path / "e.h5", "--estimate", "--json"]))
+def test_estimate_predicts_time_within_2x(samples, tmp_path, name):
+    """Timing: the predicted wall time within a factor 2 of the real run's, each in a fresh process on the
+    same machine (one-off costs such as torch.func's first transform are paid once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "flatscope", "hessian", str(samples / f"{name}.pt"), "--top", "5", "--probes", "4",
+            "--steps", "30", "--trace-probes", "24", "--threads", "1"]  # fmt: skip
+    e = subprocess.run([*args, "-o", str(tmp_path / "e.h5"), "--estimate", "--json"], capture_output=True, text=True,
+                       env=env, check=True)  # fmt: skip
+    est = json.loads(e.stdout)
     t = time.perf_counter()
-    real = _json(cli([*args, "-o", tmp_path / "r.h5", "--no-plot", "--json"]))
+    r = subprocess.run([*args, "-o", str(tmp_path / "r.h5"), "--no-plot", "--json"], capture_output=True, text=True,
+                       env=env, check=True)  # fmt: skip
     wall = time.perf_counter() - t
-    analysis = sum(real["seconds"].values())
-    assert 0.5 <= est["seconds"] / analysis <= 2.0, (est["seconds"], analysis, real["seconds"])
-    assert est["seconds"] <= 2.0 * wall
+    real = json.loads(r.stdout)
+    assert abs(est["products"]["hvp"] - real["n_matvec"]) <= 0.2 * real["n_matvec"]
+    assert 0.5 <= est["wall_seconds"] / wall <= 2.0, (est["wall_seconds"], wall, est["seconds"], real["seconds"])

@@ -576,7 +576,11 @@ class Run:
     def emit_estimate(self, est) -> None:
         """Print an :class:`flatscope.estimate.Estimate` (one JSON object with --json, else a table);
         the command then returns without computing or writing anything."""
-        est.elapsed = time.time() - self.started
+        from ..estimate import process_seconds
+
+        so_far = process_seconds()
+        so_far = time.time() - self.started if so_far is None else so_far
+        est.elapsed = max(0.0, so_far - est.units.measured_in)  # imports and loading, before measuring
 
         def human(console):
             from rich.table import Table
@@ -599,8 +603,8 @@ class Run:
             if est.units.setup:
                 console.print(f"setup (paid once: cache build, first calls): {est.units.setup:.3g} s", highlight=False)
             console.print(
-                f"predicted: {est.seconds:.3g} s for the analysis ({est.elapsed + est.seconds:.3g} s wall with "
-                f"loading), peak memory {est.peak_bytes / 2**20:,.0f} MiB; ~ marks a modelled count",
+                f"predicted: {est.seconds:.3g} s for the analysis ({est.elapsed + est.seconds:.3g} s with "
+                f"loading the checkpoint and data), peak memory {est.peak_bytes / 2**20:,.0f} MiB; ~ marks a modelled count",
                 highlight=False,
             )
             for n in est.notes:
