@@ -99,13 +99,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", default=None, help="Comma list of model names (prefixes) to run.")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine() + "\n")
     cols = ["rr-cached", "rr-rebuilt", "fwd-rev", "cached x8 vmap", "cached x8 loop", "compiled"]
     print("| model | params | gradient ms | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
+    only = args.only.split(",") if args.only else None
     for name, obj in models():
+        if only and not any(name.startswith(o) for o in only):
+            continue
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(obj.dim, generator=gen)
         V = torch.randn(8, obj.dim, generator=gen)

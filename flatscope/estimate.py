@@ -97,24 +97,23 @@ def hessian_counts(
 
 
 def bisection_steps(sigmas, rtol: float = 1e-3, max_iter: int = 60) -> int:
-    """The most bisection steps local energy's target search can take on the grid ``sigmas``.
+    """Predicted bisection steps of local energy's target search on the grid ``sigmas`` (a model).
 
     The search bisects the first grid interval ``[lo, hi]`` whose mean error reaches the target until
-    ``hi - lo <= rtol hi``; ``hi`` never falls below ``lo``, so an interval takes at most
-    ``ceil(log2((hi - lo) / (rtol lo)))`` steps (``max_iter`` when ``lo = 0``). The largest over the
-    grid's intervals is returned: an upper bound; the interval that crosses is not known in advance.
+    ``hi - lo <= rtol hi``. With the crossing ``s*`` inside, about ``log2((hi - lo) / (rtol s*))``
+    steps; the model puts ``s*`` at the interval's middle (``hi / 2`` for the first interval, from 0)
+    and takes the largest over the grid's intervals, since which one crosses is not known in advance.
+    The true count lies between 0 (the target met on a grid point's edge) and ``max_iter``.
     """
     import numpy as np
 
     s = [0.0] + [float(x) for x in np.asarray(sigmas, dtype=float).reshape(-1)]
     worst = 0
     for lo, hi in zip(s[:-1], s[1:]):
-        if lo <= 0:
-            n = max_iter
-        else:
-            n = max(0, math.ceil(math.log2((hi - lo) / (rtol * lo)))) if hi - lo > rtol * hi else 0
-        worst = max(worst, min(n, max_iter))
-    return worst
+        mid = 0.5 * (lo + hi)
+        if hi - lo > rtol * hi:
+            worst = max(worst, math.ceil(math.log2((hi - lo) / (rtol * mid))))
+    return min(worst, max_iter)
 
 
 def local_energy_counts(
@@ -132,8 +131,8 @@ def local_energy_counts(
 
     Per split: one at ``w`` plus ``n_sigmas x samples`` perturbed points (exact); with ``--bn
     recompute`` each of them first recomputes the BatchNorm statistics by one more pass over the
-    training inputs (``recompute`` counts those). With a target error, up to
-    :func:`bisection_steps` ``x samples`` more (``bisection``: an upper bound).
+    training inputs (``recompute`` counts those). With a target error, :func:`bisection_steps`
+    ``x samples`` more (``bisection``: a model, at most ``max_iter x samples``).
     """
     grid = n_splits * (1 + n_sigmas * samples)
     out = {"forward": grid}
@@ -518,7 +517,9 @@ def estimate_local_energy(objs: dict, *, sigmas, samples: int, bn_recompute: boo
     est = build("local_energy", counts, units, dim=first.dim, vectors=vectors_held("local_energy", counts),
                 device=first.device)  # fmt: skip
     if target:
-        est.notes.append("the bisection count is an upper bound (the crossing interval is not known in advance)")
+        est.notes.append(
+            "the bisection count is modelled (the crossing interval is not known in advance; at most 60 steps)"
+        )
     return est
 
 
