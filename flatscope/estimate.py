@@ -261,7 +261,8 @@ def vectors_held(analysis: str, counts: dict, **opts) -> int:
 class UnitCosts:
     """Seconds per product on this machine (None: not measured) and the memory measured with them.
 
-    ``hvp``: one vector; ``hvp_block``: per vector inside a block of ``BLOCK`` vectors (SLQ, trace);
+    ``hvp``: one vector; ``hvp_block``: per vector inside a block of ``BLOCK`` vectors (trace);
+    ``hvp_probes``: per vector inside a block of as many vectors as SLQ has probes (when not ``BLOCK``);
     ``setup``: paid once: building the cached linearization, and what every first call spent beyond
     its median (torch.func's first transform, kernel selection); ``forward``/``gradient``: one pass /
     one gradient over the whole split; ``sampler_step``: one step of every chain. ``cache_bytes``:
@@ -270,6 +271,7 @@ class UnitCosts:
 
     hvp: float | None = None
     hvp_block: float | None = None
+    hvp_probes: float | None = None
     setup: float = 0.0
     forward: float | None = None
     gradient: float | None = None
@@ -317,13 +319,14 @@ def measure(
     chains: int = 4,
     minibatch: int | None = None,
     seed: int = 0,
+    probes: int | None = None,
 ) -> UnitCosts:
     """Measure the unit costs ``needs`` (``hvp``, ``forward``, ``gradient``, ``sampler_step``) of ``obj``.
 
     HVPs go through :class:`~flatscope.analyses.hessian.HessianOperator` in mode ``hvp`` (``auto``,
     ``cached``, ``double-backward``; ``fd`` when the objective uses it), as ``hessian`` does: the
     time to build its cache is ``setup``, then one vector and a block of :data:`BLOCK` vectors are
-    timed. ``sampler_step``: one SGLD step's gradient of ``chains`` chains on a minibatch of
+    timed (and a block of ``probes`` vectors, SLQ's, when that is another size). ``sampler_step``: one SGLD step's gradient of ``chains`` chains on a minibatch of
     ``minibatch`` samples (full batch: None) through
     :class:`~flatscope.samplers.ObjectivePotential`. Each is the median of ``repeats`` calls after a
     warm-up. Memory: on CUDA the allocator's counters; on CPU the process' resident memory before
@@ -357,6 +360,10 @@ def measure(
         first_block, block = _timed(lambda: op(V), max(1, repeats // 2), sync)
         uc.hvp_block = block / BLOCK
         uc.setup += max(0.0, first_block - block)
+        if probes is not None and probes != BLOCK:
+            P = torch.randn(probes, obj.dim, generator=gen, dtype=torch.float64).to(obj.device, obj.dtype)
+            _, t_p = _timed(lambda: op(P), 1, sync)
+            uc.hvp_probes = t_p / probes
         if obj.device.type == "cuda":
             uc.product_bytes = max(0, torch.cuda.max_memory_allocated(obj.device) - before - uc.cache_bytes)
         else:
@@ -388,7 +395,7 @@ def measure(
 UNITS = {
     "top": ("hvp", False),
     "bottom": ("hvp", False),
-    "density": ("hvp_block", True),
+    "density": ("hvp_probes", True),
     "trace": ("hvp_block", True),
     "per_layer": ("hvp", False),
     "forward": ("forward", True),
@@ -457,6 +464,8 @@ def build(
     for stage, n in counts.items():
         unit, exact = UNITS[stage]
         cost = getattr(units, unit)
+        if cost is None and unit == "hvp_probes":
+            cost, unit = units.hvp_block, "hvp_block"
         if cost is None and unit == "hvp_block":
             cost, unit = units.hvp, "hvp"
         sec = None if cost is None else n * cost * scale.get(stage, 1.0)
@@ -497,7 +506,7 @@ def estimate_hessian(obj, *, hvp: str = "auto", seed: int = 0, **opts) -> Estima
            o["block_size"], o["sigma"])  # fmt: skip
     o.pop("sigma")
     counts = hessian_counts(obj.dim, numels=list(obj.layout.numels), **o)
-    units = measure(obj, ("hvp",), hvp=hvp, seed=seed)
+    units = measure(obj, ("hvp",), hvp=hvp, seed=seed, probes=min(o["probes"], 64) if o["density"] else None)
     est = build("hessian", counts, units, dim=obj.dim, vectors=vectors_held("hessian", counts, **o), device=obj.device)
     est.notes.append(
         "Lanczos counts (top/bottom/per_layer) follow a model fitted on Hessians with more than k outlying "
