@@ -499,7 +499,7 @@ def estimate_hessian(obj, *, hvp: str = "auto", seed: int = 0, **opts) -> Estima
     block_size, per_layer); the options are checked as the analysis checks them."""
     from .analyses.hessian import _check
 
-    o = dict(top=10, bottom=0, density=True, probes=8, steps=80, trace_probes=60, tol=1e-5, max_iter=None)
+    o: dict = dict(top=10, bottom=0, density=True, probes=8, steps=80, trace_probes=60, tol=1e-5, max_iter=None)
     o.update(block_size=1, per_layer=False, sigma=0.01)
     o.update({k: v for k, v in opts.items() if k in o})
     _check(obj, o["top"], o["bottom"], o["probes"], o["steps"], o["trace_probes"], o["tol"], o["max_iter"],
