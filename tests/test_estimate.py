@@ -1,7 +1,6 @@
 """--estimate: predicted products against the real runs' counts, one JSON object, nothing written."""
 
 import json
-import math
 import time
 
 import numpy as np
