@@ -460,7 +460,20 @@ class Objective:
 
     def resolve_hvp_mode(self) -> str:
         """``exact`` or ``fd``: for ``auto``, try an exact product on two samples first; a layer with no
-        double backward switches to ``fd`` with a note (``hvp_info``)."""
+        double backward switches to ``fd`` with a note (``hvp_info``).
+
+        The rule of ``auto`` (``--hvp auto``), from ``benchmarks/bench_hvp_modes.py`` (MLP, CNN,
+        ResNet+BN, SDPA Transformer, LSTM+GRU, small CNN; CPU, benchmarks/RESULTS.md): exact
+        reverse-over-reverse (``vjp`` of ``grad``), with each batch's linearization cached when the split
+        has at most 8 batches (:class:`flatscope.analyses.hessian.HessianOperator`), rebuilt per product
+        otherwise; several vectors per call through ``vmap`` wherever the algorithm has them (SLQ's
+        probes, the trace's batches of 8). Measured: the cached product was the fastest uncompiled
+        single-vector product on every model (0.95-2.4x a gradient; rebuilt 1.7-3.1x, forward-over-reverse
+        2.3-3.8x and failing on the LSTM), eight vectors in one vmapped call cost 0.23-1.06x as much per
+        vector as eight calls, and ``torch.compile`` of the product was slower than the cached product (or
+        equal, on the small CNN) on every model but the MLP, where it won (0.75x) after 138 s of
+        compilation (about 3,500 products), so it is not used. None of these choices
+        changes a product beyond rounding. ``fd`` only where no exact product exists."""
         if self.hvp_mode != "auto":
             self.hvp_info.setdefault("mode", self.hvp_mode)
             return self.hvp_mode

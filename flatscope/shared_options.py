@@ -29,6 +29,7 @@ ANALYSIS_KEYS = (
     "workers",
     "memory_budget",  # how work is cut, never a result: not in RESULT_DEFAULTS (nor the audit's cache key)
     "basis_device",
+    "estimate",
 )
 
 

@@ -98,20 +98,33 @@ class HessianOperator:
                 mode = "cached" if obj.cache_fits(self.reserved) else "double-backward"
             self.mode = mode
         self.n_matvec = 0
+        self.seconds = 0.0  # spent in products after the first (which may build the cache)
+        self._timed = 0
         self._cached = None
 
     @property
     def dim(self) -> int:
         return self.obj.dim
 
+    @property
+    def seconds_per_product(self) -> float | None:
+        """Mean seconds per vector over the products timed so far (the ETA of the next stages)."""
+        return self.seconds / self._timed if self._timed else None
+
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        first = self.n_matvec == 0
         if self.mode == "fd":
             out = self.obj.hvp(V, self.w)
         else:
             if self._cached is None:
                 self._cached = self.obj.hvp_operator(self.w, self.reserved, cache=self.mode == "cached")
             out = self._cached(V)
-        self.n_matvec += 1 if V.dim() == 1 else V.shape[0]
+        b = 1 if V.dim() == 1 else V.shape[0]
+        self.n_matvec += b
+        if not first:
+            self.seconds += time.perf_counter() - t0
+            self._timed += b
         return out
 
     def restrict(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -583,7 +596,9 @@ def hessian_analysis(
             import contextlib
 
             return contextlib.nullcontext(lambda n=1: None)
-        return progress(total, desc)
+        if op.seconds_per_product is None:
+            return progress(total, desc)
+        return progress(total, desc, unit_seconds=op.seconds_per_product)  # ETA before the stage's first product
 
     def tracked(advance):
         last = [0]

@@ -232,6 +232,18 @@ def analysis_options(f: Callable) -> Callable:
     return common_options(f)
 
 
+def estimate_option(f: Callable) -> Callable:
+    """``--estimate``, for the analyses that can predict their cost (hessian, local-energy, landscape,
+    sharpness, local-entropy); kept out of :func:`analysis_options` so that info/compare/audit do not
+    offer it. The command builds its objective, calls :meth:`Run.emit_estimate` and returns."""
+    return click.option(
+        "--estimate",
+        is_flag=True,
+        help="Measure one product of each kind on this machine and print the predicted products, wall time "
+        "and peak memory of this run (one JSON object with --json); nothing is computed or written.",
+    )(f)
+
+
 def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
     """Collect the shared options into a :class:`Run` passed as the first argument.
 
@@ -245,7 +257,14 @@ def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
             shared = {k: kw.pop(k) for k in COMMON_KEYS + ANALYSIS_KEYS if k in kw}
             run = Run(**shared)
             run.setup(check_output=writes)
-            return f(run, **kw)
+            if not run.estimate:
+                return f(run, **kw)
+            from ..estimate import Estimated
+
+            try:
+                return f(run, **kw)
+            except Estimated as done:
+                return run.emit_estimate(done.estimate)
 
         return wrapper
 
@@ -302,6 +321,7 @@ class Run:
         workers=0,
         memory_budget=None,
         basis_device=None,
+        estimate=False,
     ):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
@@ -313,6 +333,7 @@ class Run:
         self.label_smoothing, self.metric_name, self.output_key = label_smoothing, metric, output
         self.hvp_mode, self.workers = hvp, workers
         self.memory_budget, self.basis_device_spec = memory_budget, basis_device
+        self.estimate = bool(estimate)
         self._loss_obj = None
         self._metric_obj = None
         self.started = time.time()
@@ -518,19 +539,26 @@ class Run:
             click.echo(f"Warning: {msg}", err=True)
 
     @contextlib.contextmanager
-    def progress(self, total: int, description: str):
-        """Yields ``advance(n=1)``; a rich bar with ETA only on a terminal without --quiet/--json."""
+    def progress(self, total: int, description: str, unit_seconds: float | None = None):
+        """Yields ``advance(n=1)``; a rich bar with ETA only on a terminal without --quiet/--json.
+
+        The ETA is :func:`flatscope.estimate.eta_seconds`: the items left times the seconds per item
+        observed in this stage, or before its first item ``unit_seconds`` (a measured unit cost)."""
         if not self.interactive or total <= 0:
             yield lambda n=1: None
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        from ..estimate import eta_seconds
+
+        class Eta(ProgressColumn):
+            def render(self, task):
+                left = eta_seconds(task.remaining or 0, task.completed, task.elapsed or 0.0, unit_seconds)
+                if left is None:
+                    return Text("-:--:--")
+                m, sec = divmod(int(round(left)), 60)
+                return Text(f"{m // 60}:{m % 60:02d}:{sec:02d}")
 
         with Progress(
             TextColumn("{task.description}"),
@@ -538,7 +566,7 @@ class Run:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            Eta(),
             transient=True,
         ) as bar:
             task = bar.add_task(description, total=total)
@@ -597,6 +625,45 @@ class Run:
             self.note(f"wrote {p}")
         self.written += [str(p) for p in paths]
         return [str(p) for p in paths]
+
+    def emit_estimate(self, est) -> None:
+        """Print an :class:`flatscope.estimate.Estimate` (one JSON object with --json, else a table);
+        the command then returns without computing or writing anything."""
+        from ..estimate import process_seconds
+
+        so_far = process_seconds()
+        so_far = time.time() - self.started if so_far is None else so_far
+        est.elapsed = max(0.0, so_far - est.units.measured_in)  # imports and loading, before measuring
+
+        def human(console):
+            from rich.table import Table
+
+            console.print(
+                f"[bold]estimate[/bold] of {est.analysis}: {est.dim:,} parameters, measured on {self.device} "
+                f"in {est.units.measured_in:.2f} s" + (f" (HVPs: {est.units.hvp_mode})" if est.units.hvp_mode else "")
+            )
+            t = Table("stage", "count", "unit", "unit cost", "seconds")
+            for s in est.stages:
+                cost = getattr(est.units, s["unit"])
+                t.add_row(
+                    s["stage"],
+                    ("" if s["exact"] else "~") + f"{s['count']:,}",
+                    s["unit"],
+                    "-" if cost is None else f"{cost * 1e3:.3g} ms",
+                    "-" if s["seconds"] is None else f"{s['seconds']:.3g}",
+                )
+            console.print(t)
+            if est.units.setup:
+                console.print(f"setup (paid once: cache build, first calls): {est.units.setup:.3g} s", highlight=False)
+            console.print(
+                f"predicted: {est.seconds:.3g} s for the analysis ({est.elapsed + est.seconds:.3g} s with "
+                f"loading the checkpoint and data), peak memory {est.peak_bytes / 2**20:,.0f} MiB; ~ marks a modelled count",
+                highlight=False,
+            )
+            for n in est.notes:
+                console.print(n, highlight=False)
+
+        self.emit(est.to_json(), human)
 
     def emit(self, payload: dict, human: Callable[["Console"], None] | None = None) -> None:  # noqa: F821
         if not self.is_main:

@@ -29,6 +29,14 @@ def compute(run, **params):
     ):
         check_allocation(what, n)
     hvp = run.hvp_mode if run.hvp_mode in HVP_MODES else "auto"
+    if run.estimate:
+        from ..estimate import Estimated, estimate_hessian
+
+        keys = ("top", "bottom", "density", "probes", "steps", "trace_probes", "tol", "max_iter", "block_size")
+        est = estimate_hessian(
+            obj, hvp=hvp, seed=run.seed, per_layer=p["per_layer"], sigma=p["sigma"], **{k: p[k] for k in keys}
+        )
+        raise Estimated(est)
     res = hessian_analysis(obj, **p, seed=run.seed, hvp=hvp, progress=run.progress)
     if obj.hvp_mode == "fd":
         rel = obj.fd_accuracy(seed=run.seed)

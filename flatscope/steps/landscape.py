@@ -264,6 +264,14 @@ def compute(
             batching = stored["batching"]
         points_per_call = points_per_call or stored.get("points_per_call")
         run.note(f"resuming /{group}: {int(result.done.sum())} of {grid.size} points already done")
+    if run.estimate:
+        from ..estimate import Estimated, estimate_landscape
+
+        raise Estimated(
+            estimate_landscape(
+                objectives, points=grid.size - int(result.done.sum()), bn_recompute=bn == "recompute", seed=run.seed
+            )
+        )
     result.plain = plain_values(objectives, bn=bn, bn_inputs=bn_inputs)
     mode = choose_batching(first, batching, per_point_buffers)
     # Rank 0's choice for all: the auto rule looks at the forward size, and shards may differ by a sample.

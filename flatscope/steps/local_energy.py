@@ -68,6 +68,14 @@ def compute(run, *, sigma_spec, samples, noise, params, bn, target_error, batche
         else:
             run.warn("the model has no BatchNorm layers; --bn recompute changes nothing")
             bn = "eval"
+    if run.estimate:
+        from ..estimate import Estimated, estimate_local_energy
+
+        raise Estimated(
+            estimate_local_energy(
+                objs, sigmas=sigmas, samples=n, bn_recompute=bn == "recompute", target=eps is not None, seed=run.seed
+            )
+        )
     total = len(sigmas) * n * len(objs) + (12 * n * len(objs) if eps is not None else 0)
     with run.progress(total, "local energy") as advance:
         res = local_energy(

@@ -124,6 +124,23 @@ def compute(
         if minibatch is not None and minibatch > obj.n:
             raise FlatscopeError(f"--minibatch {minibatch} exceeds the {obj.n} samples of the {split} split")
         lam = lambda_max
+        if run.estimate:
+            from ..estimate import Estimated, estimate_local_entropy
+
+            raise Estimated(
+                estimate_local_entropy(
+                    obj,
+                    n_gammas=len(grid),
+                    steps=steps,
+                    burn_in=burn_in,
+                    chains=chains,
+                    minibatch=minibatch,
+                    is_samples=is_samples,
+                    lambda_given=lambda_max is not None,
+                    n_splits=len(run.splits()),
+                    seed=run.seed,
+                )
+            )
         if lam is None:
             pot = ObjectivePotential(obj)
             lam = power_lambda_max(

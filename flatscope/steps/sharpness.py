@@ -63,6 +63,20 @@ def compute(run, *, rho_spec, norm, adaptive, eta, steps, step_size, restarts, m
             if opts["m"] > o.n:
                 raise FlatscopeError(f"--m {opts['m']} is larger than the {name} split ({o.n} samples)")
         k = min(o.n // opts["m"] for o in objs.values())
+    if run.estimate:
+        from ..estimate import Estimated, estimate_sharpness
+
+        raise Estimated(
+            estimate_sharpness(
+                objs,
+                n_rho=len(opts["rhos"]),
+                steps=opts["steps"],
+                restarts=opts["restarts"],
+                samples=opts["samples"],
+                m=opts["m"],
+                seed=run.seed,
+            )
+        )
     total = sum(len(opts["rhos"]) * ((o.n // opts["m"]) if opts["m"] else 1) + opts["samples"] for o in objs.values())
     # --metric pkg.module:fn: the average case averages the metric, and its change is reported at each
     # worst-case point (Objective.evaluate returns the metric in place of accuracy)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from ...options import HESSIAN
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..schema import schema_options
 
 
 @click.command("hessian")
 @analysis_options
 @schema_options(HESSIAN)
+@estimate_option
 @pass_run
 def command(run, **params):
     """Hessian spectrum of the loss at the checkpoint: top/bottom eigenvalues with residuals,

@@ -11,7 +11,7 @@ import click
 
 from ...errors import FlatscopeError
 from ...options import LANDSCAPE
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..schema import schema_options
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def _checkpoints_argument(cmd: click.Command) -> click.Command:
 @schema_options(LANDSCAPE)
 @analysis_options
 @_many_checkpoints
+@estimate_option
 @pass_run
 def command(run, extra_checkpoints, **options):
     """Loss and accuracy on a line or plane through a checkpoint, along random (filter-normalized),

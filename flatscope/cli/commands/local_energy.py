@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from ...options import LOCAL_ENERGY
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..schema import schema_options
 
 
 @click.command("local-energy")
 @schema_options(LOCAL_ENERGY)
 @analysis_options
+@estimate_option
 @pass_run
 def command(run, **options):
     """Local energy δE(σ) = E_z[E(w + σ z⊙w)] − E(w) of the loss and the error rate.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from ...options import LOCAL_ENTROPY
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..schema import schema_options
 
 
 @click.command("local-entropy")
 @analysis_options
 @schema_options(LOCAL_ENTROPY)
+@estimate_option
 @pass_run
 def command(run, **options):
     """Estimate the local entropy F(gamma) around a checkpoint, with <L>, <|w'-w|^2> and grad F.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from ...options import SHARPNESS
-from ..common import analysis_options, pass_run
+from ..common import analysis_options, estimate_option, pass_run
 from ..schema import schema_options
 
 
 @click.command("sharpness")
 @schema_options(SHARPNESS)
 @analysis_options
+@estimate_option
 @pass_run
 def command(run, **options):
     """Worst-case sharpness max_{δ ∈ B(ρ)} L(w + δ) − L(w) and average-case sharpness, over a ρ grid.
