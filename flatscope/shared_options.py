@@ -27,6 +27,7 @@ ANALYSIS_KEYS = (
     "output",
     "hvp",
     "workers",
+    "shard_params",
 )
 
 

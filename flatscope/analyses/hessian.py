@@ -47,6 +47,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ import torch
 from ..errors import FlatscopeError
 from ..linalg import EigResult, SLQResult, TraceResult, lanczos, slq, trace
 from ..objective import Objective
+
+if TYPE_CHECKING:
+    from ..sharding import ParamShard
 
 HVP_MODES = ("auto", "cached", "double-backward")
 MAX_CACHED_BATCHES = 8
@@ -374,6 +378,7 @@ def hessian_analysis(
     seed: int = 0,
     hvp: str = "auto",
     progress: Callable | None = None,
+    shard: "ParamShard | None" = None,
 ) -> HessianResult:
     """Run the Hessian analysis of ``obj`` at ``obj.w0``.
 
@@ -390,9 +395,17 @@ def hessian_analysis(
     stage keeps what it had, and ``nonfinite`` says where. A Lanczos run that does not reach
     ``tol`` within ``max_iter`` products adds a line to ``warnings`` and keeps its Ritz pairs.
     ``progress(total, description)`` is a context manager yielding ``advance(n)`` (``Run.progress``).
+
+    ``shard`` (:class:`flatscope.sharding.ParamShard`, ``--shard-params``): every vector of the
+    linear algebra is this rank's slice of the parameters, the eigenvectors too; ``per_layer`` is
+    refused (its blocks would need whole vectors).
     """
     _check(obj, top, bottom, probes, steps, trace_probes, tol, max_iter, block_size, sigma)
+    if shard is not None and per_layer:
+        raise FlatscopeError("--per-layer does not run with --shard-params (per-tensor blocks need whole vectors)")
     op = HessianOperator(obj, mode=hvp)
+    mv = shard.operator(op) if shard is not None else op
+    space = shard.space if shard is not None else None
     layout = obj.layout
     res = HessianResult(
         dim=obj.dim,
@@ -426,7 +439,7 @@ def hessian_analysis(
         t0 = time.perf_counter()
         with stage(min(mi, obj.dim + block_size), f"Lanczos ({name})") as adv:
             r = lanczos(
-                op,
+                mv,
                 obj.dim,
                 k,
                 which,
@@ -436,6 +449,7 @@ def hessian_analysis(
                 seed=seed,
                 device=dev,
                 callback=tracked(adv),
+                space=space,
             )
         res.seconds[name] = time.perf_counter() - t0
         res.n_matvec += r.n_matvec
@@ -457,7 +471,7 @@ def hessian_analysis(
         if res.nonfinite is None and density:
             t0 = time.perf_counter()
             with stage(probes * min(steps, obj.dim), "density (SLQ)") as adv:
-                d = slq(op, obj.dim, probes, steps, seed=seed + 1, device=dev, callback=tracked(adv))
+                d = slq(mv, obj.dim, probes, steps, seed=seed + 1, device=dev, callback=tracked(adv), space=space)
             res.seconds["density"] = time.perf_counter() - t0
             res.n_matvec += d.n_matvec
             if d.nonfinite_at is not None:
@@ -471,7 +485,7 @@ def hessian_analysis(
             blocks = list(layout.slices().values())
             with stage(min(trace_probes, obj.dim), f"trace ({trace_method})") as adv:
                 tr = trace(
-                    op,
+                    mv,
                     obj.dim,
                     trace_probes,
                     method=trace_method,
@@ -479,6 +493,7 @@ def hessian_analysis(
                     blocks=blocks,
                     device=dev,
                     callback=tracked(adv),
+                    space=space,
                 )
             res.seconds["trace"] = time.perf_counter() - t0
             res.n_matvec += tr.n_matvec

@@ -91,7 +91,7 @@ from ..common import analysis_options, pass_run
     metavar="B",
     help="Lanczos block size; use B >= multiplicity to resolve exactly repeated eigenvalues.",
 )
-@pass_run
+@pass_run(shards=True)
 def command(
     run,
     top,
@@ -125,13 +125,15 @@ def command(
     if run.split == "both":
         raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
     obj = run.objective()
+    shard = run.param_shard(obj.dim)
+    n_local = shard.local_dim if shard is not None else obj.dim  # the vectors this rank holds
     for what, n in (
         (f"--probes {probes} x --steps {steps}", max(probes, 0) * max(steps, 0) * 4 * bool(density)),
-        (f"--steps {steps}", max(steps, 0) * obj.dim),
-        (f"--trace-probes {trace_probes}", max(trace_probes, 0) * obj.dim),
+        (f"--steps {steps}", max(steps, 0) * n_local),
+        (f"--trace-probes {trace_probes}", max(trace_probes, 0) * n_local),
         (
             f"--top {top} / --bottom {bottom} / --block-size {block_size}",
-            (max(top, 0) + max(bottom, 0) + max(block_size, 0)) * obj.dim * 3,
+            (max(top, 0) + max(bottom, 0) + max(block_size, 0)) * n_local * 3,
         ),
     ):
         check_allocation(what, n)
@@ -154,7 +156,10 @@ def command(
         seed=run.seed,
         hvp=hvp,
         progress=run.progress,
+        shard=shard,
     )
+    if shard is not None and save_eigenvectors and res.top is not None:
+        res.top.eigenvectors = shard.gather(res.top.eigenvectors)  # whole rows, to be written (by rank 0)
     if obj.hvp_mode == "fd":
         rel = obj.fd_accuracy(seed=run.seed)
         res.hvp_fd_rel_error = rel
@@ -180,6 +185,7 @@ def command(
         max_iter=max_iter,
         block_size=block_size,
         hvp=res.hvp_mode,
+        **({"shard_params": True} if shard is not None else {}),
     )
     stored = res.top is not None and len(res.top.eigenvalues) > 0
     if stored:
