@@ -320,7 +320,7 @@ class Run:
                 f"--shard-params: flatscope {name.info_name if name else 'this command'} does not run with "
                 "sharded parameters; only flatscope hessian does"
             )
-        if self.shard_params and not distributed.launched_by_torchrun():
+        if self.shard_params and not (distributed.launched_by_torchrun() or distributed.active()):
             raise FlatscopeError(
                 "--shard-params shards the parameters across torchrun ranks: start the command with "
                 "torchrun --nproc-per-node N (N >= 2), or drop --shard-params in one process"
