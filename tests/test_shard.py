@@ -51,20 +51,25 @@ def _matrix() -> np.ndarray:
 
 
 def _small_checkpoint(folder) -> str:
-    """A 1,210-parameter MLP (64-16-10) on digits, at its random initialization."""
+    """A 1,210-parameter MLP (64-16-10) at its random initialization, on 200 random samples of 10
+    classes in an npz file (no scikit-learn to import in each process)."""
     from flatscope.checkpoint import save_checkpoint
     from flatscope.models import build_model
 
+    rng = np.random.default_rng(0)
+    data = folder / "small.npz"
+    X, y = rng.standard_normal((200, 64)).astype(np.float32), rng.integers(0, 10, 200)
+    np.savez(data, X=X, y=y, X_test=X[:50], y_test=y[:50])
     torch.manual_seed(0)
     spec = {"name": "mlp", "kwargs": {"widths": [16]}}
     path = str(folder / "small.pt")
-    save_checkpoint(path, build_model(spec), spec, {"name": "digits"}, "ce", {})
+    save_checkpoint(path, build_model(spec), spec, {"name": f"npz:{data}"}, "ce", {})
     return path
 
 
 def _hessian_args(ck: str) -> list[str]:
     return ["hessian", ck, "--top", "3", "--probes", "2", "--steps", "10", "--trace-probes", "12", "--dtype",
-            "float64", "--tol", "1e-8", "--max-samples", "200", "--threads", "1", "--json", "-q", "--no-plot"]
+            "float64", "--tol", "1e-8", "--threads", "1", "--json", "-q", "--no-plot"]
 
 
 def _algebra(mv, space) -> dict:
@@ -176,7 +181,7 @@ def test_hessian_shard_params_equals_one_process(runs, monkeypatch):
     got = json.loads(runs["multi"][0]["cli"][1])
     # the reference: one process, the same objective, the same sharded draws (one shard)
     monkeypatch.setattr(flatscope.linalg, "RANDOM_BLOCK", BLOCK)
-    run = Run(checkpoint=runs["ck"], max_samples=200, dtype="float64", batch_size=2048, threads=1)
+    run = Run(checkpoint=runs["ck"], dtype="float64", batch_size=2048, threads=1)
     run.setup()
     obj = run.objective()
     ref = hessian_analysis(obj, top=3, probes=2, steps=10, trace_probes=12, tol=1e-8, seed=0,
@@ -239,7 +244,7 @@ def test_per_layer_refused_with_shards():
 @pytest.mark.slow
 def test_torchrun_hessian_shard_params_prints_once_and_matches_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    HESSIAN = _hessian_args(MLP)
+    HESSIAN = _hessian_args(MLP) + ["--max-samples", "300"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "flatscope"] + HESSIAN + ["--shard-params", "-o", str(tmp_path / "m.h5")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -404,7 +404,7 @@ def hessian_analysis(
     if shard is not None and per_layer:
         raise FlatscopeError("--per-layer does not run with --shard-params (per-tensor blocks need whole vectors)")
     op = HessianOperator(obj, mode=hvp)
-    mv = shard.operator(op) if shard is not None else op
+    mv = shard.operator(op, obj) if shard is not None else op
     space = shard.space if shard is not None else None
     layout = obj.layout
     res = HessianResult(
