@@ -9,13 +9,13 @@ stops early, and no restart: the basis grows to ``m`` vectors). It records, per 
 - the basis it holds: ``m x local_dim x 8`` bytes (float64), from the shapes;
 - the growth of its peak resident memory (``ru_maxrss``) during Lanczos, measured.
 
-Two runs per world size, ``m`` = 10 and ``m`` = 110: the difference of the peak growths over 100
+Two runs per world size, ``m`` = 10 and ``m`` = 60: the difference of the peak growths over 50
 vectors is the measured memory per basis vector per rank, free of the model, the data, the HVP
 cache and the gathered blocks (the same in both runs). Each run is its own process (peak resident
 memory only grows). World 1 runs the same code path (one shard holding every coordinate).
 
 Usage:
-    PYTHONPATH=. python benchmarks/bench_shard.py [--repeats 3] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_shard.py [--repeats 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WIDTHS = [1024, 896]
 SAMPLES = 256
+SHORT, LONG = 10, 60  # Lanczos products (= basis vectors) of the two runs
 
 
 def _maxrss_mib() -> float:
@@ -43,7 +44,7 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(m: int) -> None:
+def worker(m: int, out_dir: str) -> None:
     import numpy as np
     import torch
 
@@ -73,7 +74,7 @@ def worker(m: int) -> None:
     r = lanczos(mv, obj.dim, 2, tol=1e-30, max_iter=m, max_basis=m + 10, true_residuals=False, space=shard.space)
     after = _maxrss_mib()
     distributed.barrier()
-    print(
+    Path(out_dir, f"rank{distributed.rank()}.json").write_text(
         json.dumps(
             {
                 "rank": distributed.rank(),
@@ -87,8 +88,7 @@ def worker(m: int) -> None:
                 "rss_growth_mib": after - before,
                 "lambda_max": float(r.eigenvalues[0]),
             }
-        ),
-        flush=True,
+        )
     )
     distributed.finish()
 
@@ -100,33 +100,35 @@ def _free_port() -> int:
 
 
 def launch(world: int, m: int) -> list[dict]:
+    import tempfile
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--worker", str(m)]
-    if world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-               str(_free_port()), __file__, "--worker", str(m)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if p.returncode:
-        raise SystemExit(p.stderr[-3000:])
-    rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
-    assert len(rows) == world, p.stdout
-    return rows
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, __file__, "--worker", str(m), "--out", d]
+        if world > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+                   str(_free_port()), __file__, "--worker", str(m), "--out", d]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        if p.returncode:
+            raise SystemExit(p.stderr[-3000:])
+        return [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker is not None:
-        worker(a.worker)
+        worker(a.worker, a.out)
         return
     print(f"machine: {cpu_name()}; 1 thread per process; load average {os.getloadavg()[0]:.2f}")
     runs = []
     for rep in range(a.repeats):
         for world in (1, 2):
-            for m in (10, 110):
+            for m in (SHORT, LONG):
                 rows = launch(world, m)
                 runs += [dict(r, repeat=rep) for r in rows]
                 print(json.dumps(rows), flush=True)
@@ -136,27 +138,27 @@ def main() -> None:
         for rep in range(a.repeats):
             for rank in range(world):
                 g = {r["m"]: r for r in runs if r["world"] == world and r["repeat"] == rep and r["rank"] == rank}
-                per_vec.append((g[110]["rss_growth_mib"] - g[10]["rss_growth_mib"]) / 100)
-        one = next(r for r in runs if r["world"] == world and r["m"] == 110)
+                per_vec.append((g[LONG]["rss_growth_mib"] - g[SHORT]["rss_growth_mib"]) / (LONG - SHORT))
+        one = next(r for r in runs if r["world"] == world and r["m"] == LONG)
         table.append(
             {
                 "world": world,
                 "dim": one["dim"],
                 "local_dim": max(r["local_dim"] for r in runs if r["world"] == world),
-                "basis_110_mib": max(r["basis_mib"] for r in runs if r["world"] == world and r["m"] == 110),
+                "basis_long_mib": max(r["basis_mib"] for r in runs if r["world"] == world and r["m"] == LONG),
                 "measured_mib_per_vector": statistics.median(per_vec),
                 "range": (min(per_vec), max(per_vec)),
                 "expected_mib_per_vector": one["local_dim"] * 8 / 2**20,
                 "lambda_max": sorted({round(r["lambda_max"], 6) for r in runs if r["world"] == world}),
             }
         )
-    print("| ranks | parameters per rank | basis of 110 vectors per rank (MiB) | peak RSS per basis vector, "
+    print(f"| ranks | parameters per rank | basis of {LONG} vectors per rank (MiB) | peak RSS per basis vector, "
           "measured (MiB, median (range)) | 8 x parameters per rank (MiB) |")
     print("|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['world']} | {t['local_dim']:,} | {t['basis_110_mib']:.1f} | {t['measured_mib_per_vector']:.2f} "
+        print(f"| {t['world']} | {t['local_dim']:,} | {t['basis_long_mib']:.1f} | {t['measured_mib_per_vector']:.2f} "
               f"({t['range'][0]:.2f}-{t['range'][1]:.2f}) | {t['expected_mib_per_vector']:.2f} |")
-    print("lambda_max after 110 products:", {t["world"]: t["lambda_max"] for t in table})
+    print(f"lambda_max after {LONG} products:", {t["world"]: t["lambda_max"] for t in table})
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
 

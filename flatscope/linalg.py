@@ -237,7 +237,8 @@ class EigResult:
     """Ritz pairs from :func:`lanczos`.
 
     ``eigenvalues`` are ordered from the requested end inward (descending for ``largest``,
-    ascending for ``smallest``); ``eigenvectors`` rows (unit norm, float64) follow the same order.
+    ascending for ``smallest``); ``eigenvectors`` rows (unit norm, float64) follow the same order
+    (in a :class:`ShardedSpace`: this rank's slices of them).
     ``residuals[i] = ||A v_i - lambda_i v_i||`` computed with one extra block product (or, if that
     product failed or ``true_residuals=False``, the Lanczos estimate); ``converged[i]`` is
     ``residuals[i] <= tol * scale`` where ``scale = max |Ritz value|`` estimates ``||A||_2``.
