@@ -106,8 +106,20 @@ def launch(world: int, m: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, __file__, "--worker", str(m), "--out", d]
         if world > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-                   str(_free_port()), __file__, "--worker", str(m), "--out", d]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(world),
+                "--master-port",
+                str(_free_port()),
+                __file__,
+                "--worker",
+                str(m),
+                "--out",
+                d,
+            ]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if p.returncode:
             raise SystemExit(p.stderr[-3000:])
@@ -120,9 +132,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", default=None, metavar="JSON", help="print the table of a saved --json run")
     a = ap.parse_args()
     if a.worker is not None:
         worker(a.worker, a.out)
+        return
+    if a.summarize:
+        runs = json.loads(Path(a.summarize).read_text())["runs"]
+        summarize(runs, 1 + max(r["repeat"] for r in runs))
         return
     print(f"machine: {cpu_name()}; 1 thread per process; load average {os.getloadavg()[0]:.2f}")
     runs = []
@@ -132,10 +149,16 @@ def main() -> None:
                 rows = launch(world, m)
                 runs += [dict(r, repeat=rep) for r in rows]
                 print(json.dumps(rows), flush=True)
+    table = summarize(runs, a.repeats)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+
+
+def summarize(runs: list[dict], repeats: int) -> list[dict]:
     table = []
     for world in (1, 2):
         per_vec = []
-        for rep in range(a.repeats):
+        for rep in range(repeats):
             for rank in range(world):
                 g = {r["m"]: r for r in runs if r["world"] == world and r["repeat"] == rep and r["rank"] == rank}
                 per_vec.append((g[LONG]["rss_growth_mib"] - g[SHORT]["rss_growth_mib"]) / (LONG - SHORT))
@@ -149,18 +172,21 @@ def main() -> None:
                 "measured_mib_per_vector": statistics.median(per_vec),
                 "range": (min(per_vec), max(per_vec)),
                 "expected_mib_per_vector": one["local_dim"] * 8 / 2**20,
-                "lambda_max": sorted({round(r["lambda_max"], 6) for r in runs if r["world"] == world}),
+                "lambda_max": sorted({r["lambda_max"] for r in runs if r["world"] == world and r["m"] == LONG}),
             }
         )
-    print(f"| ranks | parameters per rank | basis of {LONG} vectors per rank (MiB) | peak RSS per basis vector, "
-          "measured (MiB, median (range)) | 8 x parameters per rank (MiB) |")
+    print(
+        f"| ranks | parameters per rank | basis of {LONG} vectors per rank (MiB) | peak RSS per basis vector, "
+        "measured (MiB, median (range)) | 8 x parameters per rank (MiB) |"
+    )
     print("|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['world']} | {t['local_dim']:,} | {t['basis_long_mib']:.1f} | {t['measured_mib_per_vector']:.2f} "
-              f"({t['range'][0]:.2f}-{t['range'][1]:.2f}) | {t['expected_mib_per_vector']:.2f} |")
-    print(f"lambda_max after {LONG} products:", {t["world"]: t["lambda_max"] for t in table})
-    if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+        print(
+            f"| {t['world']} | {t['local_dim']:,} | {t['basis_long_mib']:.1f} | {t['measured_mib_per_vector']:.2f} "
+            f"({t['range'][0]:.2f}-{t['range'][1]:.2f}) | {t['expected_mib_per_vector']:.2f} |"
+        )
+    print(f"Ritz value lambda_max after {LONG} products, by ranks:", {t["world"]: t["lambda_max"] for t in table})
+    return table
 
 
 if __name__ == "__main__":
