@@ -107,6 +107,9 @@ def _worker(rank, world, port, d, ck, queue):
         res = _algebra(shard.operator(dense_matvec(_matrix())), shard.space)
         r = CliRunner().invoke(main, _hessian_args(ck) + ["--shard-params", "--save-eigenvectors", "-o", f"{d}/h.h5"])
         res["cli"] = (r.exit_code, r.stdout, r.stderr, repr(r.exception))
+        fd = ["--hvp", "fd", "--no-density", "--trace-probes", "4", "--shard-params", "-o", f"{d}/fd.h5"]
+        r = CliRunner().invoke(main, _hessian_args(ck) + fd)
+        res["cli_fd"] = (r.exit_code, r.stdout, r.stderr, repr(r.exception))
         queue.put((rank, res))
         dist.barrier()  # both ranks done with gloo before either tears it down
     finally:
@@ -201,6 +204,21 @@ def test_hessian_shard_params_equals_one_process(runs, monkeypatch):
     assert _rel(got["eigenvalues"], plain.top.eigenvalues) < 1e-6
 
 
+def test_hessian_shard_params_with_fd_products_equals_one_process(runs):
+    from flatscope.analyses.hessian import hessian_analysis
+    from flatscope.cli.common import Run
+
+    code, out, err, exc = runs["multi"][0]["cli_fd"]
+    assert code == 0, (err, exc)
+    got = json.loads(out)
+    assert got["hvp"] == "fd" and all(got["eigen_converged"])
+    run = Run(checkpoint=runs["ck"], dtype="float64", batch_size=2048, threads=1, hvp="fd")
+    run.setup()
+    ref = hessian_analysis(run.objective(), top=3, density=False, trace_probes=2, tol=1e-8, seed=0)
+    assert ref.hvp_mode == "fd"
+    assert _rel(got["eigenvalues"], ref.top.eigenvalues) < 1e-6
+
+
 def _one_error_line(r) -> str:
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error:"), (r.exit_code, r.stderr)
@@ -228,15 +246,11 @@ def test_shard_params_without_torchrun_is_one_error_line(tmp_path, monkeypatch, 
 
 def test_per_layer_refused_with_shards():
     from flatscope.analyses.hessian import hessian_analysis
-    from flatscope.checkpoint import load_checkpoint
-    from flatscope.data import load_data
     from flatscope.errors import FlatscopeError
     from flatscope.objective import Objective
     from flatscope.sharding import ParamShard
 
-    ck = load_checkpoint(MLP)
-    X, y = load_data(ck.data_spec).split("train")
-    obj = Objective(ck.model, X[:20], y[:20])
+    obj = Objective(torch.nn.Linear(3, 2), torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
     with pytest.raises(FlatscopeError, match="--per-layer"):
         hessian_analysis(obj, per_layer=True, shard=ParamShard(obj.dim, 0, 1))
 
