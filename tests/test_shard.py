@@ -252,7 +252,7 @@ def test_per_layer_refused_with_shards():
 
     obj = Objective(torch.nn.Linear(3, 2), torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
     with pytest.raises(FlatscopeError, match="--per-layer"):
-        hessian_analysis(obj, per_layer=True, shard=ParamShard(obj.dim, 0, 1))
+        hessian_analysis(obj, top=2, per_layer=True, shard=ParamShard(obj.dim, 0, 1))
 
 
 @pytest.mark.slow
