@@ -14,6 +14,12 @@ functions therefore run on explicit matrices (tests: :func:`dense_matvec`) and o
 - :func:`trace`: Hutchinson's estimator (Rademacher probes) or Hutch++ (Meyer, Musco, Musco &
   Woodruff 2021), with a standard error, and the same estimate restricted to blocks of coordinates.
 
+Every inner product, norm and random draw goes through a :class:`VectorSpace` (``space=``). The
+default holds whole vectors in this process. :class:`ShardedSpace` holds one contiguous slice
+``[start, stop)`` of every vector per rank (``--shard-params`` under torchrun): a ``matvec`` then
+maps slices to slices, inner products are local sums all-reduced, and random vectors are drawn
+block by block of coordinates, so that any number of ranks (one included) draws the same vectors.
+
 A ``matvec`` output holding NaN or Inf stops the computation: the result keeps everything computed
 from the products before it and records the number of the product that failed (``nonfinite_at``).
 
@@ -67,8 +73,134 @@ def _rademacher(n: int, dim: int, gen: torch.Generator, device, dtype: torch.dty
     return z.mul_(2).sub_(1)
 
 
+class VectorSpace:
+    """Vectors of ``R^dim`` held whole in this process (the default of every function here).
+
+    Rows of a ``(b, local_dim)`` tensor are vectors; :meth:`gram`, :meth:`dots` and :meth:`norms`
+    are their inner products and norms; :meth:`randn` and :meth:`rademacher` draw random vectors from
+    a generator. :class:`ShardedSpace` overrides them for vectors sliced across ranks.
+    """
+
+    sharded = False
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.start, self.stop = 0, self.dim
+
+    @property
+    def local_dim(self) -> int:
+        return self.stop - self.start
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor of local partial sums over the ranks (identity here)."""
+        return t
+
+    def gram(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``A B^T``: the inner products of the rows of ``A`` with those of ``B``."""
+        return self.reduce(A @ B.T)
+
+    def dots(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Row-wise inner products ``sum_i A[r, i] B[r, i]``."""
+        return self.reduce(torch.sum(A * B, dim=-1))
+
+    def norms(self, A: torch.Tensor) -> torch.Tensor:
+        """Row-wise Euclidean norms."""
+        return torch.linalg.norm(A, dim=-1)
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        return _finite(x)
+
+    def randn(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` standard Gaussian vectors (float64, CPU), rows."""
+        return torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+
+    def rademacher(self, n: int, gen: torch.Generator, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return _rademacher(n, self.dim, gen, device, dtype)
+
+    def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, R)``: orthonormal rows ``P`` and upper-triangular ``R`` with ``W = R^T P`` (Householder QR)."""
+        q, r = torch.linalg.qr(W.T)
+        return q.T.contiguous(), r
+
+    def local_block(self, sl: slice) -> slice:
+        """The part of the global coordinate range ``sl`` held here, in local coordinates."""
+        lo, hi = max(sl.start, self.start), min(sl.stop, self.stop)
+        return slice(lo - self.start, max(hi, lo) - self.start)
+
+
+RANDOM_BLOCK = 1 << 16  # coordinates per random block of a sharded draw
+
+
+class ShardedSpace(VectorSpace):
+    """Vectors of ``R^dim`` of which this rank holds the coordinates ``[start, stop)``.
+
+    Inner products and norms are local sums passed to ``reduce`` (an all-reduce sum over the ranks:
+    :func:`flatscope.distributed.all_reduce_sum`). A random draw first takes one 62-bit key from the
+    generator (the same on every rank), then fills coordinates ``[j B, (j + 1) B)`` (``B`` =
+    :data:`RANDOM_BLOCK`) from a generator seeded by ``(key, j)``, of which each rank keeps its
+    slice: the vectors depend on the seed only, not on the number of ranks, and no rank draws more
+    than its slice plus two partial blocks. Orthonormalization is Gram-Schmidt row by row, twice
+    (each row one all-reduce per pass), which gives the same span as a Householder QR.
+    With ``reduce=None`` (one process) it is the reference a sharded run is compared with.
+    """
+
+    sharded = True
+
+    def __init__(self, dim: int, start: int, stop: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__(dim)
+        if not 0 <= start <= stop <= dim:
+            raise FlatscopeError(f"bad shard [{start}, {stop}) of a {dim}-vector")
+        self.start, self.stop = int(start), int(stop)
+        self._reduce = reduce
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._reduce is None else self._reduce(t)
+
+    def norms(self, A: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.clamp_min(self.dots(A, A), 0.0))
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        bad = torch.logical_not(torch.isfinite(x).all()).to(torch.float64).reshape(1)
+        return float(self.reduce(bad)[0]) == 0.0
+
+    def _blocks(self, n: int, gen: torch.Generator, draw: Callable[[int, int, torch.Generator], torch.Tensor]):
+        key = int(torch.randint(0, 2**62, (1,), generator=gen))
+        out = torch.empty(n, self.local_dim, dtype=torch.float64)
+        for j in range(self.start // RANDOM_BLOCK, -(-self.stop // RANDOM_BLOCK)):
+            lo, hi = j * RANDOM_BLOCK, min((j + 1) * RANDOM_BLOCK, self.dim)
+            seed = int(np.random.SeedSequence([key, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+            block = draw(n, hi - lo, torch.Generator().manual_seed(seed))
+            a, b = max(lo, self.start), min(hi, self.stop)
+            out[:, a - self.start : b - self.start] = block[:, a - lo : b - lo]
+        return out
+
+    def randn(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self._blocks(n, gen, lambda r, c, g: torch.randn(r, c, generator=g, dtype=torch.float64))
+
+    def rademacher(self, n: int, gen: torch.Generator, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        z = self._blocks(n, gen, lambda r, c, g: torch.randint(0, 2, (r, c), generator=g, dtype=torch.int8).double())
+        return (z * 2 - 1).to(device, dtype)
+
+    def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = W.shape[0]
+        P = W.clone()
+        R = torch.zeros(b, b, dtype=torch.float64, device=W.device)
+        size = self.norms(W)
+        for j in range(b):
+            for _ in range(2):
+                if j:
+                    c = self.gram(P[:j], P[j : j + 1])[:, 0]
+                    P[j] = P[j] - c.to(P.dtype) @ P[:j]
+                    R[:j, j] += c.to(torch.float64)
+            nrm = self.norms(P[j : j + 1])[0]
+            R[j, j] = nrm
+            # a row in the span of the previous ones (to rounding) becomes zero: no direction left
+            P[j] = P[j] / nrm if float(nrm) > 1e-12 * float(size[j]) else 0.0
+        return P, R.to(W.dtype)
+
+
 def _orthonormalize(
-    W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, breakdown: float
+    W: torch.Tensor, Q: torch.Tensor, gen: torch.Generator, breakdown: float, space: VectorSpace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``W`` made orthonormal and orthogonal to the rows of ``Q`` (assumed orthonormal).
 
@@ -77,22 +209,22 @@ def _orthonormalize(
     norm collapses below ``breakdown`` (the Krylov space has become invariant) is replaced by a
     random vector orthogonal to everything, with its coupling left at the tiny computed value.
     """
+    space = space if space is not None else VectorSpace(W.shape[1])
     for _ in range(2):
         if Q.shape[0]:
-            W = W - (W @ Q.T) @ Q
-    q, r = torch.linalg.qr(W.T)  # W^T = q r
-    P = q.T.contiguous()
+            W = W - space.gram(W, Q) @ Q
+    P, r = space.orthonormal_rows(W)  # W = r^T P
     bad = torch.abs(torch.diagonal(r)) <= breakdown
     if bool(bad.any()):
         for j in torch.nonzero(bad).flatten().tolist():
             for _attempt in range(3):
-                x = torch.randn(W.shape[1], generator=gen, dtype=torch.float64).to(W.device, W.dtype)
+                x = space.randn(1, gen)[0].to(W.device, W.dtype)
                 for _ in range(2):
                     if Q.shape[0]:
-                        x = x - (Q @ x) @ Q
+                        x = x - space.reduce(Q @ x) @ Q
                     others = torch.cat([P[:j], P[j + 1 :]])
-                    x = x - (others @ x) @ others
-                nx = torch.linalg.norm(x)
+                    x = x - space.reduce(others @ x) @ others
+                nx = space.norms(x[None])[0]
                 if nx > 1e-8:
                     P[j] = x / nx
                     break
@@ -106,7 +238,8 @@ class EigResult:
     """Ritz pairs from :func:`lanczos`.
 
     ``eigenvalues`` are ordered from the requested end inward (descending for ``largest``,
-    ascending for ``smallest``); ``eigenvectors`` rows (unit norm, float64) follow the same order.
+    ascending for ``smallest``); ``eigenvectors`` rows (unit norm, float64) follow the same order
+    (in a :class:`ShardedSpace`: this rank's slices of them).
     ``residuals[i] = ||A v_i - lambda_i v_i||`` computed with one extra block product (or, if that
     product failed or ``true_residuals=False``, the Lanczos estimate); ``converged[i]`` is
     ``residuals[i] <= tol * scale`` where ``scale = max |Ritz value|`` estimates ``||A||_2``.
@@ -149,6 +282,7 @@ def lanczos(
     device: str | torch.device | None = None,
     true_residuals: bool = True,
     callback: Callable[[int], None] | None = None,
+    space: VectorSpace | None = None,
 ) -> EigResult:
     """The ``k`` largest (or smallest, most negative) eigenpairs of a symmetric operator.
 
@@ -187,6 +321,8 @@ def lanczos(
         device: where the basis lives (default: ``v0``'s device or CPU).
         true_residuals: compute ``||A v - lambda v||`` explicitly at the end (``k`` more products).
         callback: called with the number of products after each block (progress bars).
+        space: where the vectors live (default: whole in this process); with a
+            :class:`ShardedSpace` ``matvec``, ``v0`` and the eigenvectors are this rank's slices.
 
     Returns:
         :class:`EigResult`. A run that stops before convergence (``max_iter`` or a non-finite
@@ -213,20 +349,24 @@ def lanczos(
     fdt = dtype
     gen = torch.Generator().manual_seed(int(seed))
     largest = which == "largest"
+    sp = space if space is not None else VectorSpace(dim)
+    if sp.dim != dim:
+        raise FlatscopeError(f"the vector space has dimension {sp.dim}, the operator {dim}")
+    ld = sp.local_dim
 
     def randn(n: int) -> torch.Tensor:
-        return torch.randn(n, dim, generator=gen, dtype=torch.float64).to(device, fdt)
+        return sp.randn(n, gen).to(device, fdt)
 
     if v0 is not None:
-        P0 = v0.reshape(-1, dim).to(device, fdt)[:b]
+        P0 = v0.reshape(-1, ld).to(device, fdt)[:b]
         if P0.shape[0] < b:
             P0 = torch.cat([P0, randn(b - P0.shape[0])])
     else:
         P0 = randn(b)
     # basis rows whose products are known (via T): a view of one buffer, so that the basis is never copied
-    Qbuf = torch.empty(min(dim, m_max + b), dim, dtype=fdt, device=device)
+    Qbuf = torch.empty(min(dim, m_max + b), ld, dtype=fdt, device=device)
     Q = Qbuf[:0]
-    P, _ = _orthonormalize(P0, Q, gen, 0.0)  # pending block: next to be multiplied
+    P, _ = _orthonormalize(P0, Q, gen, 0.0, sp)  # pending block: next to be multiplied
     del P0
     T = np.zeros((0, 0))  # Q A Q^T
     E = np.zeros((P.shape[0], 0))  # P A Q^T: couples Ritz vectors to P
@@ -246,16 +386,16 @@ def lanczos(
             break
         AP = _apply(matvec, P).to(fdt)
         n_mv += bb
-        if not _finite(AP):
+        if not sp.all_finite(AP):
             nonfinite_at = n_mv - bb + 1
             status = "nonfinite"
             break
         m = Q.shape[0]
         if m + bb > Qbuf.shape[0]:  # cannot happen with the restart below; kept as a safe fallback
-            Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, dim, dtype=fdt, device=device)])
+            Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, ld, dtype=fdt, device=device)])
         Qbuf[m : m + bb] = P
         Q = Qbuf[: m + bb]
-        C = (Q @ AP.T).to(torch.float64).cpu().numpy()  # new columns of Q A Q^T
+        C = sp.gram(Q, AP).to(torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))
         Tn[:m, :m] = T
         Tn[:, m:] = C
@@ -265,8 +405,8 @@ def lanczos(
         theta, S = np.linalg.eigh(T)
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
         if Q.shape[0] < dim:
-            P, R = _orthonormalize(AP, Q, gen, 1e-12 * scale)
-            keep = (torch.linalg.norm(P, dim=1) > 0.5).cpu().numpy()
+            P, R = _orthonormalize(AP, Q, gen, 1e-12 * scale, sp)
+            keep = (sp.norms(P) > 0.5).cpu().numpy()
             P = P[torch.as_tensor(keep, device=device)]
             E = np.zeros((P.shape[0], Q.shape[0]))
             E[:, m:] = R.to(torch.float64).cpu().numpy()[keep]
@@ -292,7 +432,7 @@ def lanczos(
 
     empty = EigResult(
         np.zeros(0),
-        torch.zeros(0, dim, dtype=fdt, device=device),
+        torch.zeros(0, ld, dtype=fdt, device=device),
         np.zeros(0),
         np.zeros(0, dtype=bool),
         n_mv,
@@ -313,7 +453,7 @@ def lanczos(
     vals = theta[idx]
     vecs = torch.as_tensor(S[:, idx].T, dtype=fdt, device=device) @ Q
     del Q, Qbuf, P  # the basis is freed before the residual products
-    vecs = vecs / torch.linalg.norm(vecs, dim=1, keepdim=True)
+    vecs = vecs / sp.norms(vecs)[:, None]
     est = np.zeros(len(idx)) if status == "exhausted" else np.linalg.norm(E @ S[:, idx], axis=0)
     res = est
     if true_residuals and status != "nonfinite":
@@ -323,11 +463,11 @@ def lanczos(
             Vs = vecs[s : s + b]
             AV = _apply(matvec, Vs)
             n_mv += Vs.shape[0]
-            if not _finite(AV):
+            if not sp.all_finite(AV):
                 nonfinite_at, ok = n_mv - Vs.shape[0] + 1, False
                 break
             lam = torch.as_tensor(vals[s : s + b], device=AV.device, dtype=torch.float64)[:, None]
-            res_t[s : s + b] = torch.linalg.norm(AV - lam * Vs.to(AV.device, torch.float64), dim=1).cpu().numpy()
+            res_t[s : s + b] = sp.norms(AV.to(torch.float64) - lam * Vs.to(AV.device, torch.float64)).cpu().numpy()
             del AV
         if ok:
             res = res_t
@@ -513,7 +653,12 @@ class SLQResult:
 
 
 def _lanczos_tridiag(
-    matvec: Matvec, V0: torch.Tensor, n_steps: int, breakdown_rel: float = 1e-10, callback=None
+    matvec: Matvec,
+    V0: torch.Tensor,
+    n_steps: int,
+    breakdown_rel: float = 1e-10,
+    callback=None,
+    space: VectorSpace | None = None,
 ) -> tuple[list, list, int, int | None]:
     """Plain Lanczos with full reorthogonalization, run in lockstep from several unit start vectors.
 
@@ -521,10 +666,11 @@ def _lanczos_tridiag(
     products and the index of a non-finite product (or None). All active probes are multiplied in one
     block call per step.
     """
-    p, dim = V0.shape
+    p, ld = V0.shape
+    sp = space if space is not None else VectorSpace(ld)
     dev, fdt = V0.device, V0.dtype
-    n_steps = min(n_steps, dim)
-    basis = torch.zeros(p, n_steps, dim, dtype=fdt, device=dev)
+    n_steps = min(n_steps, sp.dim)
+    basis = torch.zeros(p, n_steps, ld, dtype=fdt, device=dev)
     basis[:, 0] = V0
     alphas: list[list[float]] = [[] for _ in range(p)]
     betas: list[list[float]] = [[] for _ in range(p)]
@@ -538,23 +684,23 @@ def _lanczos_tridiag(
         Qj = basis[:, j] if everyone else basis[idx, j]
         AQ = _apply(matvec, Qj).to(fdt)
         n_mv += len(active)
-        if not _finite(AQ):
+        if not sp.all_finite(AQ):
             bad = n_mv - len(active) + 1
             break
-        a = torch.sum(AQ * Qj, dim=1)
+        a = sp.dots(AQ, Qj)
         W = AQ - a[:, None] * Qj  # three-term recurrence ...
         if j > 0:
             bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
             W = W - bprev[:, None] * (basis[:, j - 1] if everyone else basis[idx, j - 1])
         # ... then one full reorthogonalization pass against each probe's own basis (views: never a copy of it)
         if everyone:
-            B = basis[:, : j + 1]  # (p, j+1, dim)
-            W = W - torch.bmm(torch.bmm(B, W.unsqueeze(2)).transpose(1, 2), B).squeeze(1)
+            B = basis[:, : j + 1]  # (p, j+1, local dim)
+            W = W - torch.bmm(sp.reduce(torch.bmm(B, W.unsqueeze(2))).transpose(1, 2), B).squeeze(1)
         else:
             for r, pi in enumerate(active):
                 Bp = basis[pi, : j + 1]
-                W[r] -= (Bp @ W[r]) @ Bp
-        bnorm = torch.linalg.norm(W, dim=1)
+                W[r] -= sp.reduce(Bp @ W[r]) @ Bp
+        bnorm = sp.norms(W)
         a_np, b_np = a.to(torch.float64).cpu().numpy(), bnorm.to(torch.float64).cpu().numpy()
         still = []
         for r, pi in enumerate(active):
@@ -581,6 +727,7 @@ def slq(
     device: str | torch.device | None = None,
     probe_batch: int | None = None,
     callback: Callable[[int], None] | None = None,
+    space: VectorSpace | None = None,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature of the spectral density (Ghorbani, Krishnan & Xiao 2019).
 
@@ -589,7 +736,7 @@ def slq(
     processes probes in groups to bound it); the probes advance in lockstep so each step is one
     block product. Returns the Ritz nodes and Gauss weights per probe (:class:`SLQResult`); the
     density, its moments and ``(1/n) tr f(A)`` follow from them. ``n_probes * n_steps`` products
-    (fewer if a Krylov space becomes invariant).
+    (fewer if a Krylov space becomes invariant). ``space``: as for :func:`lanczos`.
     """
     if n_probes < 1:
         raise FlatscopeError(f"the number of probes must be at least 1, got {n_probes}")
@@ -597,6 +744,7 @@ def slq(
         raise FlatscopeError(f"the number of Lanczos steps must be at least 1, got {n_steps}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(int(seed))
+    sp = space if space is not None else VectorSpace(dim)
     m = min(int(n_steps), dim)
     nodes = np.full((n_probes, m), np.nan)
     weights = np.zeros((n_probes, m))
@@ -607,9 +755,9 @@ def slq(
     done = 0
     for start in range(0, n_probes, batch):
         cnt = min(batch, n_probes - start)
-        V0 = _rademacher(cnt, dim, gen, device, dtype).div_(math.sqrt(dim))
+        V0 = sp.rademacher(cnt, gen, device, dtype).div_(math.sqrt(dim))
         cb = (lambda n, base=n_mv: callback(base + n)) if callback is not None else None
-        alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb)
+        alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb, space=sp)
         if bad_here is not None:
             bad = n_mv + bad_here
         n_mv += used
@@ -670,6 +818,7 @@ def trace(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device | None = None,
     callback: Callable[[int], None] | None = None,
+    space: VectorSpace | None = None,
 ) -> TraceResult:
     """Estimate ``tr A`` with ``n_matvec`` products, with a standard error.
 
@@ -685,24 +834,27 @@ def trace(
     ``sum_{i in block} A_ii`` from the same products, through the diagonal estimator
     ``diag(A) ~ mean_j z_j * (A z_j)`` (Bekas, Kokiopoulou & Saad 2007) applied to the deflated part
     for Hutch++ (``diag(A Q Q^T)`` exactly plus ``mean_j g~_j * (A g~_j)``, ``g~ = (I - QQ^T) g``); the
-    block traces add up to the total.
+    block traces add up to the total. ``space``: as for :func:`lanczos` (``blocks`` stay global
+    coordinate ranges).
 
     Memory: probes are drawn, multiplied and reduced ``batch`` at a time, so Hutchinson holds a few
     groups of ``batch`` vectors and Hutch++ adds its sketch ``A S`` and basis ``Q`` (``2 r`` vectors,
-    ``r = n_matvec // 3``); the values do not depend on ``batch`` (one random stream, same probes).
+    ``r = n_matvec // 3``); in one process the values do not depend on ``batch`` (one random stream,
+    same probes); sharded draws are per group, so sharded runs agree with each other for one ``batch``.
     """
     if method not in TRACE_METHODS:
         raise FlatscopeError(f"unknown trace method {method!r}; choose from {', '.join(TRACE_METHODS)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     blocks = list(blocks) if blocks is not None else []
     gen = torch.Generator().manual_seed(int(seed))
+    sp = space if space is not None else VectorSpace(dim)
     done = [0]
 
     def apply(Z: torch.Tensor) -> torch.Tensor:
         outs = []
         for s in range(0, Z.shape[0], batch):
             out = _apply(matvec, Z[s : s + batch]).to(dtype)
-            if not _finite(out):
+            if not sp.all_finite(out):
                 raise _NonFinite(done[0] + 1)
             done[0] += out.shape[0]
             if callback is not None:
@@ -712,11 +864,10 @@ def trace(
 
     def block_sums(d: torch.Tensor) -> np.ndarray:
         """(m, dim) per-coordinate contributions -> (m, n_blocks)."""
-        return (
-            np.stack([d[:, b].sum(dim=1).to(torch.float64).cpu().numpy() for b in blocks], axis=1)
-            if blocks
-            else np.zeros((d.shape[0], 0))
-        )
+        if not blocks:
+            return np.zeros((d.shape[0], 0))
+        sums = torch.stack([d[:, sp.local_block(b)].sum(dim=1).to(torch.float64) for b in blocks], dim=1)
+        return sp.reduce(sums).cpu().numpy()
 
     def finish(
         total: float, samples: np.ndarray, fixed_blocks: np.ndarray, block_samples: np.ndarray, meth: str
@@ -733,30 +884,31 @@ def trace(
     def probes(count: int):
         """Rademacher rows in groups of ``batch`` (the same stream as one draw of ``count`` rows)."""
         for s in range(0, count, batch):
-            yield _rademacher(min(batch, count - s), dim, gen, device, dtype)
+            yield sp.rademacher(min(batch, count - s), gen, device, dtype)
 
     def stream(Zs) -> tuple[np.ndarray, np.ndarray]:
         """Per-probe values ``z^T A z`` and their block sums, one group of probes at a time."""
         samples, bsums = [], []
         for Z in Zs:
             contrib = Z * apply(Z)
-            samples.append(contrib.sum(dim=1).to(torch.float64).cpu().numpy())
+            samples.append(sp.reduce(contrib.sum(dim=1).to(torch.float64)).cpu().numpy())
             bsums.append(block_sums(contrib))
             del contrib
         return np.concatenate(samples), np.concatenate(bsums, axis=0)
 
     try:
         if n_matvec >= dim:  # exact: A e_i for every unit vector
-            diag = torch.zeros(dim, dtype=torch.float64, device=device)
+            diag = torch.zeros(sp.local_dim, dtype=torch.float64, device=device)
             for s in range(0, dim, batch):
-                e = torch.zeros(min(batch, dim - s), dim, dtype=dtype, device=device)
-                e[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])] = 1
+                e = torch.zeros(min(batch, dim - s), sp.local_dim, dtype=dtype, device=device)
+                rows = torch.arange(e.shape[0])
+                here = (rows + s >= sp.start) & (rows + s < sp.stop)  # the unit vectors' 1s held here
+                e[rows[here], rows[here] + s - sp.start] = 1
                 Ae = apply(e)
-                diag[s : s + e.shape[0]] = Ae[torch.arange(e.shape[0]), torch.arange(s, s + e.shape[0])].to(
-                    torch.float64
-                )
-            bt = np.array([float(diag[b].sum()) for b in blocks])
-            return TraceResult(float(diag.sum()), 0.0, done[0], "exact", np.zeros(0), bt, np.zeros(len(blocks)))
+                diag[rows[here] + s - sp.start] = Ae[rows[here], rows[here] + s - sp.start].to(torch.float64)
+            bt = block_sums(diag[None])[0] if blocks else np.zeros(0)
+            total = float(sp.reduce(diag.sum()))
+            return TraceResult(total, 0.0, done[0], "exact", np.zeros(0), bt, np.zeros(len(blocks)))
         if n_matvec < 2:
             raise FlatscopeError(f"a trace estimate needs at least 2 products, got {n_matvec}")
         if method == "hutchinson" or n_matvec < 6:
@@ -764,22 +916,21 @@ def trace(
             return finish(float(samples.mean()), samples, np.zeros(len(blocks)), bsamp, "hutchinson")
         # Hutch++: the sketch A S (r rows) and its orthonormal basis Q are the only (r x dim) tensors
         r = n_matvec // 3
-        AS = torch.empty(r, dim, dtype=dtype, device=device)
+        AS = torch.empty(r, sp.local_dim, dtype=dtype, device=device)
         s0 = 0
         for S in probes(r):
             AS[s0 : s0 + S.shape[0]] = apply(S)
             s0 += S.shape[0]
-        Qm, _ = torch.linalg.qr(AS.T)  # (dim, r), column-major: Qm.T is contiguous
+        Qr, _ = sp.orthonormal_rows(AS)  # (r, dim), rows orthonormal: Q = orth(A S)
         del AS
-        Qr = Qm.T  # rows orthonormal
         low, fixed = 0.0, np.zeros((1, len(blocks)))
         for s in range(0, r, batch):
             Qc = Qr[s : s + batch]
             qaq = Qc * apply(Qc)
-            low += float(torch.sum(qaq))  # tr(Q^T A Q)
+            low += float(sp.reduce(torch.sum(qaq)))  # tr(Q^T A Q)
             fixed += block_sums(qaq.sum(dim=0, keepdim=True))  # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
             del qaq
-        samples, bsamp = stream(G - (G @ Qr.T) @ Qr for G in probes(n_matvec - 2 * r))
+        samples, bsamp = stream(G - sp.gram(G, Qr) @ Qr for G in probes(n_matvec - 2 * r))
         return finish(low + float(samples.mean()), samples, fixed[0], bsamp, "hutch++")
     except _NonFinite as exc:
         return TraceResult(

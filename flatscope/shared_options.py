@@ -30,6 +30,7 @@ ANALYSIS_KEYS = (
     "memory_budget",  # how work is cut, never a result: not in RESULT_DEFAULTS (nor the audit's cache key)
     "basis_device",
     "estimate",
+    "shard_params",
 )
 
 

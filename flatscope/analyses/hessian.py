@@ -47,6 +47,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ from ..memory import (
     vector_bytes,
 )
 from ..objective import Objective
+
+if TYPE_CHECKING:
+    from ..sharding import ParamShard
 
 HVP_MODES = ("auto", "cached", "double-backward")
 
@@ -540,6 +544,7 @@ def hessian_analysis(
     seed: int = 0,
     hvp: str = "auto",
     progress: Callable | None = None,
+    shard: "ParamShard | None" = None,
 ) -> HessianResult:
     """Run the Hessian analysis of ``obj`` at ``obj.w0``.
 
@@ -561,8 +566,14 @@ def hessian_analysis(
     cached, where each Lanczos basis restarts (``max_basis`` overrides it), how many SLQ probes run
     side by side; vectors are float32 for float32 and lower-precision models (float64 for float64)
     and live on ``obj.basis_device``. A stage that cannot fit is refused before any product.
+
+    ``shard`` (:class:`flatscope.sharding.ParamShard`, ``--shard-params``): every vector of the
+    linear algebra is this rank's slice of the parameters, the eigenvectors too; ``per_layer`` is
+    refused (its blocks would need whole vectors).
     """
     _check(obj, top, bottom, probes, steps, trace_probes, tol, max_iter, block_size, sigma)
+    if shard is not None and per_layer:
+        raise FlatscopeError("--per-layer does not run with --shard-params (per-tensor blocks need whole vectors)")
     plan, op = plan_memory(
         obj,
         top=top,
@@ -578,6 +589,8 @@ def hessian_analysis(
         hvp=hvp,
     )
     bdt, bdev = basis_dtype(obj.dtype), obj.basis_device
+    mv = shard.operator(op, obj) if shard is not None else op
+    space = shard.space if shard is not None else None
     layout = obj.layout
     res = HessianResult(
         dim=obj.dim,
@@ -614,7 +627,7 @@ def hessian_analysis(
         t0 = time.perf_counter()
         with stage(min(mi, obj.dim + block_size), f"Lanczos ({name})") as adv:
             r = lanczos(
-                op,
+                mv,
                 obj.dim,
                 k,
                 which,
@@ -626,6 +639,7 @@ def hessian_analysis(
                 dtype=bdt,
                 device=dev,
                 callback=tracked(adv),
+                space=space,
             )
         res.seconds[name] = time.perf_counter() - t0
         res.n_matvec += r.n_matvec
@@ -648,7 +662,7 @@ def hessian_analysis(
             t0 = time.perf_counter()
             with stage(probes * min(steps, obj.dim), "density (SLQ)") as adv:
                 d = slq(
-                    op,
+                    mv,
                     obj.dim,
                     probes,
                     steps,
@@ -657,6 +671,7 @@ def hessian_analysis(
                     device=dev,
                     probe_batch=plan.probe_batch,
                     callback=tracked(adv),
+                    space=space,
                 )
             res.seconds["density"] = time.perf_counter() - t0
             res.n_matvec += d.n_matvec
@@ -671,7 +686,7 @@ def hessian_analysis(
             blocks = list(layout.slices().values())
             with stage(min(trace_probes, obj.dim), f"trace ({trace_method})") as adv:
                 tr = trace(
-                    op,
+                    mv,
                     obj.dim,
                     trace_probes,
                     method=trace_method,
@@ -680,6 +695,7 @@ def hessian_analysis(
                     dtype=bdt,
                     device=dev,
                     callback=tracked(adv),
+                    space=space,
                 )
             res.seconds["trace"] = time.perf_counter() - t0
             res.n_matvec += tr.n_matvec

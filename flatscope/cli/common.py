@@ -226,6 +226,12 @@ def analysis_options(f: Callable) -> Callable:
             is_flag=True,
             help="Write to a results file that holds analyses of another checkpoint (refused otherwise).",
         ),
+        click.option(
+            "--shard-params",
+            is_flag=True,
+            help="Under torchrun: shard every parameter-space vector of the analysis (Lanczos bases, "
+            "probes, eigenvectors) across the ranks, each rank a contiguous slice (hessian only).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -244,11 +250,12 @@ def estimate_option(f: Callable) -> Callable:
     )(f)
 
 
-def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
+def pass_run(f: Callable | None = None, *, writes: bool = True, shards: bool = False) -> Callable:
     """Collect the shared options into a :class:`Run` passed as the first argument.
 
     With ``writes`` (the default) the results path is checked before any work starts, so an
-    unwritable path or a non-HDF5 file fails at once and is left untouched.
+    unwritable path or a non-HDF5 file fails at once and is left untouched. ``shards``: the command
+    runs with ``--shard-params`` (others refuse it).
     """
 
     def deco(f):
@@ -256,6 +263,7 @@ def pass_run(f: Callable | None = None, *, writes: bool = True) -> Callable:
         def wrapper(**kw):
             shared = {k: kw.pop(k) for k in COMMON_KEYS + ANALYSIS_KEYS if k in kw}
             run = Run(**shared)
+            run.shards_ok = shards
             run.setup(check_output=writes)
             if not run.estimate:
                 return f(run, **kw)
@@ -322,6 +330,7 @@ class Run:
         memory_budget=None,
         basis_device=None,
         estimate=False,
+        shard_params=False,
     ):
         self.device_spec, self.seed, self.dtype_name = device, seed, dtype
         self.threads, self.as_json, self.quiet, self.verbose = threads, as_json, quiet, verbose
@@ -334,6 +343,7 @@ class Run:
         self.hvp_mode, self.workers = hvp, workers
         self.memory_budget, self.basis_device_spec = memory_budget, basis_device
         self.estimate = bool(estimate)
+        self.shard_params, self.shards_ok = bool(shard_params), False
         self._loss_obj = None
         self._metric_obj = None
         self.started = time.time()
@@ -352,6 +362,17 @@ class Run:
         if n is not None and n != torch.get_num_threads():
             torch.set_num_threads(n)
         self.device = resolve_device(self.device_spec)
+        if self.shard_params and not self.shards_ok:
+            name = click.get_current_context(silent=True)
+            raise FlatscopeError(
+                f"--shard-params: flatscope {name.info_name if name else 'this command'} does not run with "
+                "sharded parameters; only flatscope hessian does"
+            )
+        if self.shard_params and not (distributed.launched_by_torchrun() or distributed.active()):
+            raise FlatscopeError(
+                "--shard-params shards the parameters across torchrun ranks: start the command with "
+                "torchrun --nproc-per-node N (N >= 2), or drop --shard-params in one process"
+            )
         distributed.init_from_env(self.device)
         self.device = distributed.local_device(self.device)
         self.dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -494,6 +515,14 @@ class Run:
         if not hasattr(src, "inputs"):
             return src, None
         return src.inputs, src.targets
+
+    def param_shard(self, dim: int):
+        """This rank's :class:`flatscope.sharding.ParamShard` of ``dim`` parameters with --shard-params, else None."""
+        if not self.shard_params:
+            return None
+        from ..sharding import ParamShard
+
+        return ParamShard(dim)
 
     def objective(
         self, split: str | None = None, model: torch.nn.Module | None = None, shard: bool = True, **kwargs

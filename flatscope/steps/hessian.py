@@ -17,14 +17,16 @@ def compute(run, **params):
     if run.split == "both":
         raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
     obj = run.objective()
+    shard = run.param_shard(obj.dim)
+    n_local = shard.local_dim if shard is not None else obj.dim  # the vectors this rank holds
     top, bottom, steps, block = p["top"], p["bottom"], p["steps"], p["block_size"]
     for what, n in (
         (f"--probes {p['probes']} x --steps {steps}", max(p["probes"], 0) * max(steps, 0) * 4 * bool(p["density"])),
-        (f"--steps {steps}", max(steps, 0) * obj.dim),
-        (f"--trace-probes {p['trace_probes']}", max(p["trace_probes"], 0) * obj.dim),
+        (f"--steps {steps}", max(steps, 0) * n_local),
+        (f"--trace-probes {p['trace_probes']}", max(p["trace_probes"], 0) * n_local),
         (
             f"--top {top} / --bottom {bottom} / --block-size {block}",
-            (max(top, 0) + max(bottom, 0) + max(block, 0)) * obj.dim * 3,
+            (max(top, 0) + max(bottom, 0) + max(block, 0)) * n_local * 3,
         ),
     ):
         check_allocation(what, n)
@@ -37,7 +39,9 @@ def compute(run, **params):
             obj, hvp=hvp, seed=run.seed, per_layer=p["per_layer"], sigma=p["sigma"], **{k: p[k] for k in keys}
         )
         raise Estimated(est)
-    res = hessian_analysis(obj, **p, seed=run.seed, hvp=hvp, progress=run.progress)
+    res = hessian_analysis(obj, **p, seed=run.seed, hvp=hvp, progress=run.progress, shard=shard)
+    if shard is not None and p["save_eigenvectors"] and res.top is not None:
+        res.top.eigenvectors = shard.gather(res.top.eigenvectors)  # whole rows, to be written (by rank 0)
     if obj.hvp_mode == "fd":
         rel = obj.fd_accuracy(seed=run.seed)
         res.hvp_fd_rel_error = rel
@@ -48,7 +52,7 @@ def compute(run, **params):
         )
     for w in res.warnings:
         run.warn(w)
-    options = dict(p, hvp=res.hvp_mode)
+    options = dict(p, hvp=res.hvp_mode, **({"shard_params": True} if shard is not None else {}))
     stored = res.top is not None and len(res.top.eigenvalues) > 0
     if stored:
         run.save(GROUP, res.to_tree(), kind="hessian", summary=res.summary(), options=options)

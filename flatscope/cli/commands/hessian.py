@@ -13,7 +13,7 @@ from ..schema import schema_options
 @analysis_options
 @schema_options(HESSIAN)
 @estimate_option
-@pass_run
+@pass_run(shards=True)
 def command(run, **params):
     """Hessian spectrum of the loss at the checkpoint: top/bottom eigenvalues with residuals,
     spectral density, trace, per-layer spectra and flatness summaries.
