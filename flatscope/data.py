@@ -28,6 +28,8 @@ regression targets.
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import numpy as np
@@ -273,19 +275,32 @@ def _h5(path: str) -> Dataset:
     return Dataset(train=train, test=test, name=f"h5:{path}")
 
 
-def _mnist1d(seed: int = 42, num_samples: int = 5000, train_split: float = 0.8) -> Dataset:
-    """MNIST-1D generated locally by the ``mnist1d`` package (no download)."""
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(seed: int, num_samples: int, train_split: float) -> dict:
+    """The generated MNIST-1D arrays, once per process (generation takes seconds; ``correlate`` loads the
+    data of every checkpoint). Read-only, so that no caller can change the cached copy."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
         raise FlatscopeError("the mnist1d data needs the mnist1d package: pip install 'flatscope[mnist1d]'") from None
     args = get_dataset_args()
-    args.seed, args.num_samples, args.train_split = int(seed), int(num_samples), float(train_split)
+    args.seed, args.num_samples, args.train_split = seed, num_samples, train_split
     d = make_dataset(args)
-    return _from_arrays(
-        {"X": d["x"].astype(np.float32), "y": d["y"], "X_test": d["x_test"].astype(np.float32), "y_test": d["y_test"]},
-        "mnist1d",
-    )
+    out = {
+        "X": d["x"].astype(np.float32),
+        "y": np.asarray(d["y"]),
+        "X_test": d["x_test"].astype(np.float32),
+        "y_test": np.asarray(d["y_test"]),
+    }
+    for a in out.values():
+        a.setflags(write=False)
+    return out
+
+
+def _mnist1d(seed: int = 42, num_samples: int = 5000, train_split: float = 0.8) -> Dataset:
+    """MNIST-1D generated locally by the ``mnist1d`` package (no download)."""
+    arrays = _mnist1d_arrays(int(seed), int(num_samples), float(train_split))
+    return _from_arrays({k: v.copy() for k, v in arrays.items()}, "mnist1d")
 
 
 def _torchvision(name: str, root: str | None = None, **kwargs) -> Dataset:

@@ -557,6 +557,8 @@ def test_mnist1d_builtin_is_generated_locally():
     assert d.X_train.shape == (400, 40) and d.X_test.shape == (100, 40) and d.n_outputs == 10
     again = load_data({"name": "mnist1d", "kwargs": {"num_samples": 500}})
     assert torch.equal(d.X_train, again.X_train)                            # seeded: the same data every time
+    d.X_train[0, 0] += 1.0                             # generated once per process; each load its own copy
+    assert not torch.equal(d.X_train, load_data({"name": "mnist1d", "kwargs": {"num_samples": 500}}).X_train)
 
 
 def test_dataloaders_in_order_and_iterable_datasets():
