@@ -1,9 +1,10 @@
 """Numerical linear algebra on an abstract symmetric operator given only by its products.
 
-Everything here works on a ``matvec`` callable: it takes a float64 tensor ``V`` of shape
-``(b, dim)`` (b vectors as rows) and returns ``A V`` row by row, shape ``(b, dim)``, for a
-symmetric ``A``. It may compute in lower precision (a float32 Hessian-vector product); outputs are
-cast back to float64 here, and every basis, projection and small eigenproblem is float64. The same
+Everything here works on a ``matvec`` callable: it takes a tensor ``V`` of shape ``(b, dim)`` (b
+vectors as rows; float64, or float32 with ``dtype=torch.float32`` to halve the memory) and returns
+``A V`` row by row, shape ``(b, dim)``, for a symmetric ``A``. It may compute in lower precision (a
+float32 Hessian-vector product); outputs are cast to the vectors' dtype, and every small projected
+eigenproblem, quadrature rule and true residual is float64. The same
 functions therefore run on explicit matrices (tests: :func:`dense_matvec`) and on Hessians
 (:mod:`flatscope.analyses.hessian`).
 
@@ -60,7 +61,8 @@ def _apply(matvec: Matvec, V: torch.Tensor) -> torch.Tensor:
     out = matvec(V)
     if out.shape != V.shape:
         raise FlatscopeError(f"matvec returned shape {tuple(out.shape)} for input {tuple(V.shape)}")
-    return out.to(V.device, torch.float64)
+    # V's dtype or wider (a float32 basis takes float32 products as they come: no float64 copy of a block)
+    return out.to(V.device, torch.promote_types(V.dtype, out.dtype))
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -453,7 +455,7 @@ def lanczos(
     vals = theta[idx]
     vecs = torch.as_tensor(S[:, idx].T, dtype=fdt, device=device) @ Q
     del Q, Qbuf, P  # the basis is freed before the residual products
-    vecs = vecs / sp.norms(vecs)[:, None]
+    vecs.div_(sp.norms(vecs)[:, None])  # in place: no second set of k vectors
     est = np.zeros(len(idx)) if status == "exhausted" else np.linalg.norm(E @ S[:, idx], axis=0)
     res = est
     if true_residuals and status != "nonfinite":
