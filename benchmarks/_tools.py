@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VENV_PYTHON = os.environ.get("FLATSCOPE_BENCH_PYTHON", "/work/venv-bench/bin/python")
+VENV_PYTHON = os.environ.get("FLATSCOPE_BENCH_PYTHON", sys.executable)  # a venv with the competitors
 
 
 # ------------------------------------------------------------------ models

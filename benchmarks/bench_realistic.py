@@ -20,8 +20,8 @@ JSON-lines file as they come, so a long run can be stopped and reported on:
     OMP_NUM_THREADS=1 python benchmarks/bench_realistic.py --cases resnet18,gpt2 --out runs/realistic.jsonl
     python benchmarks/bench_realistic.py --report runs/realistic.jsonl
 
-Competitors are benchmark-only installs in a venv that sees the system packages (FLATSCOPE_BENCH_PYTHON,
-default /work/venv-bench/bin/python): ``pip install --no-deps hessian-eigenthings curvlinops-for-pytorch
+Competitors are benchmark-only installs, e.g. in a venv that sees the system packages (its python in
+FLATSCOPE_BENCH_PYTHON, default this interpreter): ``pip install --no-deps hessian-eigenthings curvlinops-for-pytorch
 backpack-for-pytorch einops einconv linear_operator opt-einsum tqdm unfoldNd``.
 """
 
@@ -64,11 +64,12 @@ def build(spec):
 def plan(case: str, n: int, batch: int):
     base = dict(case=case, n=n, k=K, batch_size=batch, threads=1)
     runs = [dict(base, tool="flatscope", label="flatscope Lanczos (tol 1e-5, float32)"),
+            dict(base, tool="flatscope", label="flatscope Lanczos (40 steps, float32)", kw={"max_iter": 40}),
             dict(base, tool="eigenthings", label="hessian-eigenthings lanczos (40 steps)", kw={"steps": 40}),
             dict(base, tool="curvlinops", label="curvlinops HessianLinearOperator + eigsh")]
     if case == "gpt2":  # the default (SDPA) attention first, as a user would; then eager attention
-        runs = [runs[0]] + [dict(r, attn="sdpa", label=r["label"] + ", default SDPA attention") for r in runs[1:]] + \
-               [dict(r, attn="eager", label=r["label"] + ", eager attention") for r in runs[1:]]
+        runs = runs[:2] + [dict(r, attn="sdpa", label=r["label"] + ", default SDPA attention") for r in runs[2:]] + \
+               [dict(r, attn="eager", label=r["label"] + ", eager attention") for r in runs[2:]]
     runs.append(dict(base, tool="flatscope", label="reference: flatscope Lanczos, float64 model, tol 1e-7",
                      ref=True, kw={"dtype": "float64", "tol": 1e-7, "max_basis": 40, "max_iter": 400}))
     return runs
@@ -82,7 +83,8 @@ def report(path: str) -> None:
         ref = next((r for r in rs if r["spec"].get("ref") and r["ok"]), None)
         spec = rs[0]["spec"]
         ok = next((r for r in rs if r.get("n_params")), {})
-        print(f"#### {case}: {ok.get('n_params', 0):,} parameters, {spec['n']} "
+        count = f"{ok['n_params']:,} parameters" if ok else "parameters not reported (no run finished)"
+        print(f"#### {case}: {count}, {spec['n']} "
               f"{'images' if case == 'resnet18' else 'sequences x 128 tokens'}, batches of {spec['batch_size']}\n")
         print("| tool | wall s | CPU s | HVPs | CPU s / HVP | peak RSS MB (base) | top-5 | max rel. error "
               "| CPU time / flatscope's |")

@@ -132,10 +132,15 @@ def load(path):
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
+def net(peak: float, c: dict) -> float:
+    """Peak RSS above the interpreter's (model and data built) over a training step's, both net."""
+    return (peak - c["base_rss_mb"]) / (c["train_peak_rss_mb"] - c["base_rss_mb"])
+
+
 def report(path: str, plot: str | None) -> None:
     rows = load(path)
     get = {(r["spec"]["case"], r["spec"]["size"], r["spec"]["label"]): r for r in rows}  # the last run of each
-    print("| model | n | step s | grad s | HVP s (first) | HVP / grad | train peak MB | tool | top-5 wall / CPU s | HVPs "
+    print("| model | n | step s | grad s | HVP s (first) | HVP / grad | train peak MB (HVP peak; net ratio) | tool | top-5 wall / CPU s | HVPs "
           "| peak RSS MB | (peak - basis) / train peak | max rel. error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in ("mlp", "transformer"):
@@ -149,7 +154,8 @@ def report(path: str, plot: str | None) -> None:
                 print(f"| {case} | {size} | cost run failed: `{c['error']}` |||||||||||")
                 continue
             head = (f"| {case} | {c['n_params']:,} | {c['step_s']:.3f} | {c['grad_s']:.3f} | {c['hvp_s']:.3f} "
-                    f"({c['hvp_first_s']:.2f}) | {c['hvp_s'] / c['grad_s']:.2f} | {c['train_peak_rss_mb']:.0f} |")
+                    f"({c['hvp_first_s']:.2f}) | {c['hvp_s'] / c['grad_s']:.2f} | {c['train_peak_rss_mb']:.0f} "
+                    f"({c['hvp_peak_rss_mb']:.0f}; {net(c['hvp_peak_rss_mb'], c):.1f}x) |")
             tools = [t for t in ("flatscope", "hessian-eigenthings", "curvlinops + eigsh") if (case, size, t) in get]
             if not tools:
                 print(head + " (costs only) ||||||")
@@ -179,6 +185,8 @@ def make_plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = list({(r["spec"]["case"], r["spec"]["size"], r["spec"]["label"]): r for r in rows}.values())  # last of each
+    rows = [r for r in rows if r["spec"]["label"] == "cost" or "cpu_s" in r]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"flatscope": "C0", "hessian-eigenthings": "C1", "curvlinops + eigsh": "C2", "train step": "0.4"}
     for case, ls, mk in (("mlp", "-", "o"), ("transformer", "--", "s")):
