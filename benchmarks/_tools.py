@@ -108,9 +108,18 @@ class ResNet18(nn.Module):
 def gpt2(n_embd: int, n_layer: int, n_head: int, n_positions: int = 128):
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=256, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                                  n_head=n_head, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=256,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -184,8 +193,20 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_flatscope(model, X, y, loss: str, k: int, batch_size: int, *, dtype=torch.float32, tol: float = 1e-5,
-                  max_iter: int | None = None, max_basis: int | None = None, basis_dtype=torch.float64):
+def run_flatscope(
+    model,
+    X,
+    y,
+    loss: str,
+    k: int,
+    batch_size: int,
+    *,
+    dtype=torch.float32,
+    tol: float = 1e-5,
+    max_iter: int | None = None,
+    max_basis: int | None = None,
+    basis_dtype=torch.float64,
+):
     from flatscope.analyses.hessian import HessianOperator
     from flatscope.linalg import lanczos
     from flatscope.objective import Objective
@@ -194,8 +215,13 @@ def run_flatscope(model, X, y, loss: str, k: int, batch_size: int, *, dtype=torc
     op = HessianOperator(obj)
     r = lanczos(op, obj.dim, k, seed=0, tol=tol, max_iter=max_iter, max_basis=max_basis, dtype=basis_dtype)
     res = [float(x) for x in r.residuals] if getattr(r, "residuals", None) is not None else None
-    return dict(eigenvalues=[float(v) for v in r.eigenvalues], hvps=int(r.n_matvec), residuals=res,
-                converged=bool(r.all_converged), hvp_mode=op.mode)
+    return dict(
+        eigenvalues=[float(v) for v in r.eigenvalues],
+        hvps=int(r.n_matvec),
+        residuals=res,
+        converged=bool(r.all_converged),
+        hvp_mode=op.mode,
+    )
 
 
 class _Counted:
@@ -212,18 +238,23 @@ def run_eigenthings(model, X, y, loss: str, k: int, batch_size: int, *, steps: i
 
     model = model.eval()
     if loss == "lm":
-        batches = [{"input_ids": X[i:i + batch_size], "labels": X[i:i + batch_size]}
-                   for i in range(0, len(X), batch_size)]
+        batches = [
+            {"input_ids": X[i : i + batch_size], "labels": X[i : i + batch_size]} for i in range(0, len(X), batch_size)
+        ]
         loss_fn = he.hf_lm_loss() if hasattr(he, "hf_lm_loss") else he.loss_fns.huggingface.hf_lm_loss()
     else:
-        batches = [(X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+        batches = [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]
         loss_fn = he.supervised_loss(nn.CrossEntropyLoss())
     op = he.HessianOperator(model, batches, loss_fn)
     c = _Counted(op.matvec)
     lop = he.LambdaOperator(c, size=op.size, device=op.device, dtype=op.dtype)
     r = he.lanczos(lop, k=k, which="LA", seed=0, max_iter=steps)
-    return dict(eigenvalues=[float(v) for v in r.eigenvalues], hvps=c.n,
-                residuals=[float(v) for v in r.residuals], converged=bool(r.converged.all()))
+    return dict(
+        eigenvalues=[float(v) for v in r.eigenvalues],
+        hvps=c.n,
+        residuals=[float(v) for v in r.residuals],
+        converged=bool(r.converged.all()),
+    )
 
 
 def run_curvlinops(model, X, y, loss: str, k: int, batch_size: int):
@@ -233,16 +264,21 @@ def run_curvlinops(model, X, y, loss: str, k: int, batch_size: int):
     model = model.eval()
     if loss == "lm":
         model = LogitsLM(model)
-        data = [(X[i:i + batch_size], X[i:i + batch_size, 1:].reshape(-1)) for i in range(0, len(X), batch_size)]
+        data = [(X[i : i + batch_size], X[i : i + batch_size, 1:].reshape(-1)) for i in range(0, len(X), batch_size)]
     else:
-        data = [(X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+        data = [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]
     H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
     Hs = H.to_scipy()
     c = _Counted(lambda v: Hs @ v)
     A = LinearOperator(Hs.shape, matvec=c, dtype=Hs.dtype)
-    vals = eigsh(A, k=k, which="LA", return_eigenvectors=False,
-                 v0=np.random.default_rng(0).standard_normal(Hs.shape[0]).astype(Hs.dtype))
+    vals = eigsh(
+        A,
+        k=k,
+        which="LA",
+        return_eigenvectors=False,
+        v0=np.random.default_rng(0).standard_normal(Hs.shape[0]).astype(Hs.dtype),
+    )
     return dict(eigenvalues=sorted((float(v) for v in vals), reverse=True), hvps=c.n)
 
 
@@ -275,8 +311,15 @@ def worker_main(build, argv=None) -> None:
     except Exception as exc:  # the failure is the result
         first = (str(exc).strip().splitlines() or [""])[0]
         out = dict(ok=False, error=f"{type(exc).__name__}: {first[:300]}")
-    out.update(wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c, base_rss_mb=base, peak_rss_mb=peak_rss_mb(),
-               n_params=n_params(model), torch=torch.__version__, threads=torch.get_num_threads())
+    out.update(
+        wall_s=time.perf_counter() - t,
+        cpu_s=time.process_time() - c,
+        base_rss_mb=base,
+        peak_rss_mb=peak_rss_mb(),
+        n_params=n_params(model),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -287,8 +330,9 @@ def spawn(script: str, spec: dict, timeout: float | None = None, python: str | N
     py = python or (VENV_PYTHON if Path(VENV_PYTHON).exists() else sys.executable)
     t = time.perf_counter()
     try:
-        p = subprocess.run([py, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                           env=env, timeout=timeout)
+        p = subprocess.run(
+            [py, script, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return dict(ok=False, error=f"timed out after {timeout:.0f} s", wall_s=time.perf_counter() - t)
     for line in p.stdout.splitlines():

@@ -63,15 +63,27 @@ def build(spec):
 
 def plan(case: str, n: int, batch: int):
     base = dict(case=case, n=n, k=K, batch_size=batch, threads=1)
-    runs = [dict(base, tool="flatscope", label="flatscope Lanczos (tol 1e-5, float32)"),
-            dict(base, tool="flatscope", label="flatscope Lanczos (40 steps, float32)", kw={"max_iter": 40}),
-            dict(base, tool="eigenthings", label="hessian-eigenthings lanczos (40 steps)", kw={"steps": 40}),
-            dict(base, tool="curvlinops", label="curvlinops HessianLinearOperator + eigsh")]
+    runs = [
+        dict(base, tool="flatscope", label="flatscope Lanczos (tol 1e-5, float32)"),
+        dict(base, tool="flatscope", label="flatscope Lanczos (40 steps, float32)", kw={"max_iter": 40}),
+        dict(base, tool="eigenthings", label="hessian-eigenthings lanczos (40 steps)", kw={"steps": 40}),
+        dict(base, tool="curvlinops", label="curvlinops HessianLinearOperator + eigsh"),
+    ]
     if case == "gpt2":  # the default (SDPA) attention first, as a user would; then eager attention
-        runs = runs[:2] + [dict(r, attn="sdpa", label=r["label"] + ", default SDPA attention") for r in runs[2:]] + \
-               [dict(r, attn="eager", label=r["label"] + ", eager attention") for r in runs[2:]]
-    runs.append(dict(base, tool="flatscope", label="reference: flatscope Lanczos, float64 model, tol 1e-7",
-                     ref=True, kw={"dtype": "float64", "tol": 1e-7, "max_basis": 40, "max_iter": 400}))
+        runs = (
+            runs[:2]
+            + [dict(r, attn="sdpa", label=r["label"] + ", default SDPA attention") for r in runs[2:]]
+            + [dict(r, attn="eager", label=r["label"] + ", eager attention") for r in runs[2:]]
+        )
+    runs.append(
+        dict(
+            base,
+            tool="flatscope",
+            label="reference: flatscope Lanczos, float64 model, tol 1e-7",
+            ref=True,
+            kw={"dtype": "float64", "tol": 1e-7, "max_basis": 40, "max_iter": 400},
+        )
+    )
     return runs
 
 
@@ -84,33 +96,43 @@ def report(path: str) -> None:
         spec = rs[0]["spec"]
         ok = next((r for r in rs if r.get("n_params")), {})
         count = f"{ok['n_params']:,} parameters" if ok else "parameters not reported (no run finished)"
-        print(f"#### {case}: {count}, {spec['n']} "
-              f"{'images' if case == 'resnet18' else 'sequences x 128 tokens'}, batches of {spec['batch_size']}\n")
-        print("| tool | wall s | CPU s | HVPs | CPU s / HVP | peak RSS MB (base) | top-5 | max rel. error "
-              "| CPU time / flatscope's |")
+        print(
+            f"#### {case}: {count}, {spec['n']} "
+            f"{'images' if case == 'resnet18' else 'sequences x 128 tokens'}, batches of {spec['batch_size']}\n"
+        )
+        print(
+            "| tool | wall s | CPU s | HVPs | CPU s / HVP | peak RSS MB (base) | top-5 | max rel. error "
+            "| CPU time / flatscope's |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         flat = next((r for r in rs if r["spec"]["tool"] == "flatscope" and not r["spec"].get("ref") and r["ok"]), None)
         for r in rs:
             lab = r["spec"]["label"]
             if not r["ok"]:
-                print(f"| {lab} | failed after {r.get('wall_s', 0):.0f} s | | | | {r.get('peak_rss_mb', 0):.0f} | "
-                      f"`{r['error']}` | | |")
+                print(
+                    f"| {lab} | failed after {r.get('wall_s', 0):.0f} s | | | | {r.get('peak_rss_mb', 0):.0f} | "
+                    f"`{r['error']}` | | |"
+                )
                 continue
             vals = np.array(r["eigenvalues"])
             err = "" if r["spec"].get("ref") or ref is None else f"{rel_err(vals, ref['eigenvalues']):.1e}"
             cpu = r.get("cpu_s", float("nan"))
             ratio = f"{cpu / flat['cpu_s']:.2f}x" if flat and "cpu_s" in flat else ""
-            print(f"| {lab} | {r['wall_s']:.0f} | {cpu:.0f} | {r['hvps']} | {cpu / max(r['hvps'], 1):.1f} | "
-                  f"{r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) | "
-                  f"{', '.join(f'{v:.5g}' for v in np.sort(vals)[::-1])} | {err} | {ratio} |")
+            print(
+                f"| {lab} | {r['wall_s']:.0f} | {cpu:.0f} | {r['hvps']} | {cpu / max(r['hvps'], 1):.1f} | "
+                f"{r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) | "
+                f"{', '.join(f'{v:.5g}' for v in np.sort(vals)[::-1])} | {err} | {ratio} |"
+            )
         if ref is not None:
             res = np.array(ref["residuals"])
             vals = np.array(ref["eigenvalues"])
             gaps = np.array([np.min(np.abs(np.delete(vals, i) - v)) for i, v in enumerate(vals)])
-            print(f"\nReference: true residuals {', '.join(f'{x:.1e}' for x in res)}; the error bound "
-                  f"residual / |lambda| is at most {np.max(res / np.abs(vals)):.1e}, and residual^2 / (gap "
-                  f"to the nearest other Ritz value) / |lambda| at most {np.max(res**2 / gaps / np.abs(vals)):.1e} "
-                  f"(converged: {ref['converged']}).\n")
+            print(
+                f"\nReference: true residuals {', '.join(f'{x:.1e}' for x in res)}; the error bound "
+                f"residual / |lambda| is at most {np.max(res / np.abs(vals)):.1e}, and residual^2 / (gap "
+                f"to the nearest other Ritz value) / |lambda| at most {np.max(res**2 / gaps / np.abs(vals)):.1e} "
+                f"(converged: {ref['converged']}).\n"
+            )
         print()
 
 
@@ -139,8 +161,11 @@ def main():
             print(f"{case}: {spec['label']} ...", file=sys.stderr, flush=True)
             r = spawn(__file__, spec, timeout=args.timeout)
             r["spec"] = spec
-            print(f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
+                file=sys.stderr,
+                flush=True,
+            )
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
 

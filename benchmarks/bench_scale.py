@@ -88,8 +88,13 @@ def cost_worker(spec) -> None:
         opt.step()
         ts_step.append(time.process_time() - t)
     train_peak = peak_rss_mb()
-    out = dict(ok=True, n_params=n_params(model), base_rss_mb=base, train_peak_rss_mb=train_peak,
-               step_s=statistics.median(ts_step))
+    out = dict(
+        ok=True,
+        n_params=n_params(model),
+        base_rss_mb=base,
+        train_peak_rss_mb=train_peak,
+        step_s=statistics.median(ts_step),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     obj = Objective(model, X, y, loss=loss, hvp_mode="exact")
     op = HessianOperator(obj)
@@ -105,8 +110,14 @@ def cost_worker(spec) -> None:
         t = time.process_time()
         op(v)
         th.append(time.process_time() - t)
-    out.update(grad_s=statistics.median(tg), hvp_s=statistics.median(th), hvp_peak_rss_mb=peak_rss_mb(),
-               hvp_mode=op.mode, threads=torch.get_num_threads(), torch=torch.__version__)
+    out.update(
+        grad_s=statistics.median(tg),
+        hvp_s=statistics.median(th),
+        hvp_peak_rss_mb=peak_rss_mb(),
+        hvp_mode=op.mode,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -120,11 +131,18 @@ def plan(cases, sizes):
             runs.append(dict(base, tool="cost", label="cost"))
             if size == "1e8":
                 continue  # costs only, see RESULTS.md
-            runs += [dict(base, tool="flatscope", label="flatscope", kw={"max_basis": 30}),
-                     dict(base, tool="eigenthings", label="hessian-eigenthings", kw={"steps": 40}),
-                     dict(base, tool="curvlinops", label="curvlinops + eigsh"),
-                     dict(base, tool="flatscope", label="reference", ref=True,
-                          kw={"dtype": "float64", "tol": 1e-7, "max_basis": 40, "max_iter": 400})]
+            runs += [
+                dict(base, tool="flatscope", label="flatscope", kw={"max_basis": 30}),
+                dict(base, tool="eigenthings", label="hessian-eigenthings", kw={"steps": 40}),
+                dict(base, tool="curvlinops", label="curvlinops + eigsh"),
+                dict(
+                    base,
+                    tool="flatscope",
+                    label="reference",
+                    ref=True,
+                    kw={"dtype": "float64", "tol": 1e-7, "max_basis": 40, "max_iter": 400},
+                ),
+            ]
     return runs
 
 
@@ -140,8 +158,10 @@ def net(peak: float, c: dict) -> float:
 def report(path: str, plot: str | None) -> None:
     rows = load(path)
     get = {(r["spec"]["case"], r["spec"]["size"], r["spec"]["label"]): r for r in rows}  # the last run of each
-    print("| model | n | step s | grad s | HVP s (first) | HVP / grad | train peak MB (HVP peak; net ratio) | tool | top-5 wall / CPU s | HVPs "
-          "| peak RSS MB | (peak - basis) / train peak | max rel. error |")
+    print(
+        "| model | n | step s | grad s | HVP s (first) | HVP / grad | train peak MB (HVP peak; net ratio) | tool | top-5 wall / CPU s | HVPs "
+        "| peak RSS MB | (peak - basis) / train peak | max rel. error |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in ("mlp", "transformer"):
         for size in ("1e5", "1e6", "1e7", "1e8"):
@@ -153,9 +173,11 @@ def report(path: str, plot: str | None) -> None:
             if not c["ok"]:
                 print(f"| {case} | {size} | cost run failed: `{c['error']}` |||||||||||")
                 continue
-            head = (f"| {case} | {c['n_params']:,} | {c['step_s']:.3f} | {c['grad_s']:.3f} | {c['hvp_s']:.3f} "
-                    f"({c['hvp_first_s']:.2f}) | {c['hvp_s'] / c['grad_s']:.2f} | {c['train_peak_rss_mb']:.0f} "
-                    f"({c['hvp_peak_rss_mb']:.0f}; {net(c['hvp_peak_rss_mb'], c):.1f}x) |")
+            head = (
+                f"| {case} | {c['n_params']:,} | {c['step_s']:.3f} | {c['grad_s']:.3f} | {c['hvp_s']:.3f} "
+                f"({c['hvp_first_s']:.2f}) | {c['hvp_s'] / c['grad_s']:.2f} | {c['train_peak_rss_mb']:.0f} "
+                f"({c['hvp_peak_rss_mb']:.0f}; {net(c['hvp_peak_rss_mb'], c):.1f}x) |"
+            )
             tools = [t for t in ("flatscope", "hessian-eigenthings", "curvlinops + eigsh") if (case, size, t) in get]
             if not tools:
                 print(head + " (costs only) ||||||")
@@ -167,12 +189,16 @@ def report(path: str, plot: str | None) -> None:
                     continue
                 basis = (min(r["hvps"], 30) * 8 if t == "flatscope" else 0) * c["n_params"] / 2**20
                 err = f"{rel_err(r['eigenvalues'], ref['eigenvalues']):.1e}" if ref_ok else "no reference"
-                print(f"{lead} {t} | {r['wall_s']:.0f} / {r.get('cpu_s', float('nan')):.0f} | {r['hvps']} | {r['peak_rss_mb']:.0f} | "
-                      f"{(r['peak_rss_mb'] - basis) / c['train_peak_rss_mb']:.2f} | {err} |")
+                print(
+                    f"{lead} {t} | {r['wall_s']:.0f} / {r.get('cpu_s', float('nan')):.0f} | {r['hvps']} | {r['peak_rss_mb']:.0f} | "
+                    f"{(r['peak_rss_mb'] - basis) / c['train_peak_rss_mb']:.2f} | {err} |"
+                )
             if ref_ok:
                 res, vals = np.array(ref["residuals"]), np.array(ref["eigenvalues"])
-                print(f"| | | | | | | | reference (float64) | {ref['wall_s']:.0f} / {ref.get('cpu_s', float('nan')):.0f} | {ref['hvps']} | "
-                      f"{ref['peak_rss_mb']:.0f} | | residual / λ ≤ {np.max(res / np.abs(vals)):.0e} |")
+                print(
+                    f"| | | | | | | | reference (float64) | {ref['wall_s']:.0f} / {ref.get('cpu_s', float('nan')):.0f} | {ref['hvps']} | "
+                    f"{ref['peak_rss_mb']:.0f} | | residual / λ ≤ {np.max(res / np.abs(vals)):.0e} |"
+                )
             elif ref is not None:
                 print(f"| | | | | | | | reference (float64) | failed: `{ref['error']}` | | | | |")
     if plot:
@@ -190,10 +216,15 @@ def make_plot(rows, path):
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"flatscope": "C0", "hessian-eigenthings": "C1", "curvlinops + eigsh": "C2", "train step": "0.4"}
     for case, ls, mk in (("mlp", "-", "o"), ("transformer", "--", "s")):
-        costs = {r["spec"]["size"]: r for r in rows if r["spec"]["case"] == case and r["spec"]["label"] == "cost" and r["ok"]}
+        costs = {
+            r["spec"]["size"]: r for r in rows if r["spec"]["case"] == case and r["spec"]["label"] == "cost" and r["ok"]
+        }
         for tool in ("flatscope", "hessian-eigenthings", "curvlinops + eigsh"):
-            pts = sorted((costs[r["spec"]["size"]]["n_params"], r.get("cpu_s", r["wall_s"]), r["peak_rss_mb"]) for r in rows
-                         if r["spec"]["case"] == case and r["spec"]["label"] == tool and r["ok"] and r["spec"]["size"] in costs)
+            pts = sorted(
+                (costs[r["spec"]["size"]]["n_params"], r.get("cpu_s", r["wall_s"]), r["peak_rss_mb"])
+                for r in rows
+                if r["spec"]["case"] == case and r["spec"]["label"] == tool and r["ok"] and r["spec"]["size"] in costs
+            )
             if pts:
                 n, t, m = map(np.array, zip(*pts))
                 ax_t.plot(n, t, ls=ls, marker=mk, color=colors[tool], label=f"{tool}, {case}")
@@ -237,8 +268,11 @@ def main():
         print(f"{spec['case']} {spec['size']}: {spec['label']} ...", file=sys.stderr, flush=True)
         r = spawn(__file__, spec, timeout=args.timeout)
         r["spec"] = spec
-        print(f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
+            file=sys.stderr,
+            flush=True,
+        )
         with open(args.out, "a") as f:
             f.write(json.dumps(r) + "\n")
 
