@@ -36,7 +36,8 @@ Quantities (``summary()`` names, thresholdable by ``flatscope audit`` as ``hessi
 Hessian-vector products (:class:`HessianOperator`) are the objective's own: by default
 :meth:`Objective.hvp_operator` builds every batch's linearization once and each product is one
 more backward pass through it (reverse-over-reverse with a cache), measured faster than rebuilding
-it for every product (benchmarks/RESULTS.md). The cache holds one graph per batch;
+it for every product (benchmarks/RESULTS.md). The cache holds one graph per batch and is kept only
+when their measured bytes fit the objective's memory budget (:func:`plan_memory`);
 ``hvp="double-backward"`` keeps only one batch in memory at a time.
 """
 

@@ -166,7 +166,7 @@ def analysis_options(f: Callable) -> Callable:
             help="Hessian-vector products: exact (double backward; cached: each batch's linearization "
             "kept for the next product, double-backward: rebuilt per product, one batch in memory), "
             "fd (central difference of two gradients; works wherever a gradient does), auto "
-            "(exact, cached when the split fits in 8 batches; fd where a layer has no double "
+            "(exact, cached when every batch's linearization fits --memory-budget; fd where a layer has no double "
             "backward, with a note).",
         ),
         click.option(
