@@ -237,3 +237,21 @@ def test_peak_memory_of_a_5m_parameter_model_stays_within_the_bound(tmp_path):
     # doubling the Lanczos basis from 6 to 12 vectors adds about 6 vectors, not more
     added = (r["lanczos_12"] - r["lanczos_6"]) / vec
     assert 4.5 <= added <= 7.5, added
+
+
+def test_cli_max_basis_and_basis_device_restart_to_the_same_eigenvalues(tmp_path):
+    """``--max-basis 8 --basis-device cpu`` end to end: the basis restarts (more products than an
+    unrestarted run needs is allowed), the plan records the options, the eigenvalues agree with the
+    default run within their residuals."""
+    runs = {}
+    for name, extra in (("default", []), ("small", ["--max-basis", "8", "--basis-device", "cpu"])):
+        args = ["hessian", SAMPLES / "mlp-sgd.pt", "--top", "3", "--no-density", "--trace-probes", "6"]
+        r = run_cli(args + extra + ["--json", "-o", tmp_path / f"{name}.h5"])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(r.stdout)
+    small, default = runs["small"], runs["default"]
+    assert small["memory"]["max_basis"] == 8 and small["memory"]["basis_device"] == "cpu"
+    assert small["eigen_status"] == "converged"
+    lam = np.array(default["eigenvalues"])
+    bound = np.array(small["residuals"]) + np.array(default["residuals"])
+    assert np.all(np.abs(np.array(small["eigenvalues"]) - lam) <= bound + 1e-12 * abs(lam[0]))
