@@ -61,6 +61,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from . import curves_json
 from ..errors import FlatscopeError
 from ..grids import parse_grid
 from ..memory import points_per_call, vector_bytes
@@ -359,14 +360,7 @@ class LocalEnergyResult:
             "mode": "batched" if self.batched else "loop",
             "n_perturbed": self.n_perturbed,
         }
-        if len(self.curves) == 1:
-            ((name, c),) = self.curves.items()
-            out["split"] = name
-            out.update(c.to_json())
-        else:
-            out["split"] = "both" if set(self.curves) == {"train", "test"} else ",".join(self.curves)
-            for name, c in self.curves.items():
-                out[name] = c.to_json()
+        out.update(curves_json(self.curves))
         return out
 
 

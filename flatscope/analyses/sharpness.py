@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import curves_json
 from ..errors import FlatscopeError
 from ..grids import parse_grid
 from ..objective import Objective
@@ -459,14 +460,7 @@ class SharpnessResult:
     def to_json(self) -> dict:
         out = {k: v for k, v in self._meta().items()}
         out["m"] = self.m
-        if len(self.curves) == 1:
-            ((name, c),) = self.curves.items()
-            out["split"] = name
-            out.update(c.to_json())
-        else:
-            out["split"] = "both" if set(self.curves) == {"train", "test"} else ",".join(self.curves)
-            for name, c in self.curves.items():
-                out[name] = c.to_json()
+        out.update(curves_json(self.curves))
         return out
 
 
