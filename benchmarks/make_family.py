@@ -17,7 +17,7 @@ under ``axes`` (optimizer, lr, batch_size, width, seed), which ``flatscope corre
 
 ``table``: sgd, esgd, rsgd (equal budget, y replicas share it) and rsgd x y (each replica gets the whole
 budget, Pittorino et al. 2021, "Entropic gradient descent algorithms and wide flat minima",
-arXiv:2006.07897, Table 1's "×y" rows), each with a small learning-rate search at that budget: every
+arXiv:2006.07897, Table 1's "×y" rows), with sgd x y (SGD given the same y-fold budget) as its control, each with a small learning-rate search at that budget: every
 candidate trained on 80% of the training split with search seeds and scored by its error on the held-out
 20% (the test split is never used to choose); the best candidate then trained on the whole training split
 with ``--seeds`` seeds, all to the full budget (no early stop).
@@ -97,7 +97,7 @@ def family(args, data, data_spec) -> list[dict]:
     grid = list(itertools.product(args.opts, args.lr_factors, args.batch_sizes, args.widths, args.seed_list))
     for i, (opt, f, bs, w, seed) in enumerate(grid, 1):
         base, extra = BASE[opt]
-        lr = base * f
+        lr = args.base_lr.get(opt, base) * f
         spec = model_spec(args.model, w, data)
         name = f"{opt}-lr{f:g}-bs{bs}-w{w}-s{seed}"
         path = os.path.join(args.out, name + ".pt")
@@ -132,6 +132,7 @@ def family(args, data, data_spec) -> list[dict]:
 TABLE = {   # method -> (optimizer, extras, budget multiplier)
     "sgd": ("sgd", {}, 1), "esgd": ("esgd", {}, 1), "rsgd": ("rsgd", {"replicas": 3}, 1),
     "rsgd_x3": ("rsgd", {"replicas": 3}, 3),
+    "sgd_x3": ("sgd", {}, 3),   # the control for rsgd_x3: SGD given the same total budget
 }
 
 
@@ -189,6 +190,8 @@ def main(argv=None) -> None:
     p.add_argument("--check-every", type=int, default=50, help="family: evaluations between criterion checks")
     p.add_argument("--opts", default=",".join(OPTS))
     p.add_argument("--lr-factors", default="0.5,1", help="family: multiples of each optimizer's base lr")
+    p.add_argument("--base-lr", default="",
+                   help="family: base lrs that replace the CLI defaults, e.g. rsgd=0.2 (the table's search choice)")
     p.add_argument("--batch-sizes", default="32,128")
     p.add_argument("--widths", default="1,2")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default: family 0,1; table 0,1,2,3,4)")
@@ -206,6 +209,7 @@ def main(argv=None) -> None:
     args.opts = args.opts.split(",")
     args.methods = args.methods.split(",")
     args.lr_factors = [float(x) for x in args.lr_factors.split(",")]
+    args.base_lr = {k: float(v) for k, v in (kv.split("=") for kv in args.base_lr.split(",") if kv)}
     args.search_factors = [float(x) for x in args.search_factors.split(",")]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.widths = [int(x) for x in args.widths.split(",")]
