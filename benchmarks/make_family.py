@@ -17,7 +17,8 @@ under ``axes`` (optimizer, lr, batch_size, width, seed), which ``flatscope corre
 
 ``table``: sgd, esgd, rsgd (equal budget, y replicas share it) and rsgd x y (each replica gets the whole
 budget, Pittorino et al. 2021, "Entropic gradient descent algorithms and wide flat minima",
-arXiv:2006.07897, Table 1's "×y" rows), with sgd x y (SGD given the same y-fold budget) as its control, each with a small learning-rate search at that budget: every
+arXiv:2006.07897, Table 1's "×y" rows), with sgd x y (SGD given the same y-fold budget) as its control, each with a small learning-rate search at that budget (extended by
+factors of 2 while the best candidate is at an edge of the grid, at most ``--search-extend`` times): every
 candidate trained on 80% of the training split with search seeds and scored by its error on the held-out
 20% (the test split is never used to choose); the best candidate then trained on the whole training split
 with ``--seeds`` seeds, all to the full budget (no early stop).
@@ -147,8 +148,10 @@ def table(args, data, data_spec) -> dict:
     for method in args.methods:
         opt, extra, mult = TABLE[method]
         base = BASE[opt][0]
-        scores = {}
-        for f in ([] if args.lr else args.search_factors):
+        scores: dict[float, float] = {}
+        factors = [] if args.lr else sorted(args.search_factors)
+        while factors:
+            f = factors.pop(0)
             errs = []
             for s in args.search_seeds:
                 try:
@@ -160,6 +163,14 @@ def table(args, data, data_spec) -> dict:
                     errs.append(1.0)
             scores[base * f] = sum(errs) / len(errs)
             print(f"search {method} lr {base * f:g}: validation error {scores[base * f]:.4f}", flush=True)
+            if not factors and len(scores) < len(args.search_factors) + args.search_extend:
+                # a best lr at the edge of the grid is not a choice: extend by x2 on that side
+                lrs = sorted(scores)
+                best_lr = min(scores, key=scores.__getitem__)
+                if best_lr == lrs[-1]:
+                    factors.append(lrs[-1] / base * 2)
+                elif best_lr == lrs[0]:
+                    factors.append(lrs[0] / base / 2)
         best = args.lr or min(scores, key=scores.get)
         out["search"][method] = {"validation_error": scores, "best_lr": best, "given": bool(args.lr)}
         finals = []
@@ -198,6 +209,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(TABLE), help="table: methods")
     p.add_argument("--search-factors", default="0.5,1,2", help="table: lr multiples searched")
     p.add_argument("--search-seeds", default="100,101")
+    p.add_argument("--search-extend", type=int, default=3,
+                   help="table: while the best lr is at an edge of the grid, add lr x2 (or /2) beyond it, at most this often")
     p.add_argument("--lr", type=float, default=None,
                    help="table: no search, this lr (e.g. rsgd_x3 with the lr rsgd's search chose)")
     p.add_argument("--table-batch-size", type=int, default=64)

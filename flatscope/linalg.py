@@ -124,6 +124,24 @@ class VectorSpace:
         q, r = torch.linalg.qr(W.T)
         return q.T.contiguous(), r
 
+    def orthonormalize_rows_(self, W: torch.Tensor) -> torch.Tensor:
+        """``W``'s rows made orthonormal in place and returned: classical Gram-Schmidt, twice per row
+        ("twice is enough"; the span of a QR of ``W``), with no copy of ``W``. A row in the span of the
+        previous ones (to rounding) becomes zero. Hutch++ turns its sketch into its basis this way,
+        holding ``r`` vectors where a QR would hold ``3 r`` (input, factor, transposed copy)."""
+        size = self.norms(W)
+        for j in range(W.shape[0]):
+            for _ in range(2):
+                if j:
+                    c = self.gram(W[:j], W[j : j + 1])[:, 0]
+                    W[j] -= c.to(W.dtype) @ W[:j]
+            nrm = self.norms(W[j : j + 1])[0]
+            if float(nrm) > 1e-12 * float(size[j]):
+                W[j] /= nrm
+            else:
+                W[j] = 0.0
+        return W
+
     def local_block(self, sl: slice) -> slice:
         """The part of the global coordinate range ``sl`` held here, in local coordinates."""
         lo, hi = max(sl.start, self.start), min(sl.stop, self.stop)
@@ -840,8 +858,8 @@ def trace(
     coordinate ranges).
 
     Memory: probes are drawn, multiplied and reduced ``batch`` at a time, so Hutchinson holds a few
-    groups of ``batch`` vectors and Hutch++ adds its sketch ``A S`` and basis ``Q`` (``2 r`` vectors,
-    ``r = n_matvec // 3``); in one process the values do not depend on ``batch`` (one random stream,
+    groups of ``batch`` vectors and Hutch++ adds its sketch ``A S``, orthonormalized in place into
+    ``Q`` (``r = n_matvec // 3`` vectors); in one process the values do not depend on ``batch`` (one random stream,
     same probes); sharded draws are per group, so sharded runs agree with each other for one ``batch``.
     """
     if method not in TRACE_METHODS:
@@ -923,8 +941,7 @@ def trace(
         for S in probes(r):
             AS[s0 : s0 + S.shape[0]] = apply(S)
             s0 += S.shape[0]
-        Qr, _ = sp.orthonormal_rows(AS)  # (r, dim), rows orthonormal: Q = orth(A S)
-        del AS
+        Qr = sp.orthonormalize_rows_(AS)  # (r, dim), rows orthonormal: Q = orth(A S), in place
         low, fixed = 0.0, np.zeros((1, len(blocks)))
         for s in range(0, r, batch):
             Qc = Qr[s : s + batch]

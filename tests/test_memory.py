@@ -19,7 +19,7 @@ from flatscope.data import load_data
 from flatscope.errors import FlatscopeError
 from flatscope.linalg import dense_matvec, lanczos, slq, trace
 from flatscope.memory import MemoryBudget, available_bytes, batch_cost, format_size, parse_size
-from flatscope.models import MLP, build_model
+from flatscope.models import build_model
 from flatscope.objective import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,41 @@ def test_trace_probe_chunks_give_the_same_estimate(method):
         assert r.trace == pytest.approx(runs[0].trace, rel=1e-12)
         np.testing.assert_allclose(r.samples, runs[0].samples, rtol=1e-12)
         np.testing.assert_allclose(r.block_traces, runs[0].block_traces, rtol=1e-12)
+
+
+def test_hutchpp_basis_is_its_sketch_orthonormalized_in_place():
+    """Hutch++ holds its r sketch vectors once: the basis overwrites them, spanning what a QR spans."""
+    from flatscope.linalg import VectorSpace
+
+    rng = np.random.default_rng(0)
+    W = torch.tensor(rng.standard_normal((6, 50)))
+    W[4] = W[0] - 2 * W[1]  # in the span of earlier rows: becomes zero
+    ref = W.clone()
+    ptr = W.data_ptr()
+    Q = VectorSpace(50).orthonormalize_rows_(W)
+    assert Q.data_ptr() == ptr
+    keep = [0, 1, 2, 3, 5]
+    torch.testing.assert_close(Q[keep] @ Q[keep].T, torch.eye(5, dtype=torch.float64), atol=1e-13, rtol=0)
+    assert float(Q[4].abs().max()) == 0.0
+    P = Q[keep].T @ Q[keep]  # the projector onto the rows' span
+    torch.testing.assert_close(ref @ P, ref, atol=1e-12, rtol=0)
+
+
+def test_trace_probes_side_by_side_are_cut_to_the_budget_with_the_same_trace():
+    from flatscope.analyses.hessian import plan_memory
+
+    obj = _digits(120, batch_size=40)
+    plan, _ = plan_memory(obj, top=2, density=False, trace_probes=24)
+    assert plan.trace_batch == 8
+    one, vec = obj.batch_bytes(), plan.vector_bytes
+    # room beside two batches' products for the Hutch++ sketch (8 vectors) and 2 x 8 work vectors only
+    tight = _digits(120, batch_size=40, memory_budget=2 * one + 26.5 * vec)
+    tplan, _ = plan_memory(tight, top=2, density=False, trace_probes=24)
+    assert not tplan.cached and tplan.trace_batch == 2
+    a = hessian_analysis(obj, top=2, density=False, trace_probes=24)
+    b = hessian_analysis(tight, top=2, density=False, trace_probes=24)
+    assert b.traces.trace == pytest.approx(a.traces.trace, rel=1e-10)
+    np.testing.assert_allclose(b.traces.samples, a.traces.samples, rtol=1e-10)
 
 
 def test_slq_probe_batches_and_lanczos_float32_basis():

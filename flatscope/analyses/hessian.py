@@ -182,7 +182,8 @@ class MemoryPlan:
     Bytes: ``budget`` (the objective's device), ``basis_budget`` (the vectors' device), ``batch_bytes``
     (one batch's linearization, measured), ``vector_bytes`` (one vector in ``basis_dtype``). ``cached``:
     whether the per-batch linearizations are kept; ``max_basis``/``max_basis_bottom``: where the Lanczos
-    bases restart; ``probe_batch``: SLQ probes run side by side."""
+    bases restart; ``probe_batch``: SLQ probes run side by side; ``trace_batch``: trace probes
+    multiplied side by side."""
 
     budget: float
     basis_budget: float
@@ -194,6 +195,7 @@ class MemoryPlan:
     max_basis: int
     max_basis_bottom: int
     probe_batch: int
+    trace_batch: int = 8
 
     def to_dict(self) -> dict:
         return {k: (None if v == math.inf else v) for k, v in self.__dict__.items()}
@@ -220,7 +222,8 @@ def plan_memory(
 
     The peak of a stage is one batch's pass (and the linearization cache when it fits) plus its
     vectors: Lanczos ``(m + b + k + c b) n`` (:func:`flatscope.memory.lanczos_bytes`), Hutch++
-    ``(2 r + c b) n`` (sketch and basis, ``r = trace_probes // 3``), SLQ ``p (steps + c) n`` for ``p``
+    ``(r + c b) n`` (the sketch, orthonormalized in place, ``r = trace_probes // 3``, and
+    ``b`` probes side by side, as many as fit up to ``trace_batch``), SLQ ``p (steps + c) n`` for ``p``
     probes side by side, ``n`` entries of the basis dtype each. The cache is kept when it fits beside
     the largest of the default Lanczos basis and the smallest other stage; then each Lanczos basis is
     its default lowered to what fits, and ``p`` as many probes as fit. A stage whose least form does
@@ -237,7 +240,7 @@ def plan_memory(
     mb_bot = min(n, max_basis if max_basis is not None else lanczos_default_basis(max(bottom, 1), n, max_iter))
     r = trace_probes // 3 if trace_method == "hutch++" and 6 <= trace_probes < n else 0
     tb = min(trace_batch, trace_probes)
-    need_trace = (2 * r + WORK_VECTORS * tb) * vec
+    need_trace = (r + WORK_VECTORS * tb) * vec
     need_probe = (min(steps, n) + WORK_VECTORS) * vec
     prefer = max(
         lanczos_bytes(mb_top, top, b, vec),
@@ -270,11 +273,12 @@ def plan_memory(
     m_top = lanczos_plan(top, mb_top, f"--top {top}")
     m_bot = lanczos_plan(bottom, mb_bot, f"--bottom {bottom}") if bottom else 0
     vb.require(
-        res_b + need_trace,
-        f"--trace-probes {trace_probes} ({trace_method}: {2 * r + WORK_VECTORS * tb} vectors of {format_size(vec)}"
+        res_b + (r + WORK_VECTORS) * vec,
+        f"--trace-probes {trace_probes} ({trace_method}: {r + WORK_VECTORS} vectors of {format_size(vec)}"
         f"{beside})",
         hint="use fewer --trace-probes or --trace-method hutchinson, or raise --memory-budget",
     )
+    tb = vb.count(WORK_VECTORS * vec, res_b + r * vec, most=tb)  # probes side by side: as many as fit
     p = 0
     if density:
         vb.require(
@@ -294,6 +298,7 @@ def plan_memory(
         max_basis=int(m_top),
         max_basis_bottom=int(m_bot),
         probe_batch=int(p),
+        trace_batch=int(tb),
     )
     return plan, op
 
@@ -693,6 +698,7 @@ def hessian_analysis(
                     method=trace_method,
                     seed=seed + 2,
                     blocks=blocks,
+                    batch=plan.trace_batch,
                     dtype=bdt,
                     device=dev,
                     callback=tracked(adv),
