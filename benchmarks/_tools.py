@@ -172,8 +172,14 @@ def digits_features(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def text_tokens(n_seq: int, seq_len: int) -> torch.Tensor:
-    """``(n_seq, seq_len)`` byte tokens of CPython's LICENSE.txt (13,936 bytes), consecutive."""
-    raw = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_bytes()
+    """``(n_seq, seq_len)`` byte tokens of CPython's LICENSE.txt (13,936 bytes), consecutive; where the
+    interpreter has no LICENSE.txt, of flatscope's own source files (sorted by path)."""
+    lic = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not lic.exists():  # an interpreter without it (some images): flatscope's own sources, in sorted order
+        src = sorted((ROOT / "flatscope").rglob("*.py"))
+        raw = b"".join(f.read_bytes() for f in src)
+    else:
+        raw = lic.read_bytes()
     need = n_seq * seq_len
     if len(raw) < need:
         raise SystemExit(f"LICENSE.txt has {len(raw)} bytes, {need} needed")
@@ -205,15 +211,19 @@ def run_flatscope(
     tol: float = 1e-5,
     max_iter: int | None = None,
     max_basis: int | None = None,
-    basis_dtype=torch.float64,
+    basis_dtype=None,
 ):
     from flatscope.analyses.hessian import HessianOperator
     from flatscope.linalg import lanczos
     from flatscope.objective import Objective
 
-    obj = Objective(model, X, y, loss=loss, batch_size=batch_size, dtype=dtype, hvp_mode="exact")
+    dev = X.device  # the worker moved model and data to the spec's device
+    from flatscope.memory import basis_dtype as default_basis_dtype
+
+    basis_dtype = basis_dtype or default_basis_dtype(dtype)  # the CLI's: float32 vectors for a float32 model
+    obj = Objective(model, X, y, loss=loss, batch_size=batch_size, dtype=dtype, hvp_mode="exact", device=dev)
     op = HessianOperator(obj)
-    r = lanczos(op, obj.dim, k, seed=0, tol=tol, max_iter=max_iter, max_basis=max_basis, dtype=basis_dtype)
+    r = lanczos(op, obj.dim, k, seed=0, tol=tol, max_iter=max_iter, max_basis=max_basis, dtype=basis_dtype, device=dev)
     res = [float(x) for x in r.residuals] if getattr(r, "residuals", None) is not None else None
     return dict(
         eigenvalues=[float(v) for v in r.eigenvalues],
@@ -296,6 +306,10 @@ def worker_main(build, argv=None) -> None:
     spec = json.loads(argv if argv is not None else sys.argv[sys.argv.index("--worker") + 1])
     torch.set_num_threads(int(spec.get("threads", 1)))
     model, X, y, loss = build(spec)
+    device = torch.device(spec.get("device", "cpu"))
+    if device.type != "cpu":  # e.g. "cuda": the tools run where model and data are
+        model, X, y = model.to(device), X.to(device), y.to(device)
+        torch.cuda.reset_peak_memory_stats(device)
     base = current_rss_mb()
     tool = spec["tool"]
     kw = dict(spec.get("kw", {}))
@@ -311,6 +325,10 @@ def worker_main(build, argv=None) -> None:
     except Exception as exc:  # the failure is the result
         first = (str(exc).strip().splitlines() or [""])[0]
         out = dict(ok=False, error=f"{type(exc).__name__}: {first[:300]}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["gpu"] = torch.cuda.get_device_name(device)
     out.update(
         wall_s=time.perf_counter() - t,
         cpu_s=time.process_time() - c,

@@ -61,8 +61,8 @@ def build(spec):
     return model, X, X, "lm"
 
 
-def plan(case: str, n: int, batch: int):
-    base = dict(case=case, n=n, k=K, batch_size=batch, threads=1)
+def plan(case: str, n: int, batch: int, device: str = "cpu"):
+    base = dict(case=case, n=n, k=K, batch_size=batch, threads=1, device=device)
     runs = [
         dict(base, tool="flatscope", label="flatscope Lanczos (tol 1e-5, float32)"),
         dict(base, tool="flatscope", label="flatscope Lanczos (40 steps, float32)", kw={"max_iter": 40}),
@@ -100,9 +100,13 @@ def report(path: str) -> None:
             f"#### {case}: {count}, {spec['n']} "
             f"{'images' if case == 'resnet18' else 'sequences x 128 tokens'}, batches of {spec['batch_size']}\n"
         )
+        gpu = spec.get("device", "cpu") != "cpu"  # on a GPU: wall times and the device's peak allocation
+        clock, mem = ("wall", "peak GPU MB") if gpu else ("CPU", "peak RSS MB (base)")
+        if gpu:
+            print(f"Device: {next((r['gpu'] for r in rs if r.get('gpu')), spec['device'])}\n")
         print(
-            "| tool | wall s | CPU s | HVPs | CPU s / HVP | peak RSS MB (base) | top-5 | max rel. error "
-            "| CPU time / flatscope's |"
+            f"| tool | wall s | CPU s | HVPs | {clock} s / HVP | {mem} | top-5 | max rel. error "
+            f"| {clock} time / flatscope's |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         flat = next((r for r in rs if r["spec"]["tool"] == "flatscope" and not r["spec"].get("ref") and r["ok"]), None)
@@ -117,10 +121,17 @@ def report(path: str) -> None:
             vals = np.array(r["eigenvalues"])
             err = "" if r["spec"].get("ref") or ref is None else f"{rel_err(vals, ref['eigenvalues']):.1e}"
             cpu = r.get("cpu_s", float("nan"))
-            ratio = f"{cpu / flat['cpu_s']:.2f}x" if flat and "cpu_s" in flat else ""
+            key = "wall_s" if gpu else "cpu_s"
+            t = r.get(key, float("nan"))
+            ratio = f"{t / flat[key]:.2f}x" if flat and key in flat else ""
+            peak = (
+                f"{r.get('peak_gpu_mb', float('nan')):.0f}"
+                if gpu
+                else f"{r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f})"
+            )
             print(
-                f"| {lab} | {r['wall_s']:.0f} | {cpu:.0f} | {r['hvps']} | {cpu / max(r['hvps'], 1):.1f} | "
-                f"{r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) | "
+                f"| {lab} | {r['wall_s']:.1f} | {cpu:.0f} | {r['hvps']} | {t / max(r['hvps'], 1):.3g} | "
+                f"{peak} | "
                 f"{', '.join(f'{v:.5g}' for v in np.sort(vals)[::-1])} | {err} | {ratio} |"
             )
         if ref is not None:
@@ -146,6 +157,7 @@ def main():
     ap.add_argument("--seqs", type=int, default=64)
     ap.add_argument("--seq-batch", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (wall times, GPU peak memory)")
     ap.add_argument("--only", default="", help="run labels' prefixes to keep, separated by ;")
     ap.add_argument("--out", default="runs/realistic.jsonl")
     ap.add_argument("--report")
@@ -155,7 +167,7 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for case in args.cases.split(","):
         n, b = (args.images, args.image_batch) if case == "resnet18" else (args.seqs, args.seq_batch)
-        for spec in plan(case, n, b):
+        for spec in plan(case, n, b, args.device):
             if args.only and not any(spec["label"].startswith(p) for p in args.only.split(";")):
                 continue
             print(f"{case}: {spec['label']} ...", file=sys.stderr, flush=True)

@@ -244,13 +244,19 @@ def vectors_held(analysis: str, counts: dict, **opts) -> int:
     """The most parameter-sized float64 vectors the analysis holds at once (its largest stage).
 
     ``hessian``: the Lanczos basis (one vector per product) plus the start, pending and Ritz blocks;
-    the SLQ bases (``probes x steps``); Hutch++'s sketch, its products and the deflated probes (about
+    the SLQ bases (``probes x steps``, or ``2 x probes`` with ``slq_reorth="none"``); Hutch++'s sketch, its products and the deflated probes (about
     ``2 x trace_probes``). Local energy / landscape / sharpness: a chunk of points or directions and a
     few work vectors. Local entropy: ``6 x chains`` (states, gradients, sums, noise)."""
     if analysis == "hessian":
         top = counts.get("top", 0)
         lan = max(top, counts.get("bottom", 0)) + 3 * (opts.get("top", 1) + opts.get("block_size", 1))
-        return max(lan, counts.get("density", 0) + 2 * opts.get("probes", 0), 2 * counts.get("trace", 0) + 4)
+        probes = opts.get("probes", 0)
+        slq = (
+            counts.get("density", 0)
+            if opts.get("slq_reorth", "full") == "full"
+            else 2 * probes * bool(counts.get("density"))
+        )
+        return max(lan, slq + 2 * probes, 2 * counts.get("trace", 0) + 4)
     if analysis == "local_entropy":
         return 6 * opts.get("chains", 4) + opts.get("is_samples", 0) * 2 // 8 + 4
     return opts.get("chunk", 16) + 4
@@ -516,7 +522,8 @@ def estimate_hessian(obj, *, hvp: str = "auto", seed: int = 0, **opts) -> Estima
     o.pop("sigma")
     counts = hessian_counts(obj.dim, numels=list(obj.layout.numels), **o)
     units = measure(obj, ("hvp",), hvp=hvp, seed=seed, probes=min(o["probes"], 64) if o["density"] else None)
-    est = build("hessian", counts, units, dim=obj.dim, vectors=vectors_held("hessian", counts, **o), device=obj.device)
+    vectors = vectors_held("hessian", counts, slq_reorth=opts.get("slq_reorth", "full"), **o)
+    est = build("hessian", counts, units, dim=obj.dim, vectors=vectors, device=obj.device)
     est.notes.append(
         "Lanczos counts (top/bottom/per_layer) follow a model fitted on Hessians with more than k outlying "
         "eigenvalues (within 20% there); the other counts are exact"

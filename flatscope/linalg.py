@@ -679,18 +679,21 @@ def _lanczos_tridiag(
     breakdown_rel: float = 1e-10,
     callback=None,
     space: VectorSpace | None = None,
+    reorth: bool = True,
 ) -> tuple[list, list, int, int | None]:
     """Plain Lanczos with full reorthogonalization, run in lockstep from several unit start vectors.
 
     Returns per-probe lists of ``alpha`` and ``beta`` (``len(beta) = len(alpha) - 1``), the number of
     products and the index of a non-finite product (or None). All active probes are multiplied in one
-    block call per step.
+    block call per step. ``reorth=False``: the three-term recurrence alone, keeping two basis vectors
+    per probe (a ring) instead of ``n_steps``.
     """
     p, ld = V0.shape
     sp = space if space is not None else VectorSpace(ld)
     dev, fdt = V0.device, V0.dtype
     n_steps = min(n_steps, sp.dim)
-    basis = torch.zeros(p, n_steps, ld, dtype=fdt, device=dev)
+    ring = n_steps if reorth else min(2, n_steps)
+    basis = torch.zeros(p, ring, ld, dtype=fdt, device=dev)
     basis[:, 0] = V0
     alphas: list[list[float]] = [[] for _ in range(p)]
     betas: list[list[float]] = [[] for _ in range(p)]
@@ -701,7 +704,7 @@ def _lanczos_tridiag(
             break
         everyone = len(active) == p
         idx = torch.as_tensor(active, device=dev)
-        Qj = basis[:, j] if everyone else basis[idx, j]
+        Qj = basis[:, j % ring] if everyone else basis[idx, j % ring]
         AQ = _apply(matvec, Qj).to(fdt)
         n_mv += len(active)
         if not sp.all_finite(AQ):
@@ -711,9 +714,11 @@ def _lanczos_tridiag(
         W = AQ - a[:, None] * Qj  # three-term recurrence ...
         if j > 0:
             bprev = torch.as_tensor([betas[pi][j - 1] for pi in active], dtype=fdt, device=dev)
-            W = W - bprev[:, None] * (basis[:, j - 1] if everyone else basis[idx, j - 1])
+            W = W - bprev[:, None] * (basis[:, (j - 1) % ring] if everyone else basis[idx, (j - 1) % ring])
         # ... then one full reorthogonalization pass against each probe's own basis (views: never a copy of it)
-        if everyone:
+        if not reorth:
+            pass
+        elif everyone:
             B = basis[:, : j + 1]  # (p, j+1, local dim)
             W = W - torch.bmm(sp.reduce(torch.bmm(B, W.unsqueeze(2))).transpose(1, 2), B).squeeze(1)
         else:
@@ -728,7 +733,7 @@ def _lanczos_tridiag(
             scale = max(abs(x) for x in alphas[pi]) + (max(betas[pi]) if betas[pi] else 0.0)
             if j + 1 < n_steps and b_np[r] > breakdown_rel * max(scale, np.finfo(float).tiny):
                 betas[pi].append(float(b_np[r]))
-                basis[pi, j + 1] = W[r] / bnorm[r]
+                basis[pi, (j + 1) % ring] = W[r] / bnorm[r]
                 still.append(pi)
         active = still
         if callback is not None:
@@ -748,13 +753,20 @@ def slq(
     probe_batch: int | None = None,
     callback: Callable[[int], None] | None = None,
     space: VectorSpace | None = None,
+    reorth: bool = True,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature of the spectral density (Ghorbani, Krishnan & Xiao 2019).
 
     Each of ``n_probes`` Rademacher probes ``v / sqrt(dim)`` runs ``n_steps`` Lanczos steps with full
-    reorthogonalization (float64 basis, ``n_probes * n_steps * dim * 8`` bytes; ``probe_batch``
+    reorthogonalization (``n_probes * n_steps * dim`` numbers of ``dtype``; ``probe_batch``
     processes probes in groups to bound it); the probes advance in lockstep so each step is one
-    block product. Returns the Ritz nodes and Gauss weights per probe (:class:`SLQResult`); the
+    block product. ``reorth=False`` runs the three-term recurrence alone and holds 2 vectors per
+    probe instead of ``n_steps``: in floating point the basis then loses orthogonality as Ritz values
+    converge, and converged outliers reappear as "ghost" copies that share the weight of the one
+    they copy, but the Gauss rule's moments (and so smooth densities and ``(1/n) tr f(A)``) stay
+    accurate (Greenbaum 1989, "Behavior of slightly perturbed Lanczos and conjugate-gradient
+    recurrences"; Knizhnerman 1996, "The simple Lanczos procedure: estimates of the error of the Gauss
+    quadrature formula"); ``tests/test_linalg.py`` checks the moments against the exact ones. Returns the Ritz nodes and Gauss weights per probe (:class:`SLQResult`); the
     density, its moments and ``(1/n) tr f(A)`` follow from them. ``n_probes * n_steps`` products
     (fewer if a Krylov space becomes invariant). ``space``: as for :func:`lanczos`.
     """
@@ -777,7 +789,7 @@ def slq(
         cnt = min(batch, n_probes - start)
         V0 = sp.rademacher(cnt, gen, device, dtype).div_(math.sqrt(dim))
         cb = (lambda n, base=n_mv: callback(base + n)) if callback is not None else None
-        alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb, space=sp)
+        alphas, betas, used, bad_here = _lanczos_tridiag(matvec, V0, m, callback=cb, space=sp, reorth=reorth)
         if bad_here is not None:
             bad = n_mv + bad_here
         n_mv += used

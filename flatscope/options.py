@@ -168,6 +168,14 @@ HESSIAN = (
     Option("probes", "int", 8, "Random probes for the density (each runs --steps Lanczos steps).", "N"),
     Option("steps", "int", 80, "Lanczos steps per density probe (M-point Gauss rule).", "M"),
     Option(
+        "slq_reorth",
+        "choice",
+        "full",
+        "Density probes: full reorthogonalization (M vectors a probe) or none (the three-term recurrence, "
+        "2 vectors a probe: the moments stay exact, converged outliers get ghost copies).",
+        choices=("full", "none"),
+    ),
+    Option(
         "sigma",
         "float",
         0.01,

@@ -150,6 +150,21 @@ def test_trace_probes_side_by_side_are_cut_to_the_budget_with_the_same_trace():
     np.testing.assert_allclose(b.traces.samples, a.traces.samples, rtol=1e-10)
 
 
+def test_slq_without_reorthogonalization_fits_where_full_does_not():
+    from flatscope.analyses.hessian import plan_memory
+
+    obj = _digits(120, batch_size=40)
+    one, vec = obj.batch_bytes(), plan_memory(obj, top=2)[0].vector_bytes
+    # Lanczos and the trace fit; one fully reorthogonalized probe of 60 steps (68 vectors) does not
+    tight = _digits(120, batch_size=40, memory_budget=2 * one + 45 * vec)
+    with pytest.raises(FlatscopeError, match="--slq-reorth none"):
+        plan_memory(tight, top=2, trace_probes=9, steps=60)
+    plan, _ = plan_memory(tight, top=2, trace_probes=9, steps=60, slq_reorth="none")
+    assert plan.probe_batch >= 1
+    res = hessian_analysis(tight, top=2, probes=1, steps=60, trace_probes=9, slq_reorth="none")
+    assert res.density.n_matvec == 60 and res.to_json()["density"]["reorthogonalized"] is False
+
+
 def test_slq_probe_batches_and_lanczos_float32_basis():
     A = _spd(60)
     a = slq(dense_matvec(A), 60, n_probes=5, n_steps=12, seed=1)

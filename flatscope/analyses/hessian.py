@@ -212,6 +212,7 @@ def plan_memory(
     density: bool = True,
     probes: int = 8,
     steps: int = 80,
+    slq_reorth: str = "full",
     trace_probes: int = 60,
     trace_method: str = "hutch++",
     trace_batch: int = 8,
@@ -241,7 +242,8 @@ def plan_memory(
     r = trace_probes // 3 if trace_method == "hutch++" and 6 <= trace_probes < n else 0
     tb = min(trace_batch, trace_probes)
     need_trace = (r + WORK_VECTORS * tb) * vec
-    need_probe = (min(steps, n) + WORK_VECTORS) * vec
+    probe_vectors = (min(steps, n) if slq_reorth == "full" else min(2, n)) + WORK_VECTORS
+    need_probe = probe_vectors * vec
     prefer = max(
         lanczos_bytes(mb_top, top, b, vec),
         lanczos_bytes(mb_bot, bottom, b, vec) if bottom else 0,
@@ -274,8 +276,7 @@ def plan_memory(
     m_bot = lanczos_plan(bottom, mb_bot, f"--bottom {bottom}") if bottom else 0
     vb.require(
         res_b + (r + WORK_VECTORS) * vec,
-        f"--trace-probes {trace_probes} ({trace_method}: {r + WORK_VECTORS} vectors of {format_size(vec)}"
-        f"{beside})",
+        f"--trace-probes {trace_probes} ({trace_method}: {r + WORK_VECTORS} vectors of {format_size(vec)}{beside})",
         hint="use fewer --trace-probes or --trace-method hutchinson, or raise --memory-budget",
     )
     tb = vb.count(WORK_VECTORS * vec, res_b + r * vec, most=tb)  # probes side by side: as many as fit
@@ -283,8 +284,10 @@ def plan_memory(
     if density:
         vb.require(
             res_b + need_probe,
-            f"--steps {steps} (one SLQ probe: {min(steps, n) + WORK_VECTORS} vectors of {format_size(vec)}{beside})",
-            hint="use fewer --steps or raise --memory-budget",
+            f"--steps {steps} (one SLQ probe: {probe_vectors} vectors of {format_size(vec)}{beside})",
+            hint="use fewer --steps, --slq-reorth none (2 vectors a probe) or raise --memory-budget"
+            if slq_reorth == "full"
+            else "raise --memory-budget",
         )
         p = vb.count(need_probe, res_b, most=probes)
     plan = MemoryPlan(
@@ -311,6 +314,7 @@ class HessianResult:
     top: EigResult | None
     bottom: EigResult | None = None
     density: SLQResult | None = None
+    slq_reorth: str = "full"
     sigma: float = float("nan")
     grid: np.ndarray | None = None
     values: np.ndarray | None = None
@@ -408,6 +412,7 @@ class HessianResult:
                 "weights": self.density.weights,
                 "sigma": np.float64(self.sigma),
                 "n_matvec": np.int64(self.density.n_matvec),
+                "reorthogonalized": self.slq_reorth == "full",
             }
         if self.traces is not None:
             t.update(
@@ -462,6 +467,7 @@ class HessianResult:
             out["density"] = {
                 "n_probes": self.density.n_probes,
                 "n_steps": self.density.n_steps,
+                "reorthogonalized": self.slq_reorth == "full",
                 "sigma": self.sigma,
                 "mean": m,
                 "mean_stderr": se,
@@ -537,6 +543,7 @@ def hessian_analysis(
     density: bool = True,
     probes: int = 8,
     steps: int = 80,
+    slq_reorth: str = "full",
     sigma: float = 0.01,
     n_grid: int = 1024,
     trace_probes: int = 60,
@@ -556,7 +563,8 @@ def hessian_analysis(
 
     Stages, each seeded from ``seed`` and each on its own products: top-``top`` eigenpairs
     (:func:`flatscope.linalg.lanczos`), bottom-``bottom`` eigenpairs (most negative end), the
-    spectral density (:func:`flatscope.linalg.slq`, ``probes`` x ``steps`` products, Gaussian width
+    spectral density (:func:`flatscope.linalg.slq`, ``probes`` x ``steps`` products, fully
+    reorthogonalized unless ``slq_reorth="none"`` (2 vectors per probe instead of ``steps``), Gaussian width
     ``sigma`` times the spread of the Ritz nodes, on ``n_grid`` points), the trace
     (:func:`flatscope.linalg.trace`, ``trace_probes`` products, with per-tensor block traces), and
     with ``per_layer`` the top eigenvalue of every parameter tensor's diagonal block ``H[b, b]``
@@ -590,6 +598,7 @@ def hessian_analysis(
         density=density,
         probes=probes,
         steps=steps,
+        slq_reorth=slq_reorth,
         trace_probes=trace_probes,
         trace_method=trace_method,
         hvp=hvp,
@@ -607,6 +616,7 @@ def hessian_analysis(
         save_eigenvectors=save_eigenvectors,
         hvp_mode=op.mode,
         memory=plan.to_dict(),
+        slq_reorth=slq_reorth,
     )
     dev = bdev
 
@@ -678,6 +688,7 @@ def hessian_analysis(
                     probe_batch=plan.probe_batch,
                     callback=tracked(adv),
                     space=space,
+                    reorth=slq_reorth == "full",
                 )
             res.seconds["density"] = time.perf_counter() - t0
             res.n_matvec += d.n_matvec

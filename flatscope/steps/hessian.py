@@ -22,7 +22,7 @@ def compute(run, **params):
     top, bottom, steps, block = p["top"], p["bottom"], p["steps"], p["block_size"]
     for what, n in (
         (f"--probes {p['probes']} x --steps {steps}", max(p["probes"], 0) * max(steps, 0) * 4 * bool(p["density"])),
-        (f"--steps {steps}", max(steps, 0) * n_local),
+        (f"--steps {steps}", (max(steps, 0) if p["slq_reorth"] == "full" else 2) * n_local),
         (f"--trace-probes {p['trace_probes']}", max(p["trace_probes"], 0) * n_local),
         (
             f"--top {top} / --bottom {bottom} / --block-size {block}",
@@ -34,7 +34,8 @@ def compute(run, **params):
     if run.estimate:
         from ..estimate import Estimated, estimate_hessian
 
-        keys = ("top", "bottom", "density", "probes", "steps", "trace_probes", "tol", "max_iter", "block_size")
+        keys = ("top", "bottom", "density", "probes", "steps", "slq_reorth", "trace_probes", "tol", "max_iter")
+        keys += ("block_size",)
         est = estimate_hessian(
             obj, hvp=hvp, seed=run.seed, per_layer=p["per_layer"], sigma=p["sigma"], **{k: p[k] for k in keys}
         )
