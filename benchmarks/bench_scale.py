@@ -194,7 +194,9 @@ def report(path: str, plot: str | None) -> None:
                     continue
                 kw = r["spec"].get("kw", {})
                 width = 4 if kw.get("basis_dtype") == "float32" else 8
-                basis = (min(r["hvps"], kw.get("max_basis", 30)) * width if t == "flatscope" else 0) * c["n_params"] / 2**20
+                basis = (
+                    (min(r["hvps"], kw.get("max_basis", 30)) * width if t == "flatscope" else 0) * c["n_params"] / 2**20
+                )
                 fs = get.get((case, size, "flatscope"))
                 if ref_ok:
                     err = f"{rel_err(r['eigenvalues'], ref['eigenvalues']):.1e}"

@@ -7,7 +7,8 @@ One file holds many analyses as groups (``/hessian``, ``/local_energy``, ``/loca
 - ``summary``: JSON of its headline numbers (``flatscope show`` prints them);
 - ``options``: JSON of the options it ran with;
 - provenance: ``flatscope_version``, ``torch_version``, ``command``, ``checkpoint``,
-  ``checkpoint_sha256``, ``seed``, ``device``, ``dtype``, ``wall_time_s``, ``timestamp``.
+  ``checkpoint_sha256``, ``seed``, ``device``, ``dtype``, ``wall_time_s``, ``timestamp``,
+  ``peak_memory_bytes`` (and ``peak_memory_of``: the CUDA allocator's peak, or the process' peak RSS).
 
 Every write goes through :func:`update`: the existing file is copied to a temporary file in the
 same folder, changed there, flushed, and renamed over the original. A crash, kill or Ctrl-C at any

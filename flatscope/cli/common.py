@@ -250,6 +250,17 @@ def estimate_option(f: Callable) -> Callable:
     )(f)
 
 
+def peak_memory(device) -> dict:
+    """The run's peak memory so far: on a CUDA device the most its allocator held
+    (``torch.cuda.max_memory_allocated``), elsewhere the process' peak resident memory."""
+    from ..estimate import peak_rss_bytes
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)), "peak_memory_of": "cuda allocator"}
+    return {"peak_memory_bytes": int(peak_rss_bytes()), "peak_memory_of": "process RSS"}
+
+
 def pass_run(f: Callable | None = None, *, writes: bool = True, shards: bool = False) -> Callable:
     """Collect the shared options into a :class:`Run` passed as the first argument.
 
@@ -617,6 +628,7 @@ class Run:
             "dtype": self.dtype_name,
             "wall_time_s": time.time() - self.started,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **peak_memory(self.device),
         }
 
     def save(self, name: str, tree: dict, *, kind: str, summary: dict, options: dict) -> str:

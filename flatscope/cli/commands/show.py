@@ -23,6 +23,8 @@ _PROVENANCE = (
     "dtype",
     "wall_time_s",
     "timestamp",
+    "peak_memory_bytes",
+    "peak_memory_of",
 )
 
 
