@@ -67,15 +67,22 @@ def table(corr: str, *manifests: str) -> None:
                _ms([ck["quantities"]["train_loss"] for ck in cks]), _ms(per[m]["test_error"])]
         row += [_ms(per[m][k]) for k in measures]
         print("| " + " | ".join(row) + " |")
-    if "sgd" in per:
-        print("\npaired by seed, method − sgd: mean difference (two-sided paired t-test p)\n")
+    # each method against SGD at its budget: x3 methods against sgd_x3 when it was run
+    for base_m, title in (("sgd", "method − sgd"), ("sgd_x3", "method − sgd_x3 (both at 3x the budget)")):
+        if base_m not in per:
+            continue
+        others = [m for m in per if m != base_m and (m.endswith("_x3") == base_m.endswith("_x3"))]
+        if base_m == "sgd" and "sgd_x3" not in per:
+            others = [m for m in per if m != "sgd"]
+        if not others:
+            continue
+        print(f"\npaired by seed, {title}: mean difference (two-sided paired t-test p)\n")
         head = ["method", "test error"] + measures
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
-        base = per["sgd"]
-        for m, d in per.items():
-            if m == "sgd":
-                continue
+        base = per[base_m]
+        for m in others:
+            d = per[m]
             row = [m]
             for k in ["test_error"] + measures:
                 pairs = [(a, b) for s, a in zip(d["seed"], d[k]) for s2, b in zip(base["seed"], base[k])
