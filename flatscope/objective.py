@@ -150,6 +150,12 @@ class Objective:
         self.w0 = self.layout.flatten(
             {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         ).clone()
+        # Every evaluation passes its parameters explicitly (functional_call); the private copy's own
+        # trainable parameters become views of w0, so that the objective holds one parameter vector, not two.
+        views = self.layout.unflatten(self.w0)
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                param.data = views[name]
         source = data if data is not None else as_source(X, y, workers=workers)
         if isinstance(source, TensorSource):
             source = source.to(self.device, dtype)
