@@ -75,8 +75,59 @@ def _rademacher(n: int, dim: int, gen: torch.Generator, device, dtype: torch.dty
     return z.mul_(2).sub_(1)
 
 
+ACC_CHUNK = 1 << 16  # coordinates per float64 chunk of an accumulated inner product
+
+
+def _gram64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A B^T`` accumulated in float64, whatever the rows' dtype. A float32 inner product of length n
+    summed in float32 is off by about ``eps32 sqrt(n)`` relative (2e-4 at n = 10^7): enough to spoil
+    the orthogonality of a Lanczos basis and bias every Ritz value by as much. Here chunks of
+    :data:`ACC_CHUNK` coordinates are widened to float64 (exactly) and multiplied there, so no float64
+    copy of a whole block is made."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[-1], ACC_CHUNK):
+        out += A[:, s : s + ACC_CHUNK].double() @ B[:, s : s + ACC_CHUNK].double().T
+    return out
+
+
+def _dots64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``sum_i A[..., i] B[..., i]``, accumulated in float64 as :func:`_gram64`."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return torch.sum(A * B, dim=-1)
+    out = torch.zeros(A.shape[:-1], dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[-1], ACC_CHUNK):
+        out += torch.sum(A[..., s : s + ACC_CHUNK].double() * B[..., s : s + ACC_CHUNK].double(), dim=-1)
+    return out
+
+
+def _rowsum64(X: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``X`` (..., n) accumulated in float64 by chunks."""
+    if X.dtype == torch.float64:
+        return X.sum(dim=-1)
+    out = torch.zeros(X.shape[:-1], dtype=torch.float64, device=X.device)
+    for s in range(0, X.shape[-1], ACC_CHUNK):
+        out += X[..., s : s + ACC_CHUNK].double().sum(dim=-1)
+    return out
+
+
+def _bgram64(B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``B[p] @ W[p]`` for a batch of bases ``B`` (p, m, n) and vectors ``W`` (p, n): (p, m), in float64."""
+    if B.dtype == torch.float64 and W.dtype == torch.float64:
+        return torch.bmm(B, W.unsqueeze(2)).squeeze(2)
+    out = torch.zeros(B.shape[0], B.shape[1], dtype=torch.float64, device=B.device)
+    for s in range(0, B.shape[-1], ACC_CHUNK):
+        out += torch.bmm(B[..., s : s + ACC_CHUNK].double(), W[:, s : s + ACC_CHUNK].double().unsqueeze(2)).squeeze(2)
+    return out
+
+
 class VectorSpace:
     """Vectors of ``R^dim`` held whole in this process (the default of every function here).
+
+    Inner products and norms are accumulated in float64 for every dtype (:func:`_gram64`) and
+    returned in the dtype of the rows (or ``dtype``): the vectors may be float32, their inner products
+    are exact to float32's relative precision, independent of ``dim``.
 
     Rows of a ``(b, local_dim)`` tensor are vectors; :meth:`gram`, :meth:`dots` and :meth:`norms`
     are their inner products and norms; :meth:`randn` and :meth:`rademacher` draw random vectors from
@@ -97,17 +148,23 @@ class VectorSpace:
         """Sum of a tensor of local partial sums over the ranks (identity here)."""
         return t
 
-    def gram(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def gram(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``A B^T``: the inner products of the rows of ``A`` with those of ``B``."""
-        return self.reduce(A @ B.T)
+        return self.reduce(_gram64(A, B)).to(dtype or A.dtype)
 
-    def dots(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def dots(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Row-wise inner products ``sum_i A[r, i] B[r, i]``."""
-        return self.reduce(torch.sum(A * B, dim=-1))
+        return self.reduce(_dots64(A, B)).to(dtype or A.dtype)
+
+    def bgram(self, B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``(p, m)``: the inner products of each ``W[p]`` with the rows of its own basis ``B[p]``."""
+        return self.reduce(_bgram64(B, W)).to(B.dtype)
 
     def norms(self, A: torch.Tensor) -> torch.Tensor:
         """Row-wise Euclidean norms."""
-        return torch.linalg.norm(A, dim=-1)
+        if A.dtype == torch.float64:
+            return torch.linalg.norm(A, dim=-1)
+        return torch.sqrt(_dots64(A, A)).to(A.dtype)
 
     def all_finite(self, x: torch.Tensor) -> bool:
         return _finite(x)
@@ -120,7 +177,11 @@ class VectorSpace:
         return _rademacher(n, self.dim, gen, device, dtype)
 
     def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P, R)``: orthonormal rows ``P`` and upper-triangular ``R`` with ``W = R^T P`` (Householder QR)."""
+        """``(P, R)``: orthonormal rows ``P`` and upper-triangular ``R`` with ``W = R^T P`` (Householder
+        QR in float64; below float64, Gram-Schmidt twice with float64-accumulated inner products, as a
+        float32 QR's own length-n sums would lose orthogonality at large n)."""
+        if W.dtype != torch.float64:
+            return _cgs2_rows(self, W)
         q, r = torch.linalg.qr(W.T)
         return q.T.contiguous(), r
 
@@ -202,21 +263,27 @@ class ShardedSpace(VectorSpace):
         return (z * 2 - 1).to(device, dtype)
 
     def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = W.shape[0]
-        P = W.clone()
-        R = torch.zeros(b, b, dtype=torch.float64, device=W.device)
-        size = self.norms(W)
-        for j in range(b):
-            for _ in range(2):
-                if j:
-                    c = self.gram(P[:j], P[j : j + 1])[:, 0]
-                    P[j] = P[j] - c.to(P.dtype) @ P[:j]
-                    R[:j, j] += c.to(torch.float64)
-            nrm = self.norms(P[j : j + 1])[0]
-            R[j, j] = nrm
-            # a row in the span of the previous ones (to rounding) becomes zero: no direction left
-            P[j] = P[j] / nrm if float(nrm) > 1e-12 * float(size[j]) else 0.0
-        return P, R.to(W.dtype)
+        return _cgs2_rows(self, W)
+
+
+def _cgs2_rows(space: "VectorSpace", W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, R)`` with ``W = R^T P``: Gram-Schmidt row by row, twice (each row one reduction per pass in
+    a sharded space), which gives the span of a Householder QR. A row in the span of the previous
+    ones (to rounding) becomes zero."""
+    b = W.shape[0]
+    P = W.clone()
+    R = torch.zeros(b, b, dtype=torch.float64, device=W.device)
+    size = space.norms(W)
+    for j in range(b):
+        for _ in range(2):
+            if j:
+                c = space.gram(P[:j], P[j : j + 1], dtype=torch.float64)[:, 0]
+                P[j] = P[j] - c.to(P.dtype) @ P[:j]
+                R[:j, j] += c
+        nrm = space.norms(P[j : j + 1])[0]
+        R[j, j] = nrm
+        P[j] = P[j] / nrm if float(nrm) > 1e-12 * float(size[j]) else 0.0
+    return P, R.to(W.dtype)
 
 
 def _orthonormalize(
@@ -241,9 +308,9 @@ def _orthonormalize(
                 x = space.randn(1, gen)[0].to(W.device, W.dtype)
                 for _ in range(2):
                     if Q.shape[0]:
-                        x = x - space.reduce(Q @ x) @ Q
+                        x = x - space.gram(x[None], Q)[0] @ Q
                     others = torch.cat([P[:j], P[j + 1 :]])
-                    x = x - space.reduce(others @ x) @ others
+                    x = x - space.gram(x[None], others)[0] @ others
                 nx = space.norms(x[None])[0]
                 if nx > 1e-8:
                     P[j] = x / nx
@@ -415,7 +482,7 @@ def lanczos(
             Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, ld, dtype=fdt, device=device)])
         Qbuf[m : m + bb] = P
         Q = Qbuf[: m + bb]
-        C = sp.gram(Q, AP).to(torch.float64).cpu().numpy()  # new columns of Q A Q^T
+        C = sp.gram(Q, AP, dtype=torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))
         Tn[:m, :m] = T
         Tn[:, m:] = C
@@ -720,11 +787,11 @@ def _lanczos_tridiag(
             pass
         elif everyone:
             B = basis[:, : j + 1]  # (p, j+1, local dim)
-            W = W - torch.bmm(sp.reduce(torch.bmm(B, W.unsqueeze(2))).transpose(1, 2), B).squeeze(1)
+            W = W - torch.bmm(sp.bgram(B, W).unsqueeze(1), B).squeeze(1)
         else:
             for r, pi in enumerate(active):
                 Bp = basis[pi, : j + 1]
-                W[r] -= sp.reduce(Bp @ W[r]) @ Bp
+                W[r] -= sp.gram(W[r : r + 1], Bp)[0] @ Bp
         bnorm = sp.norms(W)
         a_np, b_np = a.to(torch.float64).cpu().numpy(), bnorm.to(torch.float64).cpu().numpy()
         still = []
@@ -898,7 +965,7 @@ def trace(
         """(m, dim) per-coordinate contributions -> (m, n_blocks)."""
         if not blocks:
             return np.zeros((d.shape[0], 0))
-        sums = torch.stack([d[:, sp.local_block(b)].sum(dim=1).to(torch.float64) for b in blocks], dim=1)
+        sums = torch.stack([_rowsum64(d[:, sp.local_block(b)]) for b in blocks], dim=1)
         return sp.reduce(sums).cpu().numpy()
 
     def finish(
@@ -923,7 +990,7 @@ def trace(
         samples, bsums = [], []
         for Z in Zs:
             contrib = Z * apply(Z)
-            samples.append(sp.reduce(contrib.sum(dim=1).to(torch.float64)).cpu().numpy())
+            samples.append(sp.reduce(_rowsum64(contrib)).cpu().numpy())
             bsums.append(block_sums(contrib))
             del contrib
         return np.concatenate(samples), np.concatenate(bsums, axis=0)
@@ -958,7 +1025,7 @@ def trace(
         for s in range(0, r, batch):
             Qc = Qr[s : s + batch]
             qaq = Qc * apply(Qc)
-            low += float(sp.reduce(torch.sum(qaq)))  # tr(Q^T A Q)
+            low += float(sp.reduce(_rowsum64(qaq).sum()))  # tr(Q^T A Q)
             fixed += block_sums(qaq.sum(dim=0, keepdim=True))  # diag(A Q Q^T)_i = sum_c (A q_c)_i q_ci
             del qaq
         samples, bsamp = stream(G - sp.gram(G, Qr) @ Qr for G in probes(n_matvec - 2 * r))

@@ -224,8 +224,10 @@ def basis_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype of Lanczos, SLQ and trace vectors: float64 for a float64 model, float32 otherwise.
 
     A float32 basis has unit roundoff 6e-8, far below the default residual tolerance 1e-5 and below the
-    error of a float32 Hessian-vector product itself; the small projected eigenproblems and the true
-    residuals stay float64 (``tests/test_memory.py`` checks the residuals and eigenvalues against a
+    error of a float32 Hessian-vector product itself, provided its inner products are accumulated in
+    float64 (:class:`flatscope.linalg.VectorSpace` does: summed in float32, a length-n inner product is
+    off by ~eps sqrt(n), 1e-4 at n = 10^6, which spoilt orthogonality and biased Ritz values by 5e-4);
+    the small projected eigenproblems and the true residuals stay float64 (``tests/test_memory.py`` checks the residuals and eigenvalues against a
     float64 basis)."""
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 

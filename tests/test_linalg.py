@@ -261,3 +261,16 @@ def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
     errs = {m: np.mean([abs(trace(dense_matvec(A), N, 30, method=m, seed=s).trace - np.trace(A))
                         for s in range(30)]) for m in ("hutchinson", "hutch++")}
     assert errs["hutch++"] < 0.5 * errs["hutchinson"]
+
+
+def test_float32_basis_stays_orthogonal_at_a_million_coordinates():
+    """Inner products of float32 vectors are accumulated in float64: summed in float32, a length-10^6
+    inner product is off by ~1e-4 relative, which biased every Ritz value by ~5e-4 (measured before
+    the fix); now the top-5 of a known diagonal spectrum come out within float32's precision."""
+    n = 1_000_000
+    d = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d[:6] = torch.tensor([3.5, 3.45, 3.42, 3.31, 3.29, 3.2], dtype=torch.float64)
+    d32 = d.float()
+    r = lanczos(lambda V: V * d32, n, 5, seed=0, tol=1e-5, max_basis=30, dtype=torch.float32)
+    assert r.all_converged
+    np.testing.assert_allclose(r.eigenvalues, [3.5, 3.45, 3.42, 3.31, 3.29], rtol=1e-6)
