@@ -47,8 +47,9 @@ def compute(run, **params):
     if shard is not None and p["save_eigenvectors"] and res.top is not None:
         res.top.eigenvectors = shard.gather(res.top.eigenvectors)  # whole rows, to be written (by rank 0)
     if getattr(obj, "fsdp", False):
+        res.hvp_fd_accuracy = "not measurable under FSDP"
         run.note(
-            "--hvp fd: fd accuracy not measurable under FSDP (no exact Hessian-vector product through a sharded model)"
+            "--hvp fd accuracy: not measurable under FSDP (no exact Hessian-vector product through a sharded model)"
         )
     elif obj.hvp_mode == "fd":
         rel = obj.fd_accuracy(seed=run.seed)
