@@ -79,6 +79,7 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum the ranks' gradients: each rank weights its own batches
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has neither AVG nor PREMUL_SUM)
     return model
 
 
@@ -143,8 +144,8 @@ class FSDPObjective:
             raise FlatscopeError(f"the split has {self.n_total} samples, fewer than the {self.world} ranks")
         start, stop = distributed.shard_range(self.n_total, self.rank, self.world)
         source = data.shard(start, stop)
-        if isinstance(source, TensorSource):
-            source = source.to(self.device, self.fd_dtype)
+        if isinstance(source, TensorSource):  # inputs rounded to the model's dtype, as in one process
+            source = source.to(self.device, dtype).to(self.device, self.fd_dtype)
         self.source, self.n = source, stop - start
         self.batch_size = int(batch_size) if batch_size else (self.n if source.in_memory else 256)
         self._counts = [self.loss_fn.count(None, y) for _, y in self.source.batches(self.batch_size)]
@@ -156,7 +157,8 @@ class FSDPObjective:
         torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MAX)
         self.n_passes = int(n_batches[0])  # forward/backward passes per gradient, the same on every rank
 
-        m = copy.deepcopy(model).to(dtype=self.fd_dtype)  # whole only until it is sharded, on the CPU
+        # whole only until it is sharded, on the CPU; rounded to the model's dtype first, as in one process
+        m = copy.deepcopy(model).to(dtype=dtype).to(dtype=self.fd_dtype)
         m.eval()
         self.layout = ParamLayout.of(m)
         self.model = shard_model(m, self.device)
