@@ -124,7 +124,7 @@ class FSDPObjective:
         memory_budget=None,
         basis_device: str | torch.device | None = None,
     ):
-        if not distributed.active():
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise FlatscopeError("the model is sharded across torchrun ranks: start with torchrun --nproc-per-node N")
         self.loss_fn = make_loss(loss)
         self.output = output
