@@ -49,6 +49,11 @@ from .sources import Source, TensorSource, to_device
 WIDE = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP2 parameter or gradient (a ``DTensor``): a view, writes go through."""
+    return t.to_local()  # type: ignore[attr-defined]
+
+
 def chunk_rows(d0: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of a dim-0 size ``d0`` that ``torch.chunk(t, world)`` gives ``rank`` (as FSDP2)."""
     size = -(-d0 // world) if d0 else 0
@@ -169,7 +174,7 @@ class FSDPObjective:
             self.layout.names, self.layout.offsets, self.layout.numels, self.layout.shapes
         ):
             p = named[name]
-            loc = p.to_local()
+            loc = _local(p)
             if not shape:
                 raise FlatscopeError(f"parameter {name} is a scalar, which FSDP2 cannot shard along dim 0")
             r0, r1 = chunk_rows(shape[0], self.rank, self.world)
@@ -183,7 +188,7 @@ class FSDPObjective:
         self.space = ShardedSpace(self.layout.size, reduce=distributed.all_reduce_sum, ranges=ranges)
         self.shard = FSDPShard(self.space)
         self.w0 = torch.cat(
-            [p.to_local().detach().reshape(-1) for p, *_ in self._segments]
+            [_local(p).detach().reshape(-1) for p, *_ in self._segments]
             or [torch.zeros(0, dtype=self.fd_dtype, device=self.device)]
         ).clone()
         self._batch_bytes = self._measure_batch()
@@ -216,7 +221,7 @@ class FSDPObjective:
         """Put this rank's coordinates ``w`` into the FSDP2 shards (the DTensors' local tensors)."""
         w = w.to(self.device, self.fd_dtype)
         for p, a, b, shape in self._segments:
-            p.to_local().copy_(w[a:b].view(shape))
+            _local(p).copy_(w[a:b].view(shape))
 
     def _passes(self):
         """``(inputs, targets, weight)`` for each of the :attr:`n_passes` passes; weight 0 pads a rank."""
@@ -256,7 +261,7 @@ class FSDPObjective:
             loss += val.cpu()
         parts = []
         for p, a, b, _ in self._segments:
-            parts.append(p.grad.to_local().reshape(-1) if p.grad is not None else torch.zeros(b - a))
+            parts.append(_local(p.grad).reshape(-1) if p.grad is not None else torch.zeros(b - a))
         g = torch.cat(parts) if parts else torch.zeros(0)
         return float(distributed.all_reduce_sum(loss.to(self.device))), g.to(self.device, self.fd_dtype)
 

@@ -215,7 +215,7 @@ class ShardedSpace(VectorSpace):
     def _blocks(self, n: int, gen: torch.Generator, draw: Callable[[int, int, torch.Generator], torch.Tensor]):
         key = int(torch.randint(0, 2**62, (1,), generator=gen))
         out = torch.empty(n, self.local_dim, dtype=torch.float64)
-        offset, drawn, block = 0, -1, None
+        offset, drawn, block = 0, -1, out[:, :0]
         for start, stop in self.ranges:  # sorted: block indices never decrease, so one block is kept
             for j in range(start // RANDOM_BLOCK, -(-stop // RANDOM_BLOCK)):
                 lo, hi = j * RANDOM_BLOCK, min((j + 1) * RANDOM_BLOCK, self.dim)

@@ -210,7 +210,7 @@ def _one_process(ck: str) -> dict:
     from flatscope.cli.common import Run
     from flatscope.objective import exact_hessian
 
-    run = Run(checkpoint=ck, dtype="float64", batch_size=BATCH, threads=1, hvp="fd")
+    run = Run(checkpoint=ck, dtype="float64", batch_size=N_SAMPLES, threads=1, hvp="fd")  # one batch: cheaper
     run.setup()
     obj = run.objective()
     ref = hessian_analysis(obj, top=3, density=False, trace_probes=4, tol=1e-6, seed=0)
