@@ -166,6 +166,9 @@ class FSDPObjective:
         m = copy.deepcopy(model).to(dtype=dtype).to(dtype=self.fd_dtype)
         m.eval()
         self.layout = ParamLayout.of(m)
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            if not shape:
+                raise FlatscopeError(f"parameter {name} is a scalar, which FSDP2 cannot cut along dim 0")
         self.model = shard_model(m, self.device)
         named = dict(self.model.named_parameters())
         self._segments: list[tuple[torch.nn.Parameter, int, int, tuple[int, ...]]] = []
@@ -175,10 +178,8 @@ class FSDPObjective:
         ):
             p = named[name]
             loc = _local(p)
-            if not shape:
-                raise FlatscopeError(f"parameter {name} is a scalar, which FSDP2 cannot shard along dim 0")
             r0, r1 = chunk_rows(shape[0], self.rank, self.world)
-            row = numel // shape[0] if shape[0] else 0
+            row = numel // shape[0] if shape[0] else 0  # coordinates per dim-0 row
             if tuple(loc.shape) != (r1 - r0, *shape[1:]):
                 raise FlatscopeError(f"FSDP2 holds a {tuple(loc.shape)} shard of {name} {shape}, not dim-0 chunks")
             if r1 > r0:
@@ -259,10 +260,9 @@ class FSDPObjective:
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise FlatscopeError(f"the sharded model failed on batch {i}: {msg}") from None
             loss += val.cpu()
-        parts = []
-        for p, a, b, _ in self._segments:
-            parts.append(_local(p.grad).reshape(-1) if p.grad is not None else torch.zeros(b - a))
-        g = torch.cat(parts) if parts else torch.zeros(0)
+        zeros = lambda k: torch.zeros(k, dtype=self.fd_dtype, device=self.device)  # noqa: E731 - an unused parameter
+        parts = [_local(p.grad).reshape(-1) if p.grad is not None else zeros(b - a) for p, a, b, _ in self._segments]
+        g = torch.cat(parts) if parts else zeros(0)
         return float(distributed.all_reduce_sum(loss.to(self.device))), g.to(self.device, self.fd_dtype)
 
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
