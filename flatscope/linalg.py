@@ -17,7 +17,8 @@ functions therefore run on explicit matrices (tests: :func:`dense_matvec`) and o
 
 Every inner product, norm and random draw goes through a :class:`VectorSpace` (``space=``). The
 default holds whole vectors in this process. :class:`ShardedSpace` holds one contiguous slice
-``[start, stop)`` of every vector per rank (``--shard-params`` under torchrun): a ``matvec`` then
+``[start, stop)`` of every vector per rank (``--shard-params`` under torchrun; or several, one per
+parameter under FSDP2): a ``matvec`` then
 maps slices to slices, inner products are local sums all-reduced, and random vectors are drawn
 block by block of coordinates, so that any number of ranks (one included) draws the same vectors.
 
@@ -208,31 +209,77 @@ class VectorSpace:
         lo, hi = max(sl.start, self.start), min(sl.stop, self.stop)
         return slice(lo - self.start, max(hi, lo) - self.start)
 
+    def locate(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(held, local)`` for global coordinates ``g``: which are held here, and their local index."""
+        return (g >= self.start) & (g < self.stop), g - self.start
+
 
 RANDOM_BLOCK = 1 << 16  # coordinates per random block of a sharded draw
 
 
 class ShardedSpace(VectorSpace):
-    """Vectors of ``R^dim`` of which this rank holds the coordinates ``[start, stop)``.
+    """Vectors of ``R^dim`` of which this rank holds the coordinates ``[start, stop)``, or the union of
+    several such ``ranges`` (sorted, disjoint), stored one after the other in that order (FSDP2: each
+    parameter's dim-0 chunk, :mod:`flatscope.fsdp`). Because the local order follows the global one,
+    the held part of any global coordinate range is one contiguous local range (:meth:`local_block`).
 
     Inner products and norms are local sums passed to ``reduce`` (an all-reduce sum over the ranks:
     :func:`flatscope.distributed.all_reduce_sum`). A random draw first takes one 62-bit key from the
     generator (the same on every rank), then fills coordinates ``[j B, (j + 1) B)`` (``B`` =
     :data:`RANDOM_BLOCK`) from a generator seeded by ``(key, j)``, of which each rank keeps its
-    slice: the vectors depend on the seed only, not on the number of ranks, and no rank draws more
-    than its slice plus two partial blocks. Orthonormalization is Gram-Schmidt row by row, twice
+    coordinates: the vectors depend on the seed only, not on the number of ranks or on how the
+    coordinates are dealt to them, and no rank draws more than its coordinates plus two partial blocks
+    per range. ``start``/``stop`` are the span of the held coordinates. Orthonormalization is Gram-Schmidt row by row, twice
     (each row one all-reduce per pass), which gives the same span as a Householder QR.
     With ``reduce=None`` (one process) it is the reference a sharded run is compared with.
     """
 
     sharded = True
 
-    def __init__(self, dim: int, start: int, stop: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        dim: int,
+        start: int = 0,
+        stop: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        ranges: Sequence[tuple[int, int]] | None = None,
+    ):
         super().__init__(dim)
-        if not 0 <= start <= stop <= dim:
-            raise FlatscopeError(f"bad shard [{start}, {stop}) of a {dim}-vector")
-        self.start, self.stop = int(start), int(stop)
+        stop = self.dim if stop is None else stop
+        spans = [(int(start), int(stop))] if ranges is None else [(int(a), int(b)) for a, b in ranges if b > a]
+        last = 0
+        for a, b in spans:
+            if not last <= a <= b <= dim:
+                raise FlatscopeError(f"bad shard [{a}, {b}) of a {dim}-vector (ranges must be sorted and disjoint)")
+            last = b
+        self.ranges = spans
+        # the span of the held coordinates (one range: exactly them)
+        self.start, self.stop = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+        self._local = sum(b - a for a, b in spans)
         self._reduce = reduce
+
+    @property
+    def local_dim(self) -> int:
+        return self._local
+
+    def _held_below(self, x: int) -> int:
+        """How many held coordinates are ``< x``: the local index of global coordinate ``x`` if held."""
+        return sum(min(max(x - a, 0), b - a) for a, b in self.ranges)
+
+    def local_block(self, sl: slice) -> slice:
+        return slice(self._held_below(sl.start), self._held_below(sl.stop))
+
+    def locate(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        held = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
+        local = torch.zeros_like(g)
+        offset = 0
+        for a, b in self.ranges:
+            here = (g >= a) & (g < b)
+            held |= here
+            local = torch.where(here, g - a + offset, local)
+            offset += b - a
+        return held, local
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t if self._reduce is None else self._reduce(t)
@@ -247,12 +294,16 @@ class ShardedSpace(VectorSpace):
     def _blocks(self, n: int, gen: torch.Generator, draw: Callable[[int, int, torch.Generator], torch.Tensor]):
         key = int(torch.randint(0, 2**62, (1,), generator=gen))
         out = torch.empty(n, self.local_dim, dtype=torch.float64)
-        for j in range(self.start // RANDOM_BLOCK, -(-self.stop // RANDOM_BLOCK)):
-            lo, hi = j * RANDOM_BLOCK, min((j + 1) * RANDOM_BLOCK, self.dim)
-            seed = int(np.random.SeedSequence([key, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-            block = draw(n, hi - lo, torch.Generator().manual_seed(seed))
-            a, b = max(lo, self.start), min(hi, self.stop)
-            out[:, a - self.start : b - self.start] = block[:, a - lo : b - lo]
+        offset, drawn, block = 0, -1, out[:, :0]
+        for start, stop in self.ranges:  # sorted: block indices never decrease, so one block is kept
+            for j in range(start // RANDOM_BLOCK, -(-stop // RANDOM_BLOCK)):
+                lo, hi = j * RANDOM_BLOCK, min((j + 1) * RANDOM_BLOCK, self.dim)
+                if j != drawn:
+                    seed = int(np.random.SeedSequence([key, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+                    block, drawn = draw(n, hi - lo, torch.Generator().manual_seed(seed)), j
+                a, b = max(lo, start), min(hi, stop)
+                out[:, offset + a - start : offset + b - start] = block[:, a - lo : b - lo]
+            offset += stop - start
         return out
 
     def randn(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -1001,10 +1052,10 @@ def trace(
             for s in range(0, dim, batch):
                 e = torch.zeros(min(batch, dim - s), sp.local_dim, dtype=dtype, device=device)
                 rows = torch.arange(e.shape[0])
-                here = (rows + s >= sp.start) & (rows + s < sp.stop)  # the unit vectors' 1s held here
-                e[rows[here], rows[here] + s - sp.start] = 1
+                held, loc = sp.locate(rows + s)  # the unit vectors' 1s held here, at local index loc
+                e[rows[held], loc[held]] = 1
                 Ae = apply(e)
-                diag[rows[here] + s - sp.start] = Ae[rows[here], rows[here] + s - sp.start].to(torch.float64)
+                diag[loc[held]] = Ae[rows[held], loc[held]].to(torch.float64)
             bt = block_sums(diag[None])[0] if blocks else np.zeros(0)
             total = float(sp.reduce(diag.sum()))
             return TraceResult(total, 0.0, done[0], "exact", np.zeros(0), bt, np.zeros(len(blocks)))

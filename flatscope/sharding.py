@@ -15,6 +15,8 @@ instead). What stays whole on every rank
 is therefore the model itself (its parameters and ``Objective.w0``, the linearization cache of the
 HVPs) and, transiently during one product, the gathered block and its product (``2 b n`` numbers).
 The memory it saves is the analysis' own: ``k`` Lanczos vectors cost ``k n / W`` numbers per rank.
+``flatscope hessian --shard-params --hvp fd`` shards the model too, with FSDP2, and does not use this
+class (:mod:`flatscope.fsdp`).
 """
 
 from __future__ import annotations

@@ -324,6 +324,7 @@ class HessianResult:
     save_eigenvectors: bool = False
     hvp_mode: str = ""
     hvp_fd_rel_error: float | None = None  # --hvp fd: measured relative error on a probe (None: no exact HVP)
+    hvp_fd_accuracy: str | None = None  # --hvp fd where no number can be given, why (under FSDP)
     n_matvec: int = 0
     seconds: dict = field(default_factory=dict)
     nonfinite: str | None = None
@@ -439,6 +440,8 @@ class HessianResult:
             negative_fraction_err=np.float64(s["negative_fraction_err"]),
             hvp=self.hvp_mode,
         )
+        if self.hvp_fd_accuracy:
+            t["hvp_fd_accuracy"] = self.hvp_fd_accuracy
         if self.nonfinite:
             t["nonfinite"] = self.nonfinite
         return t
@@ -487,6 +490,8 @@ class HessianResult:
                 for i, n in enumerate(pl["names"])
             ]
         out["hvp"] = self.hvp_mode
+        if self.hvp_fd_accuracy:
+            out["hvp_fd_accuracy"] = self.hvp_fd_accuracy
         if self.memory is not None:
             out["memory"] = dict(self.memory)
         out["seconds"] = self.seconds

@@ -230,7 +230,8 @@ def analysis_options(f: Callable) -> Callable:
             "--shard-params",
             is_flag=True,
             help="Under torchrun: shard every parameter-space vector of the analysis (Lanczos bases, "
-            "probes, eigenvectors) across the ranks, each rank a contiguous slice (hessian only).",
+            "probes, eigenvectors) across the ranks, each rank a contiguous slice (hessian only); with "
+            "--hvp fd the model too (FSDP2), each rank its dim-0 chunk of every parameter.",
         ),
     ]
     for opt in reversed(opts):

@@ -16,8 +16,12 @@ def compute(run, **params):
     p = params
     if run.split == "both":
         raise FlatscopeError("flatscope hessian analyses one split at a time: use --split train or --split test")
-    obj = run.objective()
-    shard = run.param_shard(obj.dim)
+    if run.shard_params and run.hvp_mode == "fd":
+        obj = _fsdp_objective(run, p)
+        shard = obj.shard
+    else:
+        obj = run.objective()
+        shard = run.param_shard(obj.dim)
     n_local = shard.local_dim if shard is not None else obj.dim  # the vectors this rank holds
     top, bottom, steps, block = p["top"], p["bottom"], p["steps"], p["block_size"]
     for what, n in (
@@ -43,7 +47,12 @@ def compute(run, **params):
     res = hessian_analysis(obj, **p, seed=run.seed, hvp=hvp, progress=run.progress, shard=shard)
     if shard is not None and p["save_eigenvectors"] and res.top is not None:
         res.top.eigenvectors = shard.gather(res.top.eigenvectors)  # whole rows, to be written (by rank 0)
-    if obj.hvp_mode == "fd":
+    if getattr(obj, "fsdp", False):
+        res.hvp_fd_accuracy = "not measurable under FSDP"
+        run.note(
+            "--hvp fd accuracy: not measurable under FSDP (no exact Hessian-vector product through a sharded model)"
+        )
+    elif obj.hvp_mode == "fd":
         rel = obj.fd_accuracy(seed=run.seed)
         res.hvp_fd_rel_error = rel
         run.note(
@@ -54,6 +63,8 @@ def compute(run, **params):
     for w in res.warnings:
         run.warn(w)
     options = dict(p, hvp=res.hvp_mode, **({"shard_params": True} if shard is not None else {}))
+    if getattr(obj, "fsdp", False):
+        options["fsdp"] = True
     stored = res.top is not None and len(res.top.eigenvalues) > 0
     if stored:
         run.save(GROUP, res.to_tree(), kind="hessian", summary=res.summary(), options=options)
@@ -61,6 +72,34 @@ def compute(run, **params):
         where = f"; the stages before it are stored in {run.out_path}" if stored else ""
         raise FlatscopeError(res.nonfinite + where)
     return res, obj
+
+
+def _fsdp_objective(run, p):
+    """``--shard-params --hvp fd``: the model sharded by FSDP2 (:mod:`flatscope.fsdp`); the parts that
+    need whole parameter vectors are refused first."""
+    for flag, asked in (
+        ("--per-layer", p["per_layer"]),
+        ("--save-eigenvectors", p["save_eigenvectors"]),
+        ("--estimate", run.estimate),
+    ):
+        if asked:
+            raise FlatscopeError(
+                f"{flag} does not run with --shard-params --hvp fd (the model is sharded by FSDP2 and no rank "
+                f"holds a whole parameter vector): drop {flag}, or use --hvp exact to keep the model whole"
+            )
+    from ..fsdp import FSDPObjective
+
+    return FSDPObjective(
+        run.checkpoint.model,
+        data=run.split_source(run.splits()[0]),
+        loss=run.loss,
+        output=run.output_key,
+        batch_size=run.batch_size,
+        device=run.device,
+        dtype=run.dtype,
+        memory_budget=run.memory_budget,
+        basis_device=run.basis_device,
+    )
 
 
 # ------------------------------------------------------------------------------------------ audit
