@@ -361,6 +361,17 @@ def spawn(script: str, spec: dict, timeout: float | None = None, python: str | N
     return dict(ok=False, error=f"{sig}: {tail[:300]}", wall_s=time.perf_counter() - t)
 
 
+def run_and_append(script: str, spec: dict, out: str, timeout: float | None = None) -> dict:
+    """:func:`spawn` one run, report it on stderr, and append it (with its spec) to the JSON-lines ``out``."""
+    r = spawn(script, spec, timeout=timeout)
+    r["spec"] = spec
+    brief = {k: r.get(k) for k in ("ok", "wall_s", "hvps", "peak_rss_mb", "error")}
+    print(f"  -> {json.dumps(brief)}", file=sys.stderr, flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(r) + "\n")
+    return r
+
+
 def rel_err(vals, ref) -> float:
     vals = np.sort(np.asarray(vals, dtype=np.float64))[::-1][: len(ref)]
     ref = np.asarray(ref, dtype=np.float64)

@@ -41,7 +41,7 @@ from _tools import (  # noqa: E402
     digits_images,
     gpt2,
     rel_err,
-    spawn,
+    run_and_append,
     text_tokens,
     worker_main,
 )
@@ -171,15 +171,7 @@ def main():
             if args.only and not any(spec["label"].startswith(p) for p in args.only.split(";")):
                 continue
             print(f"{case}: {spec['label']} ...", file=sys.stderr, flush=True)
-            r = spawn(__file__, spec, timeout=args.timeout)
-            r["spec"] = spec
-            print(
-                f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
-                file=sys.stderr,
-                flush=True,
-            )
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            run_and_append(__file__, spec, args.out, timeout=args.timeout)
 
 
 if __name__ == "__main__":

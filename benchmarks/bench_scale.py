@@ -40,7 +40,7 @@ from _tools import (  # noqa: E402
     n_params,
     peak_rss_mb,
     rel_err,
-    spawn,
+    run_and_append,
     text_tokens,
     worker_main,
 )
@@ -283,15 +283,7 @@ def main():
         if args.only and spec["label"] not in args.only.split(","):
             continue
         print(f"{spec['case']} {spec['size']}: {spec['label']} ...", file=sys.stderr, flush=True)
-        r = spawn(__file__, spec, timeout=args.timeout)
-        r["spec"] = spec
-        print(
-            f"  -> {json.dumps({k: r.get(k) for k in ('ok', 'wall_s', 'hvps', 'peak_rss_mb', 'error')})}",
-            file=sys.stderr,
-            flush=True,
-        )
-        with open(args.out, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        run_and_append(__file__, spec, args.out, timeout=args.timeout)
 
 
 if __name__ == "__main__":
