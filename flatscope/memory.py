@@ -133,35 +133,73 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+def saved_storages(roots) -> dict[int, int]:
+    """``{storage pointer: bytes}`` of every tensor the autograd graph below ``roots`` (tensors or
+    nodes) keeps for its backward pass, each storage once: the ``_saved_*`` attributes of built-in
+    nodes and the ``saved_tensors`` of custom Functions. Walking the graph, unlike
+    ``saved_tensors_hooks``, adds no reference from a node to its own saved outputs (a cycle that
+    outlives the graph)."""
+    seen: dict[int, int] = {}
+    stack = [r.grad_fn if isinstance(r, torch.Tensor) else r for r in roots]
+    visited: set[int] = set()
+    names: dict[type, list[str]] = {}
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        kind = type(node)
+        if kind not in names:
+            names[kind] = [a for a in dir(node) if a.startswith("_saved_")]
+        tensors = []
+        for a in names[kind]:
+            try:
+                tensors.append(getattr(node, a))
+            except RuntimeError:  # freed, or not a tensor that can be unpacked
+                continue
+        if hasattr(node, "saved_tensors"):
+            try:
+                tensors.extend(node.saved_tensors)
+            except RuntimeError:
+                pass
+        for t in tensors:
+            for x in t if isinstance(t, (tuple, list)) else (t,):
+                if isinstance(x, torch.Tensor):
+                    st = x.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return seen
+
+
 def batch_cost(obj, create_graph: bool = True) -> int:
     """Bytes autograd keeps for the objective's first batch at ``obj.w0``, measured.
 
-    The batch's gradient is taken with plain autograd under ``saved_tensors_hooks`` and the storages
-    it saves are summed once each, leaving out those already resident (the weights, the inputs, the
-    buffers), plus the gradient itself. ``create_graph=False``: the activations of one training step;
-    ``True``: the linearization a cached Hessian-vector product keeps (the backward graph as well).
-    ``torch.func`` refuses these hooks, but its ``vjp`` of ``grad`` records the same graph.
+    ``True``: the linearization a cached Hessian-vector product keeps
+    (:class:`flatscope.objective.Linearization`, built the way the products build it): the storages
+    its graph saves, leaving out those already resident (the weights, the inputs, the buffers),
+    plus the gradient it holds. ``False``: one training step's saved activations plus its gradient.
     """
-    from .objective import second_order_kernels
+    from .objective import Linearization, second_order_kernels
 
     x, y, _ = next(iter(obj.batches()))
-    w = obj.w0.detach().clone().requires_grad_(True)
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), second_order_kernels():
-        loss = obj._batch_loss(w, x, y)
-        (g,) = torch.autograd.grad(loss, w, create_graph=create_graph)
-    resident = [w, *obj.buffers.values()]
+    resident = [obj.w0, *obj.buffers.values()]
     leaves = x.values() if isinstance(x, dict) else (x if isinstance(x, (tuple, list)) else [x])
     resident += [t for t in leaves if isinstance(t, torch.Tensor)]
+    with second_order_kernels():
+        if create_graph:
+            lin = Linearization(obj, obj.w0, x, y)
+            roots, held = lin.outputs, lin.outputs
+        else:
+            params, loss = obj._leaf_loss(obj.w0, x, y)
+            roots, held = [loss], []
+        seen = saved_storages(roots)
+        if not create_graph:
+            held = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
     for t in resident:
         seen.pop(t.untyped_storage().data_ptr(), None)
-    return sum(seen.values()) + g.numel() * g.element_size()
+    for g in held:
+        seen[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 class MemoryBudget:

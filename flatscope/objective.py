@@ -7,7 +7,8 @@ model's trainable parameters it gives
   the loss's terms (samples; counted tokens for ``lm``), each batch weighted by its count;
 - ``loss_and_grad(w)``: value and gradient (torch.func.grad);
 - ``hvp(v, w)``: Hessian-vector products; ``v`` may hold several vectors as rows.
-  ``hvp_mode="exact"`` is reverse-over-reverse (``vjp`` of ``grad``), run with PyTorch's math
+  ``hvp_mode="exact"`` is reverse-over-reverse (a backward pass through the gradient's graph,
+  :class:`Linearization`), run with PyTorch's math
   attention kernel so that ``scaled_dot_product_attention`` has a second derivative;
   ``"fd"`` is the central difference of two gradients, which works wherever a gradient works
   (fused kernels, sharded models); ``"auto"`` takes the exact mode and falls back to ``fd`` with a
@@ -39,7 +40,7 @@ import math
 from typing import Callable
 
 import torch
-from torch.func import functional_call, grad, grad_and_value, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .errors import FlatscopeError
 from .memory import MemoryBudget, batch_cost
@@ -152,9 +153,9 @@ class Objective:
         self.model.train(train_mode)
         self.layout = ParamLayout.of(self.model)
         self.buffers = {n: b for n, b in self.model.named_buffers()}
-        self.w0 = self.layout.flatten(
+        self.w0 = self.layout.flatten(  # a new tensor (torch.cat)
             {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-        ).clone()
+        )
         # Every evaluation passes its parameters explicitly (functional_call); the private copy's own
         # trainable parameters become views of w0, so that the objective holds one parameter vector, not two.
         views = self.layout.unflatten(self.w0)
@@ -417,15 +418,25 @@ class Objective:
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss_and_grad(w)[1]
 
+    def _leaf_loss(self, w: torch.Tensor, x, y) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One batch's loss as a function of per-tensor leaves that are views of ``w`` (no copy):
+        plain autograd, so that the graph a second-order product keeps holds views of ``w`` and the
+        activations, nothing parameter-sized besides the gradient (``torch.func``'s ``vjp`` of
+        ``grad`` held 1.7 more parameter vectors on a 10^7-parameter MLP)."""
+        parts = self.layout.unflatten(w.detach())
+        leaves = {name: p.detach().requires_grad_(True) for name, p in parts.items()}
+        return list(leaves.values()), self.loss_fn.mean(self._forward(leaves, x), y)
+
+    def _linearize(self, w: torch.Tensor, x, y) -> "Linearization":
+        return Linearization(self, w, x, y)
+
     def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor, reserved: float = 0.0) -> torch.Tensor:
-        g = grad(self._batch_loss)
         out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
         rows = self.rows_per_product(v, reserved + (self.batch_bytes() if v.dim() > 1 else 0))
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
-                    _, pullback = vjp(lambda p: g(p, xb, yb), w)
-                    _pull_rows(pullback, v, wt, out, rows)
+                    self._linearize(w, xb, yb).pull(v, wt, out, rows)
         return self._reduce(out)
 
     def _fd_objective(self) -> "Objective":
@@ -475,9 +486,9 @@ class Objective:
 
         The rule of ``auto`` (``--hvp auto``), from ``benchmarks/bench_hvp_modes.py`` (MLP, CNN,
         ResNet+BN, SDPA Transformer, LSTM+GRU, small CNN; CPU, benchmarks/RESULTS.md): exact
-        reverse-over-reverse (``vjp`` of ``grad``), with each batch's linearization cached when the split
-        has at most 8 batches (:class:`flatscope.analyses.hessian.HessianOperator`), rebuilt per product
-        otherwise; several vectors per call through ``vmap`` wherever the algorithm has them (SLQ's
+        reverse-over-reverse (a backward pass through the gradient's graph), with each batch's
+        linearization cached when they all fit the memory budget
+        (:class:`flatscope.analyses.hessian.HessianOperator`), rebuilt per product otherwise; several vectors per call through ``vmap`` wherever the algorithm has them (SLQ's
         probes, the trace's batches of 8). Measured: the cached product was the fastest uncompiled
         single-vector product on every model (0.95-2.4x a gradient; rebuilt 1.7-3.1x, forward-over-reverse
         2.3-3.8x and failing on the LSTM), eight vectors in one vmapped call cost 0.23-1.06x as much per
@@ -509,7 +520,7 @@ class Objective:
     def hvp(self, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """H(w) v for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (k products in one vmapped call).
 
-        Reverse-over-reverse (``vjp`` of ``grad``; H is symmetric) in the exact mode: measured faster
+        Reverse-over-reverse (:class:`Linearization`; H is symmetric) in the exact mode: measured faster
         than forward-over-reverse on CPU (benchmarks/RESULTS.md) and, unlike it, it works on every
         layer; central differences of gradients in the ``fd`` mode.
         """
@@ -557,21 +568,20 @@ class Objective:
         self.hvp_info["cached"] = bool(cache)
         if not cache:
             return lambda v: self._exact_hvp(self._check_w(v), w, reserved)
-        g = grad(self._batch_loss)
-        pullbacks = []
+        lins = []
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
-                    pullbacks.append((wt, vjp(lambda p, xb=xb, yb=yb: g(p, xb, yb), w)[1]))
-        held = reserved + self.batch_bytes() * len(pullbacks)
+                    lins.append((wt, self._linearize(w, xb, yb)))
+        held = reserved + self.batch_bytes() * len(lins)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._check_w(v)
             out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
             rows = self.rows_per_product(v, held)
             with second_order_kernels():
-                for wt, pb in pullbacks:
-                    _pull_rows(pb, v, wt, out, rows)
+                for wt, lin in lins:
+                    lin.pull(v, wt, out, rows)
             return self._reduce(out)
 
         return matvec
@@ -628,12 +638,14 @@ class Objective:
         return self.memory.fits(self.batch_bytes() * (n_batches + 1), reserved)
 
     def rows_per_product(self, v: torch.Tensor, reserved: float = 0.0) -> int:
-        """How many rows of ``v`` one vmapped product may carry beside ``reserved`` bytes: each row
-        costs about one batch's linearization (its backward pass) and two vectors."""
+        """How many rows of ``v`` one batched product may carry beside ``reserved`` bytes: each row
+        costs four vectors (its result row, the pulled-back gradients, and two parameter-sized
+        temporaries that autograd adds) plus one training step's activations. Measured
+        (benchmarks/bench_memory.py): 4.1 vectors per row on a 10^7-parameter MLP and Transformer."""
         k = 1 if v.dim() == 1 else v.shape[0]
         if k == 1 or self.memory.limit == math.inf:
             return k
-        each = self.batch_bytes() + 2 * v.shape[-1] * v.element_size()
+        each = self.batch_bytes(linearization=False) + 4 * v.shape[-1] * v.element_size()
         return self.memory.count(each, reserved, most=k)
 
     def minibatch_loss_and_grad(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,13 +768,43 @@ class PointEvaluator:
         return loss, correct / obj.count_total
 
 
-def _pull_rows(pullback, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int) -> None:
-    """``out += wt * pullback(v)`` for one vector or, for rows of ``v``, in vmapped groups of ``rows``."""
-    if v.dim() == 1:
-        out += wt * pullback(v)[0]
-        return
-    for s in range(0, v.shape[0], rows):
-        out[s : s + rows] += wt * vmap(pullback)(v[s : s + rows])[0]
+class Linearization:
+    """One batch's gradient at ``w`` with its graph kept (``create_graph``), so that each
+    Hessian-vector product is one backward pass through it: ``pull(v, wt, out)`` adds
+    ``wt * H_batch v`` to ``out`` for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (rows in groups of
+    ``rows``, each group one batched backward pass, ``is_grads_batched``). The leaves are views of
+    ``w``; results are added into ``out`` tensor by tensor, so no flat copy of them is made."""
+
+    def __init__(self, obj: Objective, w: torch.Tensor, x, y):
+        self.leaves, loss = obj._leaf_loss(w, x, y)
+        grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        # a gradient that is None or constant has a zero derivative: nothing to pull back through it
+        self.which = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.outputs = [grads[i] for i in self.which]
+        self.numels = obj.layout.numels
+        self.offsets = obj.layout.offsets
+        self.shapes = obj.layout.shapes
+
+    def pull(self, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int | None = None) -> None:
+        if not self.outputs:
+            return
+        if v.dim() == 1:
+            self._pull(v, wt, out)
+            return
+        rows = rows or v.shape[0]
+        for s in range(0, v.shape[0], rows):
+            self._pull(v[s : s + rows], wt, out[s : s + rows])
+
+    def _pull(self, v: torch.Tensor, wt: float, out: torch.Tensor) -> None:
+        lead = tuple(v.shape[:-1])
+        parts = torch.split(v, self.numels, dim=-1)
+        cot = [parts[i].reshape(lead + tuple(self.outputs[j].shape)) for j, i in enumerate(self.which)]
+        res = torch.autograd.grad(
+            self.outputs, self.leaves, cot, retain_graph=True, allow_unused=True, is_grads_batched=bool(lead)
+        )
+        for r, o, m, shape in zip(res, self.offsets, self.numels, self.shapes):
+            if r is not None:  # r may be a transposed view: add it through a view of out, never a copy
+                out[..., o : o + m].view(lead + shape).add_(r, alpha=wt)
 
 
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:
