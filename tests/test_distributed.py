@@ -2,37 +2,24 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import SAMPLES
+from ranks import free_port, gloo, run_pair
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, path, queue, fail_rank):
-    import datetime
-
-    import torch.distributed as dist
-
+def _worker(rank, world, port, path, fail_rank, queue):
     from flatscope.checkpoint import load_checkpoint
     from flatscope.data import load_data
     from flatscope.objective import Objective
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
+    with gloo(rank, world, port, timeout_s=20):
         if rank == fail_rank:
             raise RuntimeError(f"rank {rank} failed on purpose")
         ck = load_checkpoint(path)
@@ -42,11 +29,7 @@ def _worker(rank, world, port, path, queue, fail_rank):
         loss, acc = obj.evaluate()
         _, g = obj.loss_and_grad()
         hv = obj.hvp_operator()(v)
-        if rank == 0:
-            queue.put((loss, acc, g.numpy(), hv.numpy(), obj.n))  # numpy: pickled by value
-        dist.barrier()  # both ranks done with gloo before either tears it down (avoids an abort at exit)
-    finally:
-        dist.destroy_process_group()
+        queue.put((rank, (loss, acc, g.numpy(), hv.numpy(), obj.n)))  # numpy: pickled by value
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
@@ -56,13 +39,8 @@ def test_sharded_objective_equals_single_process(name):
     from flatscope.objective import Objective
 
     path = str(SAMPLES / f"{name}-sgd.pt")
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(2, _free_port(), path, queue, -1), nprocs=2, join=False,
-                               start_method="spawn")
-    loss, acc, g, hv, n_local = queue.get()  # read before joining: a large result fills the pipe
-    while not procs.join():
-        pass
+    _, multi = run_pair(_worker, (2, free_port(), path, -1))
+    loss, acc, g, hv, n_local = multi[0]
     g, hv = torch.from_numpy(g), torch.from_numpy(hv)
     ck = load_checkpoint(path)
     X, y = load_data(ck.data_spec).split("train")
@@ -77,8 +55,7 @@ def test_sharded_objective_equals_single_process(name):
 def test_a_failing_rank_brings_the_job_down_instead_of_hanging():
     t0 = time.time()
     with pytest.raises(Exception, match="failed on purpose"):
-        mp.start_processes(_worker, args=(2, _free_port(), str(SAMPLES / "mlp-sgd.pt"), None, 1), nprocs=2,
-                           start_method="spawn")
+        run_pair(_worker, (2, free_port(), str(SAMPLES / "mlp-sgd.pt"), 1))
     assert time.time() - t0 < 60
 
 
@@ -86,7 +63,7 @@ def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ck = str(SAMPLES / "cnn-sgd.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "flatscope", "info", ck, "--json", "--batch-size", "200"]
+           str(free_port()), "-m", "flatscope", "info", ck, "--json", "--batch-size", "200"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     multi = json.loads(p.stdout)  # exactly one JSON object: only rank 0 printed

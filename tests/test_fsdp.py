@@ -21,17 +21,15 @@ divides by ``2 h``, and the smooth (tanh) loss adds ``h^2 |D^3 L[v, v]| / 6``. T
 The 2-rank top-3 eigenvalues differed from the one-process ``--hvp fd`` ones by at most 1.3e-11.
 """
 
-import datetime
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from test_shard import _free_port, _matrix
+from ranks import free_port, gloo, run_pair
+from test_shard import _matrix
 
 N = 1001
 BLOCK = 128
@@ -115,7 +113,6 @@ def _hessian_args(ck: str) -> list[str]:
 
 
 def _worker(rank, world, port, d, ck, queue):
-    import torch.distributed as dist
     from click.testing import CliRunner
 
     import flatscope.analyses.hessian
@@ -130,9 +127,7 @@ def _worker(rank, world, port, d, ck, queue):
     torch.set_num_threads(1)
     os.environ["RANK"] = str(rank)  # as torchrun sets it: only rank 0 prints an Error: line
     flatscope.linalg.RANDOM_BLOCK = BLOCK
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo(rank, world, port):
         out = {}
         space = ShardedSpace(N, ranges=_ranges(rank), reduce=all_reduce_sum)
         out["algebra"] = _algebra(_explicit_operator(_matrix(), _ranges(rank)), space)
@@ -167,35 +162,24 @@ def _worker(rank, world, port, d, ck, queue):
             out[flag] = (r.exit_code, r.stderr)
         out["basis_width"] = widths
         queue.put((rank, out))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from unittest import mock
+
     import flatscope.linalg
     from flatscope.linalg import ShardedSpace, dense_matvec
 
     folder = tmp_path_factory.mktemp("fsdp")
     d, ck = str(folder), _checkpoint(folder)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(2, _free_port(), d, ck, queue), nprocs=2, join=False,
-                               start_method="spawn")
-    old, flatscope.linalg.RANDOM_BLOCK = flatscope.linalg.RANDOM_BLOCK, BLOCK
-    try:  # the one-process references while the pair works (mostly waiting on each other)
-        single = _algebra(dense_matvec(_matrix()), ShardedSpace(N, 0, N))
-    finally:
-        flatscope.linalg.RANDOM_BLOCK = old
-    ref = _one_process(ck)
-    got: list = []
-    reader = threading.Thread(target=lambda: got.extend(queue.get() for _ in range(2)), daemon=True)
-    reader.start()
-    while not procs.join():  # a worker's exception is raised here, instead of a wait on the queue
-        pass
-    reader.join(30)
-    multi = dict(got)
+
+    def references():  # the one-process references while the pair works (mostly waiting on each other)
+        with mock.patch.object(flatscope.linalg, "RANDOM_BLOCK", BLOCK):
+            single = _algebra(dense_matvec(_matrix()), ShardedSpace(N, 0, N))
+        return single, _one_process(ck)
+
+    (single, ref), multi = run_pair(_worker, (2, free_port(), d, ck), while_waiting=references)
     return {"dir": d, "ck": ck, "single": single, "multi": multi, "whole": ref}
 
 
@@ -356,7 +340,7 @@ def test_torchrun_hessian_fsdp_prints_once_and_matches_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = _hessian_args(ck)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "flatscope"] + args + ["--shard-params", "-o", str(tmp_path / "m.h5")]
+           str(free_port()), "-m", "flatscope"] + args + ["--shard-params", "-o", str(tmp_path / "m.h5")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     multi = json.loads(p.stdout)  # exactly one JSON object: only rank 0 printed

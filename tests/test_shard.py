@@ -10,10 +10,8 @@ one), i.e. by float64 rounding amplified by the Lanczos recurrence. Tolerances: 
 relative (the issue's figure; measured ~1e-14), SLQ nodes, weights and traces 1e-9 (measured ~1e-13).
 """
 
-import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,19 +19,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import SAMPLES
+from ranks import free_port, gloo, run_pair
 
 MLP = str(SAMPLES / "mlp-sgd.pt")
 N = 1001
 BLOCK = 128  # random block size in the tests: several blocks per rank, one across the boundary
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _matrix() -> np.ndarray:
@@ -89,7 +81,6 @@ def _algebra(mv, space) -> dict:
 
 
 def _worker(rank, world, port, d, ck, queue):
-    import torch.distributed as dist
     from click.testing import CliRunner
 
     import flatscope.linalg
@@ -99,9 +90,7 @@ def _worker(rank, world, port, d, ck, queue):
 
     torch.set_num_threads(1)
     flatscope.linalg.RANDOM_BLOCK = BLOCK
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo(rank, world, port):
         shard = ParamShard(N)
         assert shard.world == 2 and shard.local_dim == (501, 500)[rank]
         res = _algebra(shard.operator(dense_matvec(_matrix())), shard.space)
@@ -111,30 +100,24 @@ def _worker(rank, world, port, d, ck, queue):
         r = CliRunner().invoke(main, _hessian_args(ck) + fd)
         res["cli_fd"] = (r.exit_code, r.stdout, r.stderr, repr(r.exception))
         queue.put((rank, res))
-        dist.barrier()  # both ranks done with gloo before either tears it down
-    finally:
-        dist.destroy_process_group()
+
+
+def _references() -> dict:
+    """The one-process references (computed while the pair works): the same draws, one shard."""
+    from unittest import mock
+
+    import flatscope.linalg
+    from flatscope.linalg import ShardedSpace, dense_matvec
+
+    with mock.patch.object(flatscope.linalg, "RANDOM_BLOCK", BLOCK):
+        return _algebra(dense_matvec(_matrix()), ShardedSpace(N, 0, N))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import flatscope.linalg
-    from flatscope.linalg import ShardedSpace, dense_matvec
-
     folder = tmp_path_factory.mktemp("shard")
     d, ck = str(folder), _small_checkpoint(folder)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(2, _free_port(), d, ck, queue), nprocs=2, join=False,
-                               start_method="spawn")
-    old, flatscope.linalg.RANDOM_BLOCK = flatscope.linalg.RANDOM_BLOCK, BLOCK
-    try:  # the one-process references while the pair works
-        single = _algebra(dense_matvec(_matrix()), ShardedSpace(N, 0, N))
-    finally:
-        flatscope.linalg.RANDOM_BLOCK = old
-    multi = dict(queue.get() for _ in range(2))
-    while not procs.join():
-        pass
+    single, multi = run_pair(_worker, (2, free_port(), d, ck), while_waiting=_references)
     return {"dir": d, "ck": ck, "single": single, "multi": multi}
 
 
@@ -260,7 +243,7 @@ def test_torchrun_hessian_shard_params_prints_once_and_matches_one_process(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1")
     HESSIAN = _hessian_args(MLP) + ["--max-samples", "300"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "flatscope"] + HESSIAN + ["--shard-params", "-o", str(tmp_path / "m.h5")]
+           str(free_port()), "-m", "flatscope"] + HESSIAN + ["--shard-params", "-o", str(tmp_path / "m.h5")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     multi = json.loads(p.stdout)  # exactly one JSON object: only rank 0 printed
