@@ -6,8 +6,8 @@ that the kernel's resident high-water mark ``VmHWM`` (reset by writing 5 to /pro
 counts live tensors:
 
 - ``held``: what a batch's linearization keeps between products (its gradient and saved graph);
-- ``row k``: the peak of one product of ``k`` rows above the linearization, per row (the result rows
-  included);
+- ``first``: the peak of the first one-vector product above the linearization (the result included);
+- ``row k``: the same for a later product of ``k`` rows, per row;
 - ``measured``: flatscope's own estimate of the linearization (``Objective.batch_bytes``).
 
 Two ways of building the linearization, side by side: flatscope's (:class:`flatscope.objective.
@@ -74,10 +74,11 @@ def worker(case: str, size: str, how: str) -> dict:
 
         held = reset() - before
         out["held"] = held / vec
-        for k in (1, 2, 4):
+        for k in (1, 1, 2, 4):
             V = torch.randn(n) if k == 1 else torch.randn(k, n)
             base = reset()
             r = product(V)
+            out.setdefault("first row", (hwm() - base) / vec)
             out[f"row {k}"] = (hwm() - base) / vec / k
             del r, V
     return out
@@ -106,11 +107,13 @@ def main() -> None:
                 print(f"{case} {how}: failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(line[-1][7:]))
-    print("| model | n | linearization | held between products | peak per row, 1 / 2 / 4 rows | batch_bytes estimate |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | n | linearization | held between products | first product | later, per row: 1 / 2 / 4 rows | batch_bytes estimate |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['n']:,} | {r['how']} | {r['held']:.2f} | "
+            f"| {r['case']} | {r['n']:,} | {r['how']} | {r['held']:.2f} | {r['first row']:.2f} | "
             f"{r['row 1']:.2f} / {r['row 2']:.2f} / {r['row 4']:.2f} | {r['measured']:.2f} |"
         )
     print("(in float32 parameter vectors of the model; torch", torch.__version__, ")")
