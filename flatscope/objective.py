@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from typing import Callable
 
 import torch
@@ -436,8 +437,30 @@ class Objective:
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
-                    self._linearize(w, xb, yb).pull(v, wt, out, rows)
+                    self._pull_block(self._linearize(w, xb, yb), v, wt, out, rows)
         return self._reduce(out)
+
+    def _pull_block(self, lin: "Linearization", v: torch.Tensor, wt: float, out: torch.Tensor, rows: int) -> None:
+        """``out += wt * H_batch v`` through ``lin``; a block of rows goes as vmapped groups or one row at
+        a time, whichever the first block of this objective measured faster (``hvp_info["rows"]``):
+        vmap over the backward pass costs 0.30-0.90x a loop per vector on the small CNN, the LSTM and the
+        Transformer but 1.1-1.8x on the MLP, CNN and ResNet (benchmarks/RESULTS.md). Both give the
+        same products up to rounding."""
+        if v.dim() == 1 or v.shape[0] == 1 or rows == 1 or "rows" in self.hvp_info:
+            lin.pull(v, wt, out, rows, vmapped=self.hvp_info.get("rows", "vmap") == "vmap")
+            return
+        g = min(rows, v.shape[0])
+        scratch = torch.zeros_like(out[:g])
+        lin.pull(v[:g], wt, scratch, g, vmapped=True)  # once untimed: vmap's first call traces
+        t0 = time.perf_counter()
+        lin.pull(v[:g], wt, out[:g], g, vmapped=False)
+        t1 = time.perf_counter()
+        scratch.zero_()
+        lin.pull(v[:g], wt, scratch, g, vmapped=True)
+        t2 = time.perf_counter()
+        self.hvp_info["rows"] = "vmap" if t2 - t1 < t1 - t0 else "loop"
+        del scratch
+        lin.pull(v[g:], wt, out[g:], rows, vmapped=self.hvp_info["rows"] == "vmap")
 
     def _fd_objective(self) -> "Objective":
         """The objective whose gradients the central difference takes: near a minimum the difference of
@@ -488,13 +511,14 @@ class Objective:
         ResNet+BN, SDPA Transformer, LSTM+GRU, small CNN; CPU, benchmarks/RESULTS.md): exact
         reverse-over-reverse (a backward pass through the gradient's graph), with each batch's
         linearization cached when they all fit the memory budget
-        (:class:`flatscope.analyses.hessian.HessianOperator`), rebuilt per product otherwise; several vectors per call through ``vmap`` wherever the algorithm has them (SLQ's
-        probes, the trace's batches of 8). Measured: the cached product was the fastest uncompiled
-        single-vector product on every model (0.95-2.4x a gradient; rebuilt 1.7-3.1x, forward-over-reverse
-        2.3-3.8x and failing on the LSTM), eight vectors in one vmapped call cost 0.23-1.06x as much per
-        vector as eight calls, and ``torch.compile`` of the product was slower than the cached product (or
-        equal, on the small CNN) on every model but the MLP, where it won (0.75x) after 138 s of
-        compilation (about 3,500 products), so it is not used. None of these choices
+        (:class:`flatscope.analyses.hessian.HessianOperator`), rebuilt per product otherwise; a block of
+        vectors (SLQ's probes, the trace's batches) vmapped or row by row, whichever its first block
+        measured faster (:meth:`_pull_block`). Measured: the cached product was the fastest single-vector
+        product on every model (0.75-1.96x a gradient; rebuilt 1.33-2.76x, forward-over-reverse
+        2.3-3.4x and failing on the LSTM); a vmapped block cost 0.30-0.90x a loop per vector on three
+        models and 1.1-1.8x on the other three; ``torch.compile`` of the product was slower than the
+        cached product (or equal, on the small CNN) on every model but the MLP, where it won (0.75x) after
+        138 s of compilation (about 3,500 products), so it is not used. None of these choices
         changes a product beyond rounding. ``fd`` only where no exact product exists."""
         if self.hvp_mode != "auto":
             self.hvp_info.setdefault("mode", self.hvp_mode)
@@ -581,7 +605,7 @@ class Objective:
             rows = self.rows_per_product(v, held)
             with second_order_kernels():
                 for wt, lin in lins:
-                    lin.pull(v, wt, out, rows)
+                    self._pull_block(lin, v, wt, out, rows)
             return self._reduce(out)
 
         return matvec
@@ -772,7 +796,7 @@ class Linearization:
     """One batch's gradient at ``w`` with its graph kept (``create_graph``), so that each
     Hessian-vector product is one backward pass through it: ``pull(v, wt, out)`` adds
     ``wt * H_batch v`` to ``out`` for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (rows in groups of
-    ``rows``, each group one batched backward pass, ``is_grads_batched``). The leaves are views of
+    ``rows``, each group one backward pass under ``torch.func.vmap``). The leaves are views of
     ``w``; results are added into ``out`` tensor by tensor, so no flat copy of them is made."""
 
     def __init__(self, obj: Objective, w: torch.Tensor, x, y):
@@ -785,26 +809,35 @@ class Linearization:
         self.offsets = obj.layout.offsets
         self.shapes = obj.layout.shapes
 
-    def pull(self, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int | None = None) -> None:
-        if not self.outputs:
+    def pull(
+        self, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int | None = None, vmapped: bool = True
+    ) -> None:
+        if not self.outputs or v.numel() == 0:
             return
         if v.dim() == 1:
             self._pull(v, wt, out)
-            return
-        rows = rows or v.shape[0]
-        for s in range(0, v.shape[0], rows):
-            self._pull(v[s : s + rows], wt, out[s : s + rows])
+        elif not vmapped:
+            for r in range(v.shape[0]):
+                self._pull(v[r], wt, out[r])
+        else:
+            rows = rows or v.shape[0]
+            for s in range(0, v.shape[0], rows):
+                self._pull(v[s : s + rows], wt, out[s : s + rows])
+
+    def _backward(self, *cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(self.outputs, self.leaves, cot, retain_graph=True, materialize_grads=True)
 
     def _pull(self, v: torch.Tensor, wt: float, out: torch.Tensor) -> None:
         lead = tuple(v.shape[:-1])
         parts = torch.split(v, self.numels, dim=-1)
         cot = [parts[i].reshape(lead + tuple(self.outputs[j].shape)) for j, i in enumerate(self.which)]
-        res = torch.autograd.grad(
-            self.outputs, self.leaves, cot, retain_graph=True, allow_unused=True, is_grads_batched=bool(lead)
-        )
+        if lead:  # torch.func's vmap over the backward pass: measured faster than is_grads_batched
+            res = vmap(self._backward)(*cot)
+        else:
+            res = self._backward(*cot)
         for r, o, m, shape in zip(res, self.offsets, self.numels, self.shapes):
-            if r is not None:  # r may be a transposed view: add it through a view of out, never a copy
-                out[..., o : o + m].view(lead + shape).add_(r, alpha=wt)
+            # r may be a transposed view: add it through a view of out, never a copy
+            out[..., o : o + m].view(lead + shape).add_(r, alpha=wt)
 
 
 def exact_hessian(obj: Objective, w: torch.Tensor | None = None) -> torch.Tensor:

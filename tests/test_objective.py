@@ -131,3 +131,21 @@ def test_cached_hvp_operator_equals_hvp_and_rebuilt():
     for op in (obj.hvp_operator(w), obj.hvp_operator(w, cache=False)):
         torch.testing.assert_close(op(V), obj.hvp(V, w), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(op(V[1]), obj.hvp(V[1], w), rtol=1e-12, atol=1e-14)
+
+
+def test_block_products_vmapped_or_row_by_row_are_equal_and_the_choice_is_recorded():
+    """A block of vectors goes through the linearization as vmapped groups or row by row, whichever the
+    first block measured faster; both are the same products (float64: to rounding)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    X, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    obj = Objective(model, X, y, dtype=torch.float64, batch_size=16)  # 3 batches
+    V = torch.randn(5, obj.dim, dtype=torch.float64)
+    H = exact_hessian(obj)
+    op = obj.hvp_operator()
+    torch.testing.assert_close(op(V), V @ H, rtol=1e-10, atol=1e-12)
+    assert obj.hvp_info["rows"] in ("vmap", "loop")
+    for mode in ("vmap", "loop"):
+        obj.hvp_info["rows"] = mode
+        torch.testing.assert_close(op(V), V @ H, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(obj.hvp(V), V @ H, rtol=1e-10, atol=1e-12)
