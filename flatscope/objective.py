@@ -444,23 +444,22 @@ class Objective:
         """``out += wt * H_batch v`` through ``lin``; a block of rows goes as vmapped groups or one row at
         a time, whichever the first block of this objective measured faster (``hvp_info["rows"]``):
         vmap over the backward pass costs 0.30-0.90x a loop per vector on the small CNN, the LSTM and the
-        Transformer but 1.1-1.8x on the MLP, CNN and ResNet (benchmarks/RESULTS.md). Both give the
-        same products up to rounding."""
-        if v.dim() == 1 or v.shape[0] == 1 or rows == 1 or "rows" in self.hvp_info:
+        Transformer but 1.1-1.8x on the MLP, CNN and ResNet (benchmarks/RESULTS.md). The measure costs
+        no product: of the first block's first ``2h`` rows, ``h`` go row by row and ``h`` vmapped (blocks of
+        fewer than 4 rows, or of 1-row groups, are vmapped without a measure). Both ways give the same
+        products up to rounding."""
+        k = 1 if v.dim() == 1 else v.shape[0]
+        h = min(rows, k // 2)
+        if "rows" in self.hvp_info or h < 2:
             lin.pull(v, wt, out, rows, vmapped=self.hvp_info.get("rows", "vmap") == "vmap")
             return
-        g = min(rows, v.shape[0])
-        scratch = torch.zeros_like(out[:g])
-        lin.pull(v[:g], wt, scratch, g, vmapped=True)  # once untimed: vmap's first call traces
         t0 = time.perf_counter()
-        lin.pull(v[:g], wt, out[:g], g, vmapped=False)
+        lin.pull(v[:h], wt, out[:h], h, vmapped=False)
         t1 = time.perf_counter()
-        scratch.zero_()
-        lin.pull(v[:g], wt, scratch, g, vmapped=True)
+        lin.pull(v[h : 2 * h], wt, out[h : 2 * h], h, vmapped=True)
         t2 = time.perf_counter()
         self.hvp_info["rows"] = "vmap" if t2 - t1 < t1 - t0 else "loop"
-        del scratch
-        lin.pull(v[g:], wt, out[g:], rows, vmapped=self.hvp_info["rows"] == "vmap")
+        lin.pull(v[2 * h :], wt, out[2 * h :], rows, vmapped=self.hvp_info["rows"] == "vmap")
 
     def _fd_objective(self) -> "Objective":
         """The objective whose gradients the central difference takes: near a minimum the difference of
