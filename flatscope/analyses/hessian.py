@@ -730,6 +730,8 @@ def hessian_analysis(
             res.per_layer = _per_layer(op, obj, res, tol, max_iter, seed, trace_probes, stage, tracked, plan)
     finally:
         op.release()
+    if "rows" in obj.hvp_info and res.memory is not None:  # how blocks of vectors went: vmap or loop
+        res.memory["rows"] = obj.hvp_info["rows"]
     return res
 
 
