@@ -664,7 +664,7 @@ class Objective:
         """How many rows of ``v`` one batched product may carry beside ``reserved`` bytes: each row
         costs four vectors (its result row, the pulled-back gradients, and two parameter-sized
         temporaries that autograd adds) plus one training step's activations. Measured
-        (benchmarks/bench_memory.py): 4.1 vectors per row on a 10^7-parameter MLP and Transformer."""
+        (benchmarks/bench_hvp_memory.py): 4.1 vectors per row on a 10^7-parameter MLP and Transformer."""
         k = 1 if v.dim() == 1 else v.shape[0]
         if k == 1 or self.memory.limit == math.inf:
             return k
@@ -795,7 +795,8 @@ class Linearization:
     """One batch's gradient at ``w`` with its graph kept (``create_graph``), so that each
     Hessian-vector product is one backward pass through it: ``pull(v, wt, out)`` adds
     ``wt * H_batch v`` to ``out`` for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (rows in groups of
-    ``rows``, each group one backward pass under ``torch.func.vmap``). The leaves are views of
+    ``rows``, each group one backward pass under ``torch.func.vmap``, or with ``vmapped=False`` one
+    row at a time; :meth:`Objective._pull_block` chooses). The leaves are views of
     ``w``; results are added into ``out`` tensor by tensor, so no flat copy of them is made."""
 
     def __init__(self, obj: Objective, w: torch.Tensor, x, y):
