@@ -187,13 +187,11 @@ def batch_cost(obj, create_graph: bool = True) -> int:
     resident += [t for t in leaves if isinstance(t, torch.Tensor)]
     with second_order_kernels():
         if create_graph:
-            lin = Linearization(obj, obj.w0, x, y)
-            roots, held = lin.outputs, lin.outputs
+            held = Linearization(obj, obj.w0, x, y).outputs
+            seen = saved_storages(held)
         else:
             params, loss = obj._leaf_loss(obj.w0, x, y)
-            roots, held = [loss], []
-        seen = saved_storages(roots)
-        if not create_graph:
+            seen = saved_storages([loss])
             held = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
     for t in resident:
         seen.pop(t.untyped_storage().data_ptr(), None)

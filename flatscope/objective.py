@@ -428,16 +428,13 @@ class Objective:
         leaves = {name: p.detach().requires_grad_(True) for name, p in parts.items()}
         return list(leaves.values()), self.loss_fn.mean(self._forward(leaves, x), y)
 
-    def _linearize(self, w: torch.Tensor, x, y) -> "Linearization":
-        return Linearization(self, w, x, y)
-
     def _exact_hvp(self, v: torch.Tensor, w: torch.Tensor, reserved: float = 0.0) -> torch.Tensor:
         out = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
         rows = self.rows_per_product(v, reserved + (self.batch_bytes() if v.dim() > 1 else 0))
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
-                    self._pull_block(self._linearize(w, xb, yb), v, wt, out, rows)
+                    self._pull_block(Linearization(self, w, xb, yb), v, wt, out, rows)
         return self._reduce(out)
 
     def _pull_block(self, lin: "Linearization", v: torch.Tensor, wt: float, out: torch.Tensor, rows: int) -> None:
@@ -595,7 +592,7 @@ class Objective:
         with second_order_kernels():
             for i, (xb, yb, wt) in enumerate(self.batches()):
                 with self._guard(i, xb, derivatives=True):
-                    lins.append((wt, self._linearize(w, xb, yb)))
+                    lins.append((wt, Linearization(self, w, xb, yb)))
         held = reserved + self.batch_bytes() * len(lins)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
