@@ -176,8 +176,8 @@ def batch_cost(obj, create_graph: bool = True) -> int:
 
     ``True``: the linearization a cached Hessian-vector product keeps
     (:class:`flatscope.objective.Linearization`, built the way the products build it): the storages
-    its graph saves, leaving out those already resident (the weights, the inputs, the buffers),
-    plus the gradient it holds. ``False``: one training step's saved activations plus its gradient.
+    its graph saves, leaving out those already resident (the weights, the inputs, the buffers).
+    ``False``: one training step's saved activations plus its gradient.
     """
     from .objective import Linearization, second_order_kernels
 
@@ -186,9 +186,9 @@ def batch_cost(obj, create_graph: bool = True) -> int:
     leaves = x.values() if isinstance(x, dict) else (x if isinstance(x, (tuple, list)) else [x])
     resident += [t for t in leaves if isinstance(t, torch.Tensor)]
     with second_order_kernels():
-        if create_graph:
-            held = Linearization(obj, obj.w0, x, y).outputs
-            seen = saved_storages(held)
+        if create_graph:  # it keeps its graph, not the gradient
+            seen = saved_storages([e.node for e in Linearization(obj, obj.w0, x, y).edges])
+            held = []
         else:
             params, loss = obj._leaf_loss(obj.w0, x, y)
             seen = saved_storages([loss])

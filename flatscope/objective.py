@@ -41,9 +41,11 @@ import time
 from typing import Callable
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .errors import FlatscopeError
+from .linear_rule import linear_rule
 from .memory import MemoryBudget, batch_cost
 from .losses import BUILTIN_LOSSES, Loss, Metric, extract_output, make_loss
 from .params import ParamLayout
@@ -794,14 +796,18 @@ class Linearization:
     ``wt * H_batch v`` to ``out`` for ``v`` of shape ``(dim,)`` or ``(k, dim)`` (rows in groups of
     ``rows``, each group one backward pass under ``torch.func.vmap``, or with ``vmapped=False`` one
     row at a time; :meth:`Objective._pull_block` chooses). The leaves are views of
-    ``w``; results are added into ``out`` tensor by tensor, so no flat copy of them is made."""
+    ``w``; results are added into ``out`` tensor by tensor, so no flat copy of them is made. The
+    gradient itself is not kept: the products start from its graph's edges (``GradientEdge``), which
+    frees one parameter vector per cached batch (benchmarks/bench_hvp_memory.py)."""
 
     def __init__(self, obj: Objective, w: torch.Tensor, x, y):
-        self.leaves, loss = obj._leaf_loss(w, x, y)
+        with linear_rule():  # one weight-sized temporary less per product (flatscope.linear_rule)
+            self.leaves, loss = obj._leaf_loss(w, x, y)
         grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
         # a gradient that is None or constant has a zero derivative: nothing to pull back through it
         self.which = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        self.outputs = [grads[i] for i in self.which]
+        self.edges = [get_gradient_edge(grads[i]) for i in self.which]
+        del grads
         self.numels = obj.layout.numels
         self.offsets = obj.layout.offsets
         self.shapes = obj.layout.shapes
@@ -809,7 +815,7 @@ class Linearization:
     def pull(
         self, v: torch.Tensor, wt: float, out: torch.Tensor, rows: int | None = None, vmapped: bool = True
     ) -> None:
-        if not self.outputs or v.numel() == 0:
+        if not self.edges or v.numel() == 0:
             return
         if v.dim() == 1:
             self._pull(v, wt, out)
@@ -822,12 +828,12 @@ class Linearization:
                 self._pull(v[s : s + rows], wt, out[s : s + rows])
 
     def _backward(self, *cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(self.outputs, self.leaves, cot, retain_graph=True, materialize_grads=True)
+        return torch.autograd.grad(self.edges, self.leaves, cot, retain_graph=True, materialize_grads=True)
 
     def _pull(self, v: torch.Tensor, wt: float, out: torch.Tensor) -> None:
         lead = tuple(v.shape[:-1])
         parts = torch.split(v, self.numels, dim=-1)
-        cot = [parts[i].reshape(lead + tuple(self.outputs[j].shape)) for j, i in enumerate(self.which)]
+        cot = [parts[i].reshape(lead + tuple(self.shapes[i])) for i in self.which]
         if lead:  # torch.func's vmap over the backward pass: measured faster than is_grads_batched
             res = vmap(self._backward)(*cot)
         else:

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from flatscope.linalg import dense_matvec, lanczos, slq, trace
 from flatscope.memory import MemoryBudget, available_bytes, batch_cost, format_size, parse_size, saved_storages
 from flatscope.models import build_model
 from flatscope.objective import Linearization, Objective
+from torch.multiprocessing.reductions import StorageWeakRef
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,38 +50,51 @@ def test_parse_size_units_and_bad_sizes():
 
 
 def test_batch_cost_counts_saved_activations_exactly():
-    """A linear model y = X w on a batch of B samples: the training step keeps only the gradient (the
-    inputs are resident), its linearization adds the B outputs and the B residuals it saves."""
+    """A linear model y = X w on a batch of B samples: the training step keeps the gradient and a few
+    B-vectors (the inputs are resident); the linearization keeps the B-vectors its graph saves and no
+    gradient (its products start from the graph's edges)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(50, 1, bias=False).double()
     X, y = torch.randn(30, 50, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
     obj = Objective(model, X, y, loss="mse", dtype=torch.float64)
     step, lin = batch_cost(obj, create_graph=False), batch_cost(obj, create_graph=True)
     assert step >= 50 * 8 and step <= 50 * 8 + 4 * 30 * 8 + 64  # gradient + at most a few B-vectors
-    assert lin > step
+    assert 30 * 8 <= lin <= 2 * 30 * 8 + 64  # the outputs and the residuals; a kept gradient adds 400
 
 
-def test_linearization_holds_the_gradient_and_activations_not_copies_of_the_weights():
+def test_linearization_holds_activations_not_the_gradient_nor_copies_of_the_weights():
     """An MLP whose activations are tiny next to its weights (4 samples, 400x400 layers): the cached
-    linearization keeps views of w, so what its graph saves beyond w and the inputs is the gradient
-    (one vector) plus a few activation rows; a copy of any weight matrix would add 0.47 vector. The
-    measure walks the graph, so measuring leaves nothing alive (the hooks it used made cycles)."""
+    linearization keeps views of w and a few activation rows, nothing parameter-sized. It keeps its
+    graph's edges, not the gradient (one vector), and a copy of any weight matrix would add 0.47
+    vector. The measure walks the graph, so measuring leaves nothing alive (the hooks it used made
+    cycles), and the graph is freed with the linearization."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 400), torch.nn.Tanh(), torch.nn.Linear(400, 400),
                                 torch.nn.Tanh(), torch.nn.Linear(400, 3))
     obj = Objective(model, torch.randn(4, 20), torch.randint(0, 3, (4,)))
-    vec = obj.dim * 4
     activations = 4 * 400 * 4
     held = batch_cost(obj, create_graph=True)
-    assert vec <= held <= vec + 40 * activations, held / vec
-    lin = Linearization(obj, obj.w0, *next(iter(obj.batches()))[:2])
-    storages = saved_storages(lin.outputs)
+    assert 0 < held <= 40 * activations, held / (obj.dim * 4)
+    xb, yb = next(iter(obj.batches()))[:2]
+    lin = Linearization(obj, obj.w0, xb, yb)
+    storages = saved_storages([e.node for e in lin.edges])
     assert obj.w0.untyped_storage().data_ptr() in storages  # the weights are saved as views of w
     w_ptr = obj.w0.untyped_storage().data_ptr()
     assert all(nbytes <= 40 * activations for ptr, nbytes in storages.items() if ptr != w_ptr)
-    ref = weakref.ref(lin.outputs[0])
-    del lin, storages
-    assert ref() is None  # the graph and its gradient are freed with the linearization
+    act = next(node for node in _nodes(lin.edges[0].node) if hasattr(node, "_saved_result"))._saved_result
+    ref = StorageWeakRef(act.untyped_storage())  # a saved activation (tanh's output)
+    del lin, storages, act
+    assert ref.expired()  # the graph is freed with the linearization
+
+
+def _nodes(root):
+    stack, seen = [root], []
+    while stack:
+        node = stack.pop()
+        if node is not None and all(node is not m for m in seen):
+            seen.append(node)
+            stack.extend(nxt for nxt, _ in node.next_functions)
+    return seen
 
 
 def test_budget_too_small_for_one_batch_is_one_line_saying_what_it_needs(tmp_path):
