@@ -5,7 +5,7 @@ per case with glibc returning every freed tensor to the kernel (``MALLOC_MMAP_TH
 that the kernel's resident high-water mark ``VmHWM`` (reset by writing 5 to /proc/self/clear_refs)
 counts live tensors:
 
-- ``held``: what a batch's linearization keeps between products (its gradient and saved graph);
+- ``held``: what a batch's linearization keeps between products (its saved graph);
 - ``first``: the peak of the first one-vector product above the linearization (the result included);
 - ``row k``: the same for a later product of ``k`` rows, per row;
 - ``measured``: flatscope's own estimate of the linearization (``Objective.batch_bytes``).

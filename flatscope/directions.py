@@ -63,13 +63,16 @@ class Directions:
         return int(self.vectors.shape[0])
 
     def points(self, origin: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Flat weights at each row of ``coords`` (shape ``(m, k)``), computed in float64."""
+        """Flat weights at each row of ``coords`` (shape ``(m, k)``), computed in float64 into one new
+        ``(m, dim)`` tensor (no second one for a sum)."""
         origin = origin.to(torch.float64)
         coords = coords.to(device=origin.device, dtype=torch.float64)
         if self.endpoints is not None:
-            ends = self.endpoints.to(device=origin.device, dtype=torch.float64)
-            return (1.0 - coords.sum(1, keepdim=True)) * origin + coords @ ends
-        return origin + coords @ self.vectors.to(device=origin.device, dtype=torch.float64)
+            out = coords @ self.endpoints.to(device=origin.device, dtype=torch.float64)
+            for row, c in zip(out, (1.0 - coords.sum(1)).tolist()):
+                row.add_(origin, alpha=c)
+            return out
+        return torch.addmm(origin.unsqueeze(0), coords, self.vectors.to(device=origin.device, dtype=torch.float64))
 
     def rounded(self, dtype: torch.dtype) -> "Directions":
         """The same directions rounded to ``dtype`` (what is stored is exactly what is used)."""

@@ -660,10 +660,11 @@ class Objective:
         return self.memory.fits(self.batch_bytes() * (n_batches + 1), reserved)
 
     def rows_per_product(self, v: torch.Tensor, reserved: float = 0.0) -> int:
-        """How many rows of ``v`` one batched product may carry beside ``reserved`` bytes: each row
-        costs four vectors (its result row, the pulled-back gradients, and two parameter-sized
-        temporaries that autograd adds) plus one training step's activations. Measured
-        (benchmarks/bench_hvp_memory.py): 4.1 vectors per row on a 10^7-parameter MLP and Transformer."""
+        """How many rows of ``v`` one vmapped product may carry beside ``reserved`` bytes: each row
+        costs four vectors (its result row, a weight's two terms, and their sum, which autograd forms
+        out of place under vmap) plus one training step's activations. Measured
+        (benchmarks/bench_hvp_memory.py): 4.1 vectors per vmapped row on a 10^7-parameter MLP and
+        Transformer (3.2 row by row on the MLP, see :mod:`flatscope.linear_rule`)."""
         k = 1 if v.dim() == 1 else v.shape[0]
         if k == 1 or self.memory.limit == math.inf:
             return k
