@@ -177,12 +177,13 @@ class VectorSpace:
     def rademacher(self, n: int, gen: torch.Generator, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return _rademacher(n, self.dim, gen, device, dtype)
 
-    def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def orthonormal_rows(self, W: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, R)``: orthonormal rows ``P`` and upper-triangular ``R`` with ``W = R^T P`` (Householder
         QR in float64; below float64, Gram-Schmidt twice with float64-accumulated inner products, as a
-        float32 QR's own length-n sums would lose orthogonality at large n)."""
+        float32 QR's own length-n sums would lose orthogonality at large n, in ``W`` itself when
+        ``overwrite``)."""
         if W.dtype != torch.float64:
-            return _cgs2_rows(self, W)
+            return _cgs2_rows(self, W, overwrite)
         q, r = torch.linalg.qr(W.T)
         return q.T.contiguous(), r
 
@@ -313,27 +314,31 @@ class ShardedSpace(VectorSpace):
         z = self._blocks(n, gen, lambda r, c, g: torch.randint(0, 2, (r, c), generator=g, dtype=torch.int8).double())
         return (z * 2 - 1).to(device, dtype)
 
-    def orthonormal_rows(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _cgs2_rows(self, W)
+    def orthonormal_rows(self, W: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return _cgs2_rows(self, W, overwrite)
 
 
-def _cgs2_rows(space: "VectorSpace", W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cgs2_rows(space: "VectorSpace", W: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, R)`` with ``W = R^T P``: Gram-Schmidt row by row, twice (each row one reduction per pass in
     a sharded space), which gives the span of a Householder QR. A row in the span of the previous
-    ones (to rounding) becomes zero."""
+    ones (to rounding) becomes zero. Every update is in place: in a copy of ``W``, or with
+    ``overwrite`` in ``W`` itself (then ``P`` is ``W``)."""
     b = W.shape[0]
-    P = W.clone()
-    R = torch.zeros(b, b, dtype=torch.float64, device=W.device)
     size = space.norms(W)
+    P = W if overwrite else W.clone()
+    R = torch.zeros(b, b, dtype=torch.float64, device=W.device)
     for j in range(b):
         for _ in range(2):
             if j:
                 c = space.gram(P[:j], P[j : j + 1], dtype=torch.float64)[:, 0]
-                P[j] = P[j] - c.to(P.dtype) @ P[:j]
+                P[j].addmv_(P[:j].T, c.to(P.dtype), alpha=-1)
                 R[:j, j] += c
         nrm = space.norms(P[j : j + 1])[0]
         R[j, j] = nrm
-        P[j] = P[j] / nrm if float(nrm) > 1e-12 * float(size[j]) else 0.0
+        if float(nrm) > 1e-12 * float(size[j]):
+            P[j].div_(nrm)
+        else:
+            P[j].zero_()
     return P, R.to(W.dtype)
 
 
@@ -348,10 +353,13 @@ def _orthonormalize(
     random vector orthogonal to everything, with its coupling left at the tiny computed value.
     """
     space = space if space is not None else VectorSpace(W.shape[1])
+    owned = False  # W is the caller's until the first projection makes a new tensor
     for _ in range(2):
         if Q.shape[0]:
-            W = W - space.gram(W, Q) @ Q
-    P, r = space.orthonormal_rows(W)  # W = r^T P
+            G = space.gram(W, Q)
+            W = W.addmm_(G, Q, alpha=-1) if owned else torch.addmm(W, G, Q, alpha=-1)
+            owned = True
+    P, r = space.orthonormal_rows(W, overwrite=owned)  # W = r^T P
     bad = torch.abs(torch.diagonal(r)) <= breakdown
     if bool(bad.any()):
         for j in torch.nonzero(bad).flatten().tolist():
@@ -504,7 +512,19 @@ def lanczos(
     # basis rows whose products are known (via T): a view of one buffer, so that the basis is never copied
     Qbuf = torch.empty(min(dim, m_max + b), ld, dtype=fdt, device=device)
     Q = Qbuf[:0]
-    P, _ = _orthonormalize(P0, Q, gen, 0.0, sp)  # pending block: next to be multiplied
+
+    def stage(P: torch.Tensor, Q: torch.Tensor, Qbuf: torch.Tensor) -> torch.Tensor:
+        """The pending block written into the buffer's rows after ``Q`` (where it goes once multiplied)
+        and returned as a view of them, so that it is not held twice during the products."""
+        m, bb = Q.shape[0], P.shape[0]
+        if m + bb > Qbuf.shape[0]:
+            return P
+        rows = Qbuf[m : m + bb]
+        if P.data_ptr() != rows.data_ptr():
+            rows.copy_(P.clone() if P.untyped_storage().data_ptr() == Qbuf.untyped_storage().data_ptr() else P)
+        return rows
+
+    P = stage(_orthonormalize(P0, Q, gen, 0.0, sp)[0], Q, Qbuf)  # pending block: next to be multiplied
     del P0
     T = np.zeros((0, 0))  # Q A Q^T
     E = np.zeros((P.shape[0], 0))  # P A Q^T: couples Ritz vectors to P
@@ -531,7 +551,8 @@ def lanczos(
         m = Q.shape[0]
         if m + bb > Qbuf.shape[0]:  # cannot happen with the restart below; kept as a safe fallback
             Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, ld, dtype=fdt, device=device)])
-        Qbuf[m : m + bb] = P
+        if P.data_ptr() != Qbuf[m].data_ptr():  # not staged
+            Qbuf[m : m + bb] = P
         Q = Qbuf[: m + bb]
         C = sp.gram(Q, AP, dtype=torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))
@@ -543,9 +564,11 @@ def lanczos(
         theta, S = np.linalg.eigh(T)
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
         if Q.shape[0] < dim:
-            P, R = _orthonormalize(AP, Q, gen, 1e-12 * scale, sp)
+            held = [AP]  # handed over: the projection's first result replaces it, freed then
+            del AP
+            P, R = _orthonormalize(held.pop(), Q, gen, 1e-12 * scale, sp)
             keep = (sp.norms(P) > 0.5).cpu().numpy()
-            P = P[torch.as_tensor(keep, device=device)]
+            P = P if keep.all() else P[torch.as_tensor(keep, device=device)]
             E = np.zeros((P.shape[0], Q.shape[0]))
             E[:, m:] = R.to(torch.float64).cpu().numpy()[keep]
         else:
@@ -567,6 +590,7 @@ def lanczos(
             T = np.diag(theta[order])
             E = E @ S[:, order]
             n_restarts += 1
+        P = stage(P, Q, Qbuf)
 
     empty = EigResult(
         np.zeros(0),
@@ -589,8 +613,9 @@ def lanczos(
     scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
     idx = wanted(theta)
     vals = theta[idx]
+    del P  # the pending block is not needed for the Ritz vectors
     vecs = torch.as_tensor(S[:, idx].T, dtype=fdt, device=device) @ Q
-    del Q, Qbuf, P  # the basis is freed before the residual products
+    del Q, Qbuf  # the basis is freed before the residual products
     vecs.div_(sp.norms(vecs)[:, None])  # in place: no second set of k vectors
     est = np.zeros(len(idx)) if status == "exhausted" else np.linalg.norm(E @ S[:, idx], axis=0)
     res = est
@@ -631,9 +656,9 @@ def lanczos(
 
 def _combine_rows(buf: torch.Tensor, m: int, St: torch.Tensor) -> torch.Tensor:
     """``buf[:r] = St @ buf[:m]`` in place (``St``: r x m, r <= m), column block by column block, so that
-    the temporary holds about two rows instead of a second basis. Returns the view ``buf[:r]``."""
+    the temporary holds about a quarter of a row instead of a second basis. Returns the view ``buf[:r]``."""
     r, dim = St.shape[0], buf.shape[1]
-    cols = max(1024, (2 * dim) // max(r, 1))
+    cols = max(4096, dim // (4 * max(r, 1)))
     for c0 in range(0, dim, cols):
         buf[:r, c0 : c0 + cols] = St @ buf[:m, c0 : c0 + cols]
     return buf[:r]

@@ -820,7 +820,7 @@ class Linearization:
             return
         if v.dim() == 1:
             self._pull(v, wt, out)
-        elif not vmapped:
+        elif not vmapped or v.shape[0] == 1:  # one row needs no vmap (whose buffers sum out of place)
             for r in range(v.shape[0]):
                 self._pull(v[r], wt, out[r])
         else:
