@@ -69,9 +69,7 @@ class Directions:
         coords = coords.to(device=origin.device, dtype=torch.float64)
         if self.endpoints is not None:
             out = coords @ self.endpoints.to(device=origin.device, dtype=torch.float64)
-            for row, c in zip(out, (1.0 - coords.sum(1)).tolist()):
-                row.add_(origin, alpha=c)
-            return out
+            return out.addr_(1.0 - coords.sum(1), origin)  # + (1 - sum c) origin, row by row, in place
         return torch.addmm(origin.unsqueeze(0), coords, self.vectors.to(device=origin.device, dtype=torch.float64))
 
     def rounded(self, dtype: torch.dtype) -> "Directions":

@@ -551,8 +551,7 @@ def lanczos(
         m = Q.shape[0]
         if m + bb > Qbuf.shape[0]:  # cannot happen with the restart below; kept as a safe fallback
             Qbuf = torch.cat([Qbuf[:m], torch.empty(bb, ld, dtype=fdt, device=device)])
-        if P.data_ptr() != Qbuf[m].data_ptr():  # not staged
-            Qbuf[m : m + bb] = P
+        stage(P, Q, Qbuf)  # already there unless the buffer had no room for it
         Q = Qbuf[: m + bb]
         C = sp.gram(Q, AP, dtype=torch.float64).cpu().numpy()  # new columns of Q A Q^T
         Tn = np.zeros((m + bb, m + bb))

@@ -445,8 +445,8 @@ class Objective:
         vmap over the backward pass costs 0.30-0.90x a loop per vector on the small CNN, the LSTM and the
         Transformer but 1.1-1.8x on the MLP, CNN and ResNet (benchmarks/RESULTS.md). The measure costs
         no product: of the first block's first ``2h`` rows, ``h`` go row by row and ``h`` vmapped (blocks of
-        fewer than 4 rows, or of 1-row groups, are vmapped without a measure). Both ways give the same
-        products up to rounding."""
+        fewer than 4 rows, or of 1-row groups, go vmapped without a measure, and a single row never
+        through vmap: :meth:`Linearization.pull`). Both ways give the same products up to rounding."""
         k = 1 if v.dim() == 1 else v.shape[0]
         h = min(rows, k // 2)
         if "rows" in self.hvp_info or h < 2:

@@ -88,13 +88,13 @@ def test_linearization_holds_activations_not_the_gradient_nor_copies_of_the_weig
 
 
 def _nodes(root):
-    stack, seen = [root], []
+    stack, seen = [root], {}
     while stack:
         node = stack.pop()
-        if node is not None and all(node is not m for m in seen):
-            seen.append(node)
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
             stack.extend(nxt for nxt, _ in node.next_functions)
-    return seen
+    return list(seen.values())
 
 
 def test_budget_too_small_for_one_batch_is_one_line_saying_what_it_needs(tmp_path):
